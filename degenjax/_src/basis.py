@@ -1,0 +1,352 @@
+"""The (Local) Interaction Basis and the network re-expressed in it (DESIGN.md section 3).
+
+Row convention throughout: a node layer's activations ``h`` (feature axis last) get a constant coordinate appended,
+and its basis coordinates are ``h^ = [h, 1] @ C`` with ``C`` of shape ``(d + 1, d^)``. Column 0 of ``C`` is the
+constant direction, ``C[:, 0] = sqrt(Lambda_0) e_d``, so ``h^_0 = sqrt(Lambda_0)`` on every input; the other columns
+are centred (their mean over the data is zero). ``C^+`` of shape ``(d^, d + 1)`` satisfies ``C^+ C = I`` and
+``h ~= (h^ @ C^+)[..., :d]`` (exactly when nothing was truncated).
+
+For one node layer with mean ``mu``, covariance ``Cov = U D U^T`` (descending, truncated to ``k`` directions) and
+Jacobian Gram ``M`` (``d x d``, DESIGN section 2), with ``S = U_k D_k^{1/2}`` (whitened coordinates -> activations):
+
+- ``M~ = S^T M S = V Lambda V^T`` (descending, truncated to ``m`` directions), the non-constant block of
+  DESIGN's ``R^+ M R^{+T}``;
+- ``C[:d, 1:] = U_k D_k^{-1/2} V_m Lambda_m^{1/2}``, ``C[d, 1:] = -mu^T C[:d, 1:]`` (the centring ``Y``);
+- the constant coordinate is kept apart: in the centred frame ``h = mu * 1 + (h - mu)``, so its Jacobian is
+  ``J mu`` and ``Lambda_0 = mu^T M mu``. Then every kept coordinate, the constant included, has unit Jacobian
+  Gram (``diag(C^+ M C^{+T}) = 1``), which makes the sum of a linear section's edges equal to the sum of Lambda.
+  If ``Lambda_0`` is below the cutoff (the mean carries no interaction), ``Lambda_0 = 1`` is used instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from degenjax._src.eigen import eigh
+from degenjax._src.grams import activation_stats, jacobian_gram
+from degenjax._src.sections import Sections, as_sections
+
+_KINDS = ("lib", "global", "pca", "random")
+
+
+class InteractionBasis(NamedTuple):
+    """A basis for every node layer ``0..L-1`` (tuples indexed by node layer).
+
+    Attributes:
+      C: ``C^l`` of shape ``(d_l + 1, d^_l)``; ``h^ = [h, 1] @ C^l``, column 0 the constant direction.
+      C_pinv: ``C^{l+}`` of shape ``(d^_l, d_l + 1)``, with ``C^{l+} C^l = I``.
+      Lambda: ``(d^_l,)``: the second moment of each basis coordinate on the data (``Lambda[0]`` the constant's).
+        For ``kind="lib"``/``"global"`` the Jacobian-Gram eigenvalues, for ``"pca"`` the activation variances, for
+        ``"random"`` the variances along the rotated directions.
+      mean: ``mu^l`` of shape ``(d_l,)``, the activation mean over data points and positions.
+      dims: ``d^_l``, the number of basis directions (constant included).
+      gram_spectrum: ``(d_l,)``: all eigenvalues of the activation covariance, descending (before truncation).
+      interaction_spectrum: ``(k_l,)``: all eigenvalues of ``M~`` (lib/global; the kept variances for pca/random),
+        descending, before the second truncation.
+      num_dropped_gram: how many covariance directions the activation cutoff dropped (int array).
+      num_dropped_interaction: how many whitened directions the interaction cutoff dropped (int array).
+    """
+
+    C: tuple
+    C_pinv: tuple
+    Lambda: tuple
+    mean: tuple
+    dims: tuple
+    gram_spectrum: tuple
+    interaction_spectrum: tuple
+    num_dropped_gram: tuple
+    num_dropped_interaction: tuple
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared with edges.py
+
+
+def acc_dtype():
+    """Accumulation dtype: float64 when x64 is enabled, else float32."""
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def is_concrete(x) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(x))
+
+
+def as_batch_list(batches) -> list:
+    """A single array (or dict) is one batch; a list/tuple/iterable is a sequence of batches."""
+    if isinstance(batches, (jax.Array, np.ndarray, dict)) or hasattr(batches, "shape"):
+        return [batches]
+    if isinstance(batches, (list, tuple)):
+        out = list(batches)
+    else:
+        try:
+            out = list(batches)
+        except TypeError as err:
+            raise ValueError(f"batches must be an array or an iterable of batches; got {type(batches).__name__}.") from err
+    if not out:
+        raise ValueError("batches is empty; pass at least one input batch.")
+    return out
+
+
+def check_finite_params(params, what: str = "params"):
+    """Raises a ValueError naming the first non-finite parameter leaf (only when concrete)."""
+    if not is_concrete(params):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = jnp.asarray(leaf)
+        if jnp.issubdtype(a.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(a))):
+            raise ValueError(f"{what} contain NaN or inf at {jax.tree_util.keystr(path)}; fix the parameters (e.g. "
+                             "a diverged training run) before computing the interaction basis.")
+
+
+def to_hat(h, C) -> jax.Array:
+    """``[h, 1] @ C`` for ``h`` of shape ``(..., d)``."""
+    C = C.astype(h.dtype)
+    return h @ C[:-1] + jnp.reshape(C[-1], (1,) * (h.ndim - 1) + (C.shape[1],))
+
+
+def from_hat(hh, C_pinv) -> jax.Array:
+    """``(h^ @ C^+)[..., :d]``: activations from basis coordinates."""
+    return hh @ C_pinv[:, :-1].astype(hh.dtype)
+
+
+def check_basis_matches(model: Sections, basis: InteractionBasis, shapes=None):
+    """ValueError when ``basis`` was computed for a model with other node layers."""
+    if not isinstance(basis, InteractionBasis):
+        raise ValueError(f"basis must be an InteractionBasis (from degenjax.interaction_basis); got "
+                         f"{type(basis).__name__}.")
+    if len(basis.C) != len(model):
+        raise ValueError(f"the basis has {len(basis.C)} node layers but the model has {len(model)} sections; it was "
+                         "computed for another model.")
+    if shapes is not None:
+        for l in range(len(model)):
+            d = shapes[l].shape[-1]
+            if basis.C[l].shape[0] != d + 1:
+                raise ValueError(f"node layer {l} ({model.layer_name(l)}) has {d} features but the basis C^{l} has "
+                                 f"{basis.C[l].shape[0]} rows (expected d + 1 = {d + 1}); the basis was computed "
+                                 "for another model.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the per-layer maths
+
+
+def _count_above(values, cutoff):
+    return jnp.sum(values > cutoff).astype(jnp.int32)
+
+
+def _num_kept(values, cutoff, fixed: int | None, what: str):
+    """Python int: ``fixed`` if given, else the number of values above the cutoff (needs concrete values)."""
+    if fixed is not None:
+        return min(int(fixed), values.shape[0])
+    if not is_concrete(values):
+        raise ValueError(f"interaction_basis under jax.jit cannot choose the {what} truncation from traced values; "
+                         "pass static dims=(k_0, ..., k_{L-1}) (non-constant directions per node layer), e.g. the "
+                         "dims of an eager run minus one.")
+    return int(jnp.sum(values > cutoff))
+
+
+def _safe_inv_sqrt(v):
+    pos = v > 0
+    return jnp.where(pos, 1.0 / jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+
+
+def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: str = "lib",
+                rtol: float | None = None, key=None, keep: int | None = None, name: str = "layer"):
+    """The basis of one node layer from its covariance, mean and Jacobian Gram (DESIGN section 3, steps 1-4).
+
+    Args:
+      cov: ``(d, d)`` activation covariance (the non-constant block of the centred Gram).
+      mean: ``(d,)`` activation mean.
+      M: ``(d, d)`` Jacobian Gram (``kind="lib"``/``"global"``); ignored for ``"pca"``/``"random"``.
+      kind: ``"lib"``, ``"global"``, ``"pca"`` or ``"random"``.
+      rtol: relative cutoff; eigenvalues ``<= rtol * max`` are dropped. Default ``d * eps`` of the dtype.
+      key: PRNG key for ``kind="random"``.
+      keep: if given, keep exactly ``min(keep, available)`` non-constant directions at both cutoffs (static
+        shapes, so this works under ``jax.jit``).
+      name: the layer's name for error messages.
+
+    Returns:
+      ``(C, C_pinv, Lambda, gram_spectrum, interaction_spectrum, num_dropped_gram, num_dropped_interaction)``.
+
+    Raises:
+      ValueError: a rank-0 layer (all activations constant), or no direction with non-zero interaction.
+    """
+    dt = acc_dtype()
+    cov = jnp.asarray(cov, dt)
+    mu = jnp.asarray(mean, dt)
+    d = cov.shape[0]
+    if rtol is None:
+        rtol = (d + 1) * float(jnp.finfo(dt).eps)
+    D, U = eigh(cov)
+    cut_g = rtol * jnp.maximum(D[0], 0.0)
+    k = _num_kept(D, cut_g, keep, "activation")
+    if k == 0:
+        raise ValueError(f"node layer {name} has rank 0: its activations are constant on the data (all covariance "
+                         f"eigenvalues <= rtol * max = {float(cut_g):.3g}); there is nothing to interpret. Check the "
+                         "params (dead layer?) or the data, or leave this layer out of the sections.")
+    dropped_g = jnp.asarray(d, jnp.int32) - _count_above(D, cut_g)
+    Uk, Dk = U[:, :k], D[:k]
+    if kind in ("pca", "random"):
+        R, Rp, lam = Uk, Uk.T, Dk
+        if kind == "random":
+            if key is None:
+                raise ValueError('kind="random" needs key=jax.random.key(...) for the random rotation.')
+            q, r = jnp.linalg.qr(jax.random.normal(key, (k, k), dt))
+            Q = q * jnp.sign(jnp.diag(r))[None, :]  # Haar-distributed orthogonal matrix
+            R, Rp = Uk @ Q, Q.T @ Uk.T
+            lam = jnp.einsum("ij,i,ij->j", Q, Dk, Q)
+        lam0 = jnp.ones((), dt)
+        spectrum, dropped_i = Dk, jnp.zeros((), jnp.int32)
+    else:
+        M = jnp.asarray(M, dt)
+        s = jnp.sqrt(jnp.maximum(Dk, 0.0))
+        S = Uk * s[None, :]
+        Lam, V = eigh(S.T @ M @ S)
+        cut_i = rtol * jnp.maximum(Lam[0], 0.0)
+        m = _num_kept(Lam, cut_i, keep, "interaction")
+        if m == 0:
+            raise ValueError(f"node layer {name}: no direction has a non-zero interaction with the next layer (all "
+                             f"eigenvalues of the Jacobian Gram <= {float(cut_i):.3g}); the later sections do not "
+                             "depend on this layer on the data.")
+        spectrum, dropped_i = Lam, jnp.asarray(k, jnp.int32) - _count_above(Lam, cut_i)
+        Vm, lam = V[:, :m], Lam[:m]
+        sl = jnp.sqrt(jnp.maximum(lam, 0.0))
+        R = (Uk * _safe_inv_sqrt(Dk)[None, :]) @ Vm * sl[None, :]
+        Rp = (_safe_inv_sqrt(lam)[:, None] * Vm.T) @ (s[:, None] * Uk.T)
+        lam0 = mu @ M @ mu
+        lam0 = jnp.where(lam0 > cut_i, lam0, jnp.ones((), dt))
+    n = R.shape[1]
+    C = jnp.zeros((d + 1, n + 1), dt)
+    C = C.at[d, 0].set(jnp.sqrt(lam0)).at[:d, 1:].set(R).at[d, 1:].set(-(mu @ R))
+    Cp = jnp.zeros((n + 1, d + 1), dt)
+    Cp = Cp.at[0, :d].set(mu / jnp.sqrt(lam0)).at[0, d].set(1.0 / jnp.sqrt(lam0)).at[1:, :d].set(Rp)
+    Lambda = jnp.concatenate([lam0[None], lam])
+    return C, Cp, Lambda, D, spectrum, dropped_g, dropped_i
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float | None = None, key=None,
+                      dims: Sequence[int] | None = None, jacobian_kwargs: dict | None = None,
+                      activation_kwargs: dict | None = None) -> InteractionBasis:
+    """The (Local) Interaction Basis of every node layer, computed last layer first (DESIGN section 3).
+
+    ``kind="lib"``: the Jacobian Gram of node layer ``l`` differentiates the next node layer's basis coordinates
+    ``f_l(h_l) @ C^{l+1}[:d]`` (for the last node layer: the output logits, identity basis). ``"global"``: the
+    Jacobian to the network output. ``"pca"``: the centred rotation ``C = Y U`` without whitening. ``"random"``: a
+    random orthogonal rotation of the PCA directions (the constant direction stays column 0).
+
+    Args:
+      model: `Sections` (or a list of ``f_l(params, h)``); node layers must be arrays with the feature axis last,
+        optionally with positions axes before it.
+      params: passed to every section.
+      batches: an input batch (array or pytree) or an iterable of batches; it is iterated once per node layer plus
+        once, so pass a list rather than a one-shot generator.
+      kind: ``"lib"`` (default), ``"global"``, ``"pca"`` or ``"random"``.
+      rtol: relative eigenvalue cutoff for both truncations; default ``(d_l + 1) * eps`` of the accumulation dtype
+        (NumPy's ``matrix_rank`` convention), which drops float noise. Dropped counts and full spectra are
+        recorded in the result.
+      key: PRNG key, required for ``kind="random"``.
+      dims: optional static number of non-constant directions per node layer (overrides ``rtol`` for the choice
+        of shapes; required under ``jax.jit``, where the cutoff cannot pick array shapes).
+      jacobian_kwargs: extra keyword arguments for `degenjax.jacobian_gram` (e.g. ``num_sources``, ``key``,
+        ``chunk_size``, ``mesh``, ``jit``).
+      activation_kwargs: extra keyword arguments for `degenjax.activation_stats` (e.g. ``mesh``, ``jit``).
+
+    Returns:
+      `InteractionBasis` with tuples over node layers ``0..L-1``.
+
+    Raises:
+      ValueError: unknown kind, NaN/inf params or activations (naming the leaf or layer), a rank-0 layer, a layer
+        with no interaction, or traced values under ``jax.jit`` without ``dims``.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}.")
+    model = as_sections(model)
+    L = len(model)
+    if dims is not None and len(dims) != L:
+        raise ValueError(f"dims has {len(dims)} entries but the model has {L} node layers.")
+    check_finite_params(params)
+    batches = as_batch_list(batches)
+    stats = activation_stats(model, params, batches, center=True, **(activation_kwargs or {}))
+    means = list(stats.means)
+    covs = [g[:-1, :-1] for g in stats.grams]  # centred Gram = blockdiag(Cov, 1)
+    if is_concrete(covs):
+        for l in range(L):
+            if not bool(jnp.all(jnp.isfinite(covs[l]))):
+                raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check the "
+                                 "inputs and the sections before it.")
+    jkw = dict(jacobian_kwargs or {})
+    keys = jax.random.split(key, L) if (kind == "random" and key is not None) else [None] * L
+    results: list[Any] = [None] * L
+    C_next = None
+    for l in reversed(range(L)):
+        M = None
+        if kind == "lib":
+            M = jacobian_gram(model, params, batches, l, out_basis=None if l == L - 1 else C_next, target="next",
+                              **jkw)
+        elif kind == "global":
+            M = jacobian_gram(model, params, batches, l, target="output", **jkw)
+        if M is not None and is_concrete(M) and not bool(jnp.all(jnp.isfinite(M))):
+            raise ValueError(f"node layer {l} ({model.layer_name(l)}): the Jacobian Gram has NaN or inf entries; "
+                             "check the params and the sections after this layer.")
+        results[l] = layer_basis(covs[l], means[l], M, kind=kind, rtol=rtol, key=keys[l],
+                                 keep=None if dims is None else dims[l], name=f"{l} ({model.layer_name(l)})")
+        C_next = results[l][0]
+    C, Cp, Lam, Dfull, spec, dg, di = (tuple(r[i] for r in results) for i in range(7))
+    return InteractionBasis(C=C, C_pinv=Cp, Lambda=Lam, mean=tuple(means), dims=tuple(c.shape[1] for c in C),
+                            gram_spectrum=Dfull, interaction_spectrum=spec, num_dropped_gram=dg,
+                            num_dropped_interaction=di)
+
+
+def transform(model, basis: InteractionBasis) -> Sections:
+    """The network re-expressed in the basis: ``f^_l(p, h^) = [f_l(p, (h^ C_l^+)[:d]), 1] C_{l+1}``.
+
+    The first section takes ``h^_0 = [x, 1] C_0`` (not the raw input); the last section maps to the raw output
+    ``f_{L-1}((h^ C_{L-1}^+)[:d])``. Sections take ``params`` like the original model. On the data the composition
+    reproduces the original outputs up to the truncated directions (exactly when nothing was truncated).
+
+    Args:
+      model: `Sections` (or a list of functions).
+      basis: an `InteractionBasis` for this model.
+
+    Returns:
+      `Sections` with the same number of sections and names.
+
+    Raises:
+      ValueError: if the basis has another number of node layers, or (when called) a node layer's feature size does
+        not match ``C^l``.
+    """
+    model = as_sections(model)
+    check_basis_matches(model, basis)
+    L = len(model)
+
+    def make(l):
+        f, Cp = model.fns[l], basis.C_pinv[l]
+        C_next = basis.C[l + 1] if l + 1 < L else None
+
+        def section(params, hh):
+            if hh.shape[-1] != Cp.shape[0]:
+                raise ValueError(f"transformed section {l} expects {Cp.shape[0]} basis coordinates (d^_{l}) in the "
+                                 f"last axis; got shape {hh.shape}.")
+            out = f(params, from_hat(hh, Cp))
+            if C_next is None:
+                return out
+            if out.shape[-1] + 1 != C_next.shape[0]:
+                raise ValueError(f"section {l} outputs {out.shape[-1]} features but the basis C^{l + 1} has "
+                                 f"{C_next.shape[0]} rows (expected {out.shape[-1] + 1}); the basis was computed for "
+                                 "another model.")
+            return to_hat(out, C_next)
+
+        section.__name__ = f"hat_section_{l}"
+        return section
+
+    return Sections(tuple(make(l) for l in range(L)), names=model.names)

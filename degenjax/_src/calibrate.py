@@ -1,0 +1,395 @@
+"""Calibration of the LLC sampler: sweep step size x nbeta (x localization) on short chains (DESIGN.md section 5).
+
+`calibration_sweep` runs `estimate_llc` once per grid cell (one compiled program, cells visited by ``lax.map``;
+pure and jittable) and returns arrays of per-cell diagnostics. `calibrate` adds the host-side stability rule, a
+table (one dict per cell) and a recommended setting; `plot_calibration` draws the table as a heatmap.
+
+The stability rule (every cell, all conditions):
+
+1. *finite*: every recorded loss of every chain is finite (no divergence);
+2. *positive*: every chain's lambda^ is > 0 (a negative one means the chain found lower loss than ``L_n(w*)``:
+   ``w*`` is not a minimum at this temperature, or the step is so large that the discretisation dominates);
+3. *flat*: the loss trace has stopped drifting: ``|drift| <= flat_tol * lambda^ + 2 * se(drift)``, where
+   ``drift = nbeta * (mean of the last quarter of draws - mean of the third quarter)`` averaged over chains (the
+   change of lambda^ over the second half, in lambda units) and ``se`` its standard error over chains;
+4. *acceptance*: the MALA acceptance probability lies in ``acceptance_range`` (default ``[0.8, 0.99]``, around
+   the ~0.9 that keeps the SGLD discretisation bias small without wasting steps); skipped when none was computed
+   (``mala_every=0`` or SGNHT).
+
+The recommendation, among stable cells: the ``nbeta`` closest (in log scale) to the default ``n / log n`` (``nbeta``
+defines the estimator, not just the sampler); then the smallest ``localization`` (a strong pull towards ``w*``
+biases lambda^ down); then the step size whose acceptance is closest to ``acceptance_target`` (0.9), ties going to
+the larger step (faster mixing); without acceptance information, the largest stable step size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from degenjax._src import llc as llc_lib
+
+ArrayTree = Any
+
+DEFAULT_STEP_SIZES = (1e-6, 1e-5, 1e-4, 1e-3)
+
+
+class CalibrationGrid(NamedTuple):
+    """Per-cell diagnostics of a calibration sweep; cell axes are ``(S, B, G)`` = (step sizes, nbetas, localizations).
+
+    Attributes:
+      step_sizes: ``(S,)``.
+      nbetas: ``(B,)``.
+      localizations: ``(G,)``.
+      llc_mean: ``(S, B, G)`` lambda^ averaged over chains.
+      llc_std: ``(S, B, G)`` standard deviation over chains (NaN for one chain).
+      llc_per_chain: ``(S, B, G, C)``.
+      mala_acceptance: ``(S, B, G)`` mean MALA acceptance (NaN when not computed).
+      drift: ``(S, B, G)`` ``nbeta * (mean(last quarter) - mean(third quarter))`` of the loss trace, chain mean.
+      drift_se: ``(S, B, G)`` standard error of ``drift`` over chains (0 for one chain).
+      finite: ``(S, B, G)`` bool, every recorded loss finite.
+      loss_trace: ``(S, B, G, C, D)`` minibatch losses after burn-in.
+      init_loss: scalar ``L_n(w*)``.
+    """
+
+    step_sizes: jax.Array
+    nbetas: jax.Array
+    localizations: jax.Array
+    llc_mean: jax.Array
+    llc_std: jax.Array
+    llc_per_chain: jax.Array
+    mala_acceptance: jax.Array
+    drift: jax.Array
+    drift_se: jax.Array
+    finite: jax.Array
+    loss_trace: jax.Array
+    init_loss: jax.Array
+
+
+class Calibration(NamedTuple):
+    """Result of `calibrate`.
+
+    Attributes:
+      table: one dict per cell (step size fastest varying, then localization, then nbeta) with keys ``step_size,
+        nbeta, localization, llc_mean, llc_std, mala_acceptance, drift, drift_se, finite, positive, flat,
+        acceptance_ok, stable, reason`` (``reason`` lists the failed conditions, ``""`` when stable).
+      recommended: the table row of the recommended setting, or ``None`` when no cell is stable.
+      message: a one-line summary (the recommendation or advice on what to change).
+      grid: the `CalibrationGrid` arrays.
+    """
+
+    table: list
+    recommended: dict | None
+    message: str
+    grid: CalibrationGrid
+
+
+def _as_grid_axis(values, name: str, *, allow_none: bool = False):
+    if values is None and allow_none:
+        return None
+    if isinstance(values, (jax.Array, np.ndarray)) and not isinstance(values, jax.core.Tracer):
+        values = np.asarray(values).reshape(-1).tolist()
+    elif isinstance(values, jax.core.Tracer):
+        if values.ndim != 1 or values.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D sequence of positive values; got shape {values.shape}.")
+        return values
+    elif isinstance(values, (int, float, np.floating, np.integer)):
+        values = [values]
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must be a non-empty sequence of positive values.")
+    for v in values:
+        if isinstance(v, jax.core.Tracer):
+            raise ValueError(f"{name} must be a 1-D array or a sequence of Python numbers, not of traced scalars.")
+        if not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must contain only positive finite values; got {v!r} in {values}.")
+    return jnp.asarray(values, dtype=jnp.result_type(float))
+
+
+def _cell_stats(result: llc_lib.LLCResult):
+    """Per-cell scalars from one `LLCResult` (traced-safe)."""
+    trace = result.loss_trace  # (C, D)
+    num_chains, num_draws = trace.shape
+    q = num_draws // 4
+    third = jnp.mean(trace[:, num_draws - 2 * q:num_draws - q], axis=1)
+    last = jnp.mean(trace[:, num_draws - q:], axis=1)
+    drift_c = result.nbeta * (last - third)
+    drift = jnp.mean(drift_c)
+    if num_chains > 1:
+        drift_se = jnp.std(drift_c, ddof=1) / math.sqrt(num_chains)
+    else:
+        drift_se = jnp.zeros((), drift.dtype)
+    finite = jnp.all(jnp.isfinite(trace))
+    return (result.llc_mean, result.llc_std, result.llc_per_chain, result.mala_acceptance, drift, drift_se, finite,
+            trace)
+
+
+def calibration_sweep(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, batch_size: int,
+                      step_sizes=DEFAULT_STEP_SIZES, nbetas=None, localizations=(1.0,), num_chains: int = 4,
+                      num_draws: int = 200, num_burnin: int = 0, sampler="sgld", cells_per_batch: int | None = None,
+                      **estimate_kwargs) -> CalibrationGrid:
+    """Runs `estimate_llc` on every (step size, nbeta, localization) cell; pure and jittable.
+
+    Every cell uses the same ``rng_key`` (common random numbers: the cells differ only by their hyperparameters,
+    so their differences are not sampling noise). The cells run one after another inside ``lax.map`` (one compiled
+    program); ``cells_per_batch`` vectorises that many cells at once (more memory, better accelerator use).
+
+    Args:
+      rng_key: PRNG key.
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+      params: ``w*``.
+      data: pytree of arrays with leading axis ``n``.
+      batch_size: SGLD minibatch size.
+      step_sizes: ``(S,)`` positive step sizes.
+      nbetas: ``(B,)`` positive values of ``n beta``; default ``(n / log n,)``.
+      localizations: ``(G,)`` positive values of ``gamma``.
+      num_chains: chains per cell.
+      num_draws: recorded draws per chain, >= 4 (the flatness check compares the last two quarters).
+      num_burnin: steps discarded before recording.
+      sampler: as for `estimate_llc`.
+      cells_per_batch: cells vectorised together (``lax.map``'s ``batch_size``); default one at a time.
+      **estimate_kwargs: passed to `estimate_llc` (e.g. ``mala_every``, ``sampler_kwargs``, ``eval_batch_size``).
+
+    Returns:
+      `CalibrationGrid` with cell axes ``(S, B, G)``.
+
+    Raises:
+      ValueError: for empty or non-positive grids, ``num_draws < 4``, or any input `estimate_llc` rejects.
+    """
+    num_draws = llc_lib._check_positive_int("num_draws", num_draws)
+    if num_draws < 4:
+        raise ValueError(f"num_draws must be >= 4 for calibration (the flatness check compares the last two "
+                         f"quarters of the trace); got {num_draws}.")
+    for bad in ("step_size", "nbeta", "localization"):
+        if bad in estimate_kwargs:
+            raise ValueError(f"pass {bad}s=[...] (the grid) to calibration_sweep, not {bad}=.")
+    n = llc_lib.check_inputs(params, data, step_size=1.0, batch_size=batch_size)
+    eps = _as_grid_axis(step_sizes, "step_sizes")
+    nbs = _as_grid_axis(nbetas, "nbetas", allow_none=True)
+    if nbs is None:
+        nbs = jnp.asarray([llc_lib.default_nbeta(n)], dtype=jnp.result_type(float))
+    gammas = _as_grid_axis(localizations, "localizations")
+    S, B, G = eps.shape[0], nbs.shape[0], gammas.shape[0]
+    cells = (jnp.broadcast_to(eps[:, None, None], (S, B, G)).reshape(-1),
+             jnp.broadcast_to(nbs[None, :, None], (S, B, G)).reshape(-1),
+             jnp.broadcast_to(gammas[None, None, :], (S, B, G)).reshape(-1))
+
+    def one_cell(cell):
+        e, nb, g = cell
+        result = llc_lib.estimate_llc(rng_key, loss_fn, params, data, num_chains=num_chains, num_draws=num_draws,
+                                      step_size=e, batch_size=batch_size, nbeta=nb, localization=g,
+                                      num_burnin=num_burnin, sampler=sampler, warn=False, **estimate_kwargs)
+        return _cell_stats(result) + (result.init_loss,)
+
+    outs = lax.map(one_cell, cells, batch_size=cells_per_batch)
+    shape = (S, B, G)
+    llc_mean, llc_std, per_chain, acc, drift, drift_se, finite, trace, init = outs
+    return CalibrationGrid(
+        step_sizes=eps, nbetas=nbs, localizations=gammas, llc_mean=llc_mean.reshape(shape),
+        llc_std=llc_std.reshape(shape), llc_per_chain=per_chain.reshape(shape + per_chain.shape[1:]),
+        mala_acceptance=acc.reshape(shape), drift=drift.reshape(shape), drift_se=drift_se.reshape(shape),
+        finite=finite.reshape(shape), loss_trace=trace.reshape(shape + trace.shape[1:]), init_loss=init[0])
+
+
+def recommend(grid: CalibrationGrid, *, default_nbeta: float | None = None, flat_tol: float = 0.1,
+              acceptance_range: tuple[float, float] = (0.8, 0.99),
+              acceptance_target: float = 0.9) -> tuple[list, dict | None, str]:
+    """Applies the stability rule (module docstring) to a `CalibrationGrid`; host-side (concrete arrays).
+
+    Args:
+      grid: output of `calibration_sweep` (concrete, not traced).
+      default_nbeta: the nbeta to prefer (``n / log n``); default the geometric middle of the grid's nbetas.
+      flat_tol: allowed end-of-trace drift as a fraction of lambda^.
+      acceptance_range: ``(low, high)`` accepted MALA acceptance.
+      acceptance_target: preferred acceptance.
+
+    Returns:
+      ``(table, recommended_row_or_None, message)`` as in `Calibration`.
+
+    Raises:
+      ValueError: for a traced grid or inconsistent tolerances.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(grid)):
+        raise ValueError("recommend needs concrete arrays: call it outside jax.jit on the grid returned by "
+                         "calibration_sweep.")
+    low, high = acceptance_range
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"acceptance_range must satisfy 0 <= low < high <= 1; got {acceptance_range}.")
+    if flat_tol < 0:
+        raise ValueError(f"flat_tol must be >= 0; got {flat_tol}.")
+    g = jax.tree.map(lambda x: np.asarray(x, np.float64) if np.asarray(x).dtype != bool else np.asarray(x), grid)
+    eps, nbs, gammas = g.step_sizes, g.nbetas, g.localizations
+    table = []
+    for b, nb in enumerate(nbs):
+        for k, gamma in enumerate(gammas):
+            for s, e in enumerate(eps):
+                llc = float(g.llc_mean[s, b, k])
+                acc = float(g.mala_acceptance[s, b, k])
+                drift, se = float(g.drift[s, b, k]), float(g.drift_se[s, b, k])
+                finite = bool(g.finite[s, b, k]) and bool(np.all(np.isfinite(g.llc_per_chain[s, b, k])))
+                positive = finite and bool(np.all(g.llc_per_chain[s, b, k] > 0))
+                flat = finite and abs(drift) <= flat_tol * abs(llc) + 2.0 * (se if np.isfinite(se) else 0.0)
+                acc_ok = (not np.isfinite(acc)) or (low <= acc <= high)
+                reasons = []
+                if not finite:
+                    reasons.append("diverged (non-finite loss)")
+                else:
+                    if not positive:
+                        reasons.append("non-positive lambda^ in some chain")
+                    if not flat:
+                        reasons.append(f"trace still drifting ({drift:+.3g} vs lambda^ {llc:.3g})")
+                    if not acc_ok:
+                        reasons.append(f"MALA acceptance {acc:.2f} outside [{low}, {high}]")
+                table.append(dict(step_size=float(e), nbeta=float(nb), localization=float(gamma), llc_mean=llc,
+                                  llc_std=float(g.llc_std[s, b, k]), mala_acceptance=acc, drift=drift, drift_se=se,
+                                  finite=finite, positive=positive, flat=flat, acceptance_ok=acc_ok,
+                                  stable=not reasons, reason="; ".join(reasons)))
+    stable = [r for r in table if r["stable"]]
+    if not stable:
+        diverged = sum(not r["finite"] for r in table)
+        low_acc = sum(r["finite"] and np.isfinite(r["mala_acceptance"]) and r["mala_acceptance"] < low
+                      for r in table)
+        drifting = sum(r["finite"] and not r["flat"] for r in table)
+        advice = []
+        if diverged or low_acc:
+            advice.append("smaller step sizes")
+        if drifting:
+            advice.append("longer chains or burn-in (num_burnin)")
+        if any(r["finite"] and not r["positive"] for r in table):
+            advice.append("a larger localization, or check that params is a trained minimum")
+        if not advice:
+            advice.append("a wider grid")
+        message = (f"No stable setting among {len(table)} cells ({diverged} diverged, {drifting} drifting, "
+                   f"{low_acc} with low acceptance); try {', '.join(advice)}.")
+        return table, None, message
+    target_nb = default_nbeta if default_nbeta is not None else float(np.exp(np.mean(np.log(nbs))))
+    best_nb = min({r["nbeta"] for r in stable}, key=lambda v: (abs(math.log(v / target_nb)), -v))
+    cands = [r for r in stable if r["nbeta"] == best_nb]
+    best_gamma = min(r["localization"] for r in cands)
+    cands = [r for r in cands if r["localization"] == best_gamma]
+    if all(np.isfinite(r["mala_acceptance"]) for r in cands):
+        best = min(cands, key=lambda r: (abs(r["mala_acceptance"] - acceptance_target), -r["step_size"]))
+    else:
+        best = max(cands, key=lambda r: r["step_size"])
+    message = (f"Recommended step_size={best['step_size']:.3g}, nbeta={best['nbeta']:.4g}, "
+               f"localization={best['localization']:.3g} (lambda^ = {best['llc_mean']:.4g} +- {best['llc_std']:.2g}, "
+               f"MALA acceptance {best['mala_acceptance']:.2f}; {len(stable)}/{len(table)} cells stable).")
+    return table, best, message
+
+
+def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, batch_size: int,
+              step_sizes=DEFAULT_STEP_SIZES, nbetas=None, localizations=(1.0,), num_chains: int = 4,
+              num_draws: int = 200, num_burnin: int = 0, sampler="sgld", flat_tol: float = 0.1,
+              acceptance_range: tuple[float, float] = (0.8, 0.99), acceptance_target: float = 0.9,
+              cells_per_batch: int | None = None, **estimate_kwargs) -> Calibration:
+    """Sweeps step size x nbeta (x localization) on short chains and recommends a stable setting.
+
+    Runs `calibration_sweep` (jittable; it runs eagerly here, wrap it in your own ``jax.jit`` to reuse the compiled
+    sweep) and then `recommend` on the host. The rule is in the module docstring: finite traces, positive lambda^ in
+    every chain, a flat end of trace, MALA acceptance in ``acceptance_range``; among stable cells, nbeta closest to
+    ``n / log n``, then the smallest localization, then acceptance closest to ``acceptance_target``.
+
+    Args:
+      rng_key, loss_fn, params, data, batch_size, step_sizes, nbetas, localizations, num_chains, num_draws,
+        num_burnin, sampler, cells_per_batch, **estimate_kwargs: as for `calibration_sweep`.
+      flat_tol, acceptance_range, acceptance_target: as for `recommend`.
+
+    Returns:
+      `Calibration` (table, recommended row or ``None``, message, grid). Plot it with `plot_calibration`.
+
+    Raises:
+      ValueError: for bad inputs (see `calibration_sweep` and `estimate_llc`); never for an unstable grid (then
+        ``recommended`` is ``None`` and ``message`` says what to change).
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, params, data))):
+        raise ValueError("calibrate returns a Python table and cannot run under jax.jit; jit calibration_sweep "
+                         "instead and pass its result to recommend.")
+    grid = calibration_sweep(rng_key, loss_fn, params, data, batch_size=batch_size, step_sizes=step_sizes,
+                             nbetas=nbetas, localizations=localizations, num_chains=num_chains, num_draws=num_draws,
+                             num_burnin=num_burnin, sampler=sampler, cells_per_batch=cells_per_batch,
+                             **estimate_kwargs)
+    n = llc_lib.num_data(data)
+    table, best, message = recommend(grid, default_nbeta=llc_lib.default_nbeta(n) if n >= 2 else None,
+                                     flat_tol=flat_tol, acceptance_range=acceptance_range,
+                                     acceptance_target=acceptance_target)
+    return Calibration(table=table, recommended=best, message=message, grid=grid)
+
+
+def plot_calibration(calibration: Calibration, *, metric: str = "llc_mean", path=None, title: str | None = None):
+    """Heatmap of a calibration: step size (x) by nbeta (y), one panel per localization.
+
+    Each cell shows ``metric`` (colour and text) and the MALA acceptance; unstable cells are hatched and marked with
+    the first letter of what failed (D diverged, N non-positive, F drifting, A acceptance); the recommended cell is
+    outlined in red.
+
+    Args:
+      calibration: output of `calibrate`.
+      metric: a numeric table column (``"llc_mean"``, ``"llc_std"``, ``"mala_acceptance"``, ``"drift"``).
+      path: optional file to save the figure to.
+      title: figure title.
+
+    Returns:
+      A matplotlib ``Figure``.
+
+    Raises:
+      ValueError: for an unknown metric or an empty calibration.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    table = calibration.table
+    if not table:
+        raise ValueError("plot_calibration needs a calibration with at least one cell.")
+    if metric not in ("llc_mean", "llc_std", "mala_acceptance", "drift"):
+        raise ValueError(f"metric must be one of 'llc_mean', 'llc_std', 'mala_acceptance', 'drift'; got {metric!r}.")
+    eps = sorted({r["step_size"] for r in table})
+    nbs = sorted({r["nbeta"] for r in table})
+    gammas = sorted({r["localization"] for r in table})
+    fig = Figure(figsize=(1.5 + 1.1 * len(eps) * len(gammas) + 1.0, 1.5 + 0.7 * len(nbs)), layout="constrained")
+    axes = fig.subplots(1, len(gammas), squeeze=False)[0]
+    finite_vals = [r[metric] for r in table if np.isfinite(r[metric])]
+    vmin, vmax = (min(finite_vals), max(finite_vals)) if finite_vals else (0.0, 1.0)
+    best = calibration.recommended
+    for k, gamma in enumerate(gammas):
+        ax = axes[k]
+        values = np.full((len(nbs), len(eps)), np.nan)
+        for r in table:
+            if r["localization"] == gamma:
+                values[nbs.index(r["nbeta"]), eps.index(r["step_size"])] = r[metric]
+        im = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap="viridis", vmin=vmin,
+                       vmax=vmax)
+        for r in table:
+            if r["localization"] != gamma:
+                continue
+            i, j = nbs.index(r["nbeta"]), eps.index(r["step_size"])
+            text = f"{r[metric]:.3g}"
+            if np.isfinite(r["mala_acceptance"]) and metric != "mala_acceptance":
+                text += f"\nacc {r['mala_acceptance']:.2f}"
+            if not r["stable"]:
+                flags = "".join(c for c, bad in (("D", not r["finite"]), ("N", r["finite"] and not r["positive"]),
+                                                  ("F", r["finite"] and not r["flat"]),
+                                                  ("A", r["finite"] and not r["acceptance_ok"])) if bad)
+                text += f"\n[{flags}]"
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=(1.0, 1.0, 1.0, 0.65), hatch="//",
+                                       edgecolor="0.6", lw=0))
+            bright = np.isfinite(r[metric]) and (r[metric] - vmin) > 0.6 * (vmax - vmin)  # viridis: light at the top
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if r["stable"] and not bright else "black")
+            if best is not None and r is best:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5))
+        ax.set_xticks(range(len(eps)), [f"{e:.2g}" for e in eps], fontsize=7)
+        ax.set_yticks(range(len(nbs)), [f"{b:.3g}" for b in nbs], fontsize=7)
+        ax.set_xlabel("step size")
+        ax.set_ylabel("nbeta")
+        ax.set_title(f"localization = {gamma:.3g}", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=metric)
+    fig.suptitle(title or f"LLC calibration: {metric} (red: recommended; hatched: unstable)", fontsize=10)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

@@ -1,0 +1,308 @@
+"""Interaction edges between basis directions, their sparsity, and edge/node ablations (DESIGN.md section 3).
+
+``E^l_{ij} = (1/(N P_l)) sum_x sum_t ( sum_s d h^_{l+1,(t,i)} / d h^_{l,(s,j)} * h^_{l,(s,j)} )^2``: gradient times
+activation, summed over input positions inside the square, squared, summed over output positions ``t``, averaged
+over data points and normalised by the node layer's number of positions ``P_l`` (the normalisation of the Jacobian
+Gram ``M^l``, so that for a linear section ``sum E^l = sum Lambda^l``; with no positions axis ``P_l = 1``).
+Derivatives are taken at the data's activations; the tangent of ``h^_{l,j}`` is ``C^{l+}[j, :d]``. Edges run
+between consecutive node layers ``l -> l+1`` for ``l = 0..L-2``; the last section (to the raw output) has no
+basis on its output side and is not included. Row 0 and column 0 are the constant nodes (row 0 is zero).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from degenjax._src.basis import (InteractionBasis, acc_dtype, as_batch_list, check_basis_matches,
+                                 check_finite_params, from_hat, is_concrete, to_hat)
+from degenjax._src.sections import as_sections, forward, section_shapes
+
+
+def _section_to_hat(model, params, basis, l):
+    f, C_next = model.fns[l], basis.C[l + 1]
+    return lambda h: f(params, h) @ C_next[:-1].astype(h.dtype)
+
+
+def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
+    """Unnormalised ``sum_x sum_t (sum_s J h^)^2`` for one batch: ``(d^_{l+1}, d^_l)`` in the accumulation dtype."""
+    dt = acc_dtype()
+    d = h.shape[-1]
+    dh = hh.shape[-1]
+    Cp_h = Cp[:, :-1].astype(h.dtype)  # (d^_l, d_l): tangent of each basis coordinate in activation space
+    y, lin = jax.linearize(g, h) if mode == "jvp" else (None, None)
+    if mode == "jvp":
+        cols = []
+        for start in range(0, dh, chunk_size):
+            j = np.arange(start, min(start + chunk_size, dh))
+            # tangent_j[b, s, :] = h^_{b,s,j} C^+[j, :d]
+            t = jnp.moveaxis(hh[..., j], -1, 0)[..., None] * jnp.reshape(Cp_h[j], (len(j),) + (1,) * (h.ndim - 1) + (d,))
+            out = jax.vmap(lin)(t)  # (k, B, ..., d^_{l+1})
+            o = jnp.reshape(out, (len(j), -1, out.shape[-1])).astype(dt)
+            cols.append(jnp.einsum("kni,kni->ik", o, o))
+        return jnp.concatenate(cols, axis=1)
+    y, pullback = jax.vjp(g, h)
+    n_out, d_next = math.prod(y.shape[1:]), y.shape[-1]
+    rows = []
+    hh_flat = jnp.reshape(hh, (hh.shape[0], -1, dh))
+    for start in range(0, n_out, chunk_size):
+        idx = jnp.arange(start, min(start + chunk_size, n_out))
+        e = jax.nn.one_hot(idx, n_out, dtype=y.dtype).reshape((idx.shape[0], 1) + y.shape[1:])
+        grads = jax.vmap(pullback)(jnp.broadcast_to(e, (idx.shape[0],) + y.shape))[0]  # (k, B, ..., d_l)
+        gh = jnp.reshape(grads, (idx.shape[0], h.shape[0], -1, d)) @ Cp_h.T  # (k, B, P_l, d^_l)
+        a = jnp.sum(gh * hh_flat[None], axis=2).astype(dt)  # (k, B, d^_l)
+        rows.append(jnp.sum(a * a, axis=1))
+    flat = jnp.concatenate(rows, axis=0)  # (P_out * d^_{l+1}, d^_l)
+    return jnp.sum(jnp.reshape(flat, (-1, d_next, dh)), axis=0)
+
+
+def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
+                      mode: str = "auto") -> list[jax.Array]:
+    """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
+
+    Per batch, one linearisation of section ``l`` is pushed through ``chunk_size`` basis directions at a time
+    (``vmap`` of ``jvp`` over input directions ``j``, or of ``vjp`` over output entries ``(t, i)`` when those are
+    fewer), so memory is ``chunk_size x batch x positions x width``, never the whole data set's Jacobian.
+
+    Args:
+      model: `Sections` (or a list of functions).
+      params: the model's params.
+      basis: an `InteractionBasis` of this model.
+      batches: an input batch or an iterable of batches.
+      chunk_size: basis directions (or output entries) per ``vmap``.
+      mode: ``"auto"`` (cheaper of the two), ``"jvp"`` or ``"vjp"``.
+
+    Returns:
+      List of ``L - 1`` arrays, ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the accumulation dtype (float64 with x64);
+      row 0 / column 0 belong to the constant nodes.
+
+    Raises:
+      ValueError: a basis for another model (layer count or feature sizes), NaN params, bad mode.
+    """
+    if mode not in ("auto", "jvp", "vjp"):
+        raise ValueError(f"mode must be 'auto', 'jvp' or 'vjp'; got {mode!r}.")
+    model = as_sections(model)
+    check_basis_matches(model, basis)
+    check_finite_params(params)
+    batches = as_batch_list(batches)
+    check_basis_matches(model, basis, section_shapes(model, params, batches[0]))
+    L = len(model)
+    dt = acc_dtype()
+    totals = [jnp.zeros((basis.C[l + 1].shape[1], basis.C[l].shape[1]), dt) for l in range(L - 1)]
+    counts = [0] * (L - 1)
+    for x in batches:
+        _, acts = forward(model, params, x)
+        for l in range(L - 1):
+            h = acts[l]
+            hh = to_hat(h, basis.C[l])
+            g = _section_to_hat(model, params, basis, l)
+            n_out = math.prod(jax.eval_shape(g, h).shape[1:])
+            m = mode if mode != "auto" else ("jvp" if hh.shape[-1] <= n_out else "vjp")
+            totals[l] = totals[l] + _batch_edges(g, h, hh, basis.C_pinv[l], chunk_size, m)
+            counts[l] += math.prod(h.shape[:-1])
+    edges = [t / c for t, c in zip(totals, counts)]
+    if is_concrete(edges):
+        for l, e in enumerate(edges):
+            if not bool(jnp.all(jnp.isfinite(e))):
+                raise ValueError(f"edges E^{l} ({model.layer_name(l)} -> {model.layer_name(l + 1)}) are not finite; "
+                                 "check the inputs and params.")
+    return edges
+
+
+def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)) -> dict:
+    """How many edges carry each fraction of the total edge weight, per layer (constant nodes excluded).
+
+    Args:
+      edges: list of ``E^l`` of shape ``(d^_{l+1}, d^_l)`` (from `interaction_edges`); row 0 and column 0 (the
+        constant nodes) are left out.
+      fractions: fractions in ``(0, 1]``.
+
+    Returns:
+      dict with ``"fractions"`` (tuple), ``"counts"`` (int array ``(num_layers, num_fractions)``: the fewest edges
+      whose weights sum to at least ``fraction * total``), ``"num_edges"`` (``(num_layers,)``), ``"total_weight"``
+      (``(num_layers,)``) and ``"fraction_of_edges"`` (``counts / num_edges``).
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"fractions must be in (0, 1]; got {fractions}.")
+    if len(edges) == 0:
+        raise ValueError("edges is empty; a model with one section has no edges between node layers.")
+    counts, nums, totals = [], [], []
+    fr = jnp.asarray(fractions)
+    for l, e in enumerate(edges):
+        e = jnp.asarray(e)
+        if e.ndim != 2 or min(e.shape) < 2:
+            raise ValueError(f"edges[{l}] must be a (d^_{{l+1}}, d^_l) matrix with non-constant nodes; got {e.shape}.")
+        w = jnp.sort(jnp.reshape(e[1:, 1:], (-1,)))[::-1]
+        cum = jnp.cumsum(w)
+        total = cum[-1]
+        # fewest n with cum[n-1] >= f * total; the relative slack absorbs rounding of the cumulative sum
+        need = fr.astype(cum.dtype) * total * (1.0 - 8.0 * jnp.finfo(cum.dtype).eps)
+        c = jnp.sum(cum[None, :] < need[:, None], axis=1) + 1
+        counts.append(jnp.where(total > 0, jnp.minimum(c, w.shape[0]), 0))
+        nums.append(w.shape[0])
+        totals.append(total)
+    counts = jnp.stack(counts)
+    num = jnp.asarray(nums)
+    return {"fractions": fractions, "counts": counts, "num_edges": num, "total_weight": jnp.stack(totals),
+            "fraction_of_edges": counts / num[:, None]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ablations
+
+
+def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, *, chunk_size: int = 64):
+    """The network output with the edges of section ``layer`` masked (DESIGN section 3, sparsity).
+
+    Output node ``i`` of node layer ``layer + 1`` is computed from ``h^_layer * mask[i]``: an ablated input is set to
+    its mean over the data, which is 0 for every centred (non-constant) basis coordinate. The remaining sections run
+    on the reconstructed activations ``(h^_{layer+1} C^+)[:d]``. A mask of ones gives the output of the truncated
+    network.
+
+    Args:
+      model, params, basis: the model, its params and basis.
+      x: an input batch.
+      layer: ``l`` in ``0..L-2``.
+      mask: ``(d^_{l+1}, d^_l)`` array of 0/1 (float) entries.
+      chunk_size: output nodes evaluated per ``vmap``.
+
+    Returns:
+      The output ``h_L`` for ``x``.
+    """
+    model = as_sections(model)
+    L = len(model)
+    _, acts = forward(model, params, x)
+    hh = to_hat(acts[layer], basis.C[layer])
+    g = _section_to_hat(model, params, basis, layer)
+    mask = jnp.asarray(mask).astype(hh.dtype)
+    n_next = mask.shape[0]
+    C_next_const = basis.C[layer + 1][-1]
+    parts = []
+    for start in range(0, n_next, chunk_size):
+        i = np.arange(start, min(start + chunk_size, n_next))
+        m = jnp.reshape(mask[i], (len(i),) + (1,) * (hh.ndim - 1) + (hh.shape[-1],))
+        outs = jax.vmap(lambda mm: g(from_hat(hh * mm, basis.C_pinv[layer])))(m)  # (k, B, ..., d^_{l+1})
+        parts.append(jnp.take_along_axis(outs, jnp.reshape(jnp.asarray(i), (len(i),) + (1,) * (outs.ndim - 1)),
+                                         axis=-1)[..., 0])
+    h_next = jnp.moveaxis(jnp.concatenate(parts, axis=0), 0, -1)
+    h_next = h_next + jnp.reshape(C_next_const.astype(h_next.dtype), (1,) * (h_next.ndim - 1) + (n_next,))
+    h = from_hat(h_next, basis.C_pinv[layer + 1])
+    for f in model.fns[layer + 1:L]:
+        h = f(params, h)
+    return h
+
+
+def _top_mask(weights, k: int, dtype):
+    """Mask keeping the constant row/column and the ``k`` largest non-constant edges."""
+    sub = np.asarray(weights, np.float64)[1:, 1:]
+    order = np.argsort(-sub, axis=None, kind="stable")
+    m = np.zeros(sub.size)
+    m[order[:k]] = 1.0
+    full = np.ones(weights.shape)
+    full[1:, 1:] = m.reshape(sub.shape)
+    return jnp.asarray(full, dtype)
+
+
+def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, metric: Callable, *,
+                   tol: float = 1e-3, layers: Sequence[int] | None = None, chunk_size: int = 64,
+                   jit: bool = False) -> list[dict]:
+    """The fewest edges to keep in each layer so that ``metric`` stays within ``tol``, by bisection.
+
+    For each layer separately (the other layers intact), the ``k`` largest non-constant edges of ``E^l`` are kept
+    and all others mean-ablated (`ablated_output`); the constant node's edges are always kept. The reference is
+    the same truncated network with every edge kept. Bisection assumes the deviation shrinks as ``k`` grows.
+
+    Args:
+      model, params, basis: the model, its params and basis.
+      edges: ``E^l`` from `interaction_edges`.
+      x: a held-out input batch.
+      metric: ``metric(output) -> scalar`` (e.g. accuracy or loss against labels closed over).
+      tol: allowed ``|metric(ablated) - metric(all edges)|``.
+      layers: which layers to analyse (default all ``0..L-2``).
+      chunk_size: output nodes per ``vmap`` in `ablated_output`.
+      jit: compile the per-step evaluation with ``jax.jit`` (opt-in; the mask is its only changing argument).
+
+    Returns:
+      One dict per analysed layer: ``layer``, ``required`` (edges kept), ``num_edges``, ``metric_full``,
+      ``metric_at_required``.
+    """
+    model = as_sections(model)
+    check_basis_matches(model, basis)
+    L = len(model)
+    layers = range(L - 1) if layers is None else layers
+    out = []
+    for l in layers:
+        if not 0 <= l < L - 1:
+            raise ValueError(f"layer {l} has no edges; layers must be in 0..{L - 2}.")
+        e = np.asarray(edges[l])
+        if e.shape != (basis.C[l + 1].shape[1], basis.C[l].shape[1]):
+            raise ValueError(f"edges[{l}] has shape {e.shape}, expected {(basis.C[l + 1].shape[1], basis.C[l].shape[1])}"
+                             " from the basis; were the edges computed with another basis?")
+
+        def ev(mask, l=l):
+            return metric(ablated_output(model, params, basis, x, l, mask, chunk_size=chunk_size))
+
+        ev = jax.jit(ev) if jit else ev
+        dtype = jnp.result_type(basis.C[l])
+        n = (e.shape[0] - 1) * (e.shape[1] - 1)
+        full = float(ev(_top_mask(e, n, dtype)))
+        ok = lambda k: abs(float(ev(_top_mask(e, k, dtype))) - full) <= tol  # noqa: E731
+        lo, hi = 0, n  # invariant: ok(hi); lo is the last count known to fail (or 0, untested)
+        if ok(0):
+            hi = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid
+        out.append({"layer": l, "required": hi, "num_edges": n, "metric_full": full,
+                    "metric_at_required": float(ev(_top_mask(e, hi, dtype)))})
+    return out
+
+
+def node_ablation_curves(model, params, basis: InteractionBasis, x, metric: Callable, *,
+                         layers: Sequence[int] | None = None, num_points: int | None = None) -> list[tuple]:
+    """Metric when only the top-``n`` basis directions of one node layer are kept (the rest mean-ablated).
+
+    Directions are ranked by ``Lambda`` (descending); the constant direction is always kept; ablated centred
+    coordinates are set to their mean 0; the network then runs from ``(h^ C^+)[:d]``.
+
+    Args:
+      model, params, basis: the model, its params and basis.
+      x: an input batch.
+      metric: ``metric(output) -> scalar``.
+      layers: node layers to ablate (default all).
+      num_points: number of ``n`` values (evenly spaced, always including 0 and all); default every ``n``.
+
+    Returns:
+      Per layer, ``(ns, values)``: int array of kept counts and float array of metric values.
+    """
+    model = as_sections(model)
+    check_basis_matches(model, basis)
+    L = len(model)
+    _, acts = forward(model, params, x)
+    result = []
+    for l in (range(L) if layers is None else layers):
+        hh = to_hat(acts[l], basis.C[l])
+        n_dirs = hh.shape[-1] - 1
+        order = 1 + np.argsort(-np.asarray(basis.Lambda[l][1:]), kind="stable")
+        ns = np.arange(n_dirs + 1) if num_points is None else np.unique(np.linspace(0, n_dirs, num_points).round())
+        ns = ns.astype(int)
+        vals = []
+        for n in ns:
+            keep = np.zeros(n_dirs + 1)
+            keep[0] = 1.0
+            keep[order[:n]] = 1.0
+            h = from_hat(hh * jnp.reshape(jnp.asarray(keep, hh.dtype), (1,) * (hh.ndim - 1) + (n_dirs + 1,)),
+                         basis.C_pinv[l])
+            for f in model.fns[l:]:
+                h = f(params, h)
+            vals.append(float(metric(h)))
+        result.append((ns, np.asarray(vals)))
+    return result

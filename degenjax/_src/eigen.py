@@ -1,0 +1,374 @@
+"""Symmetric eigensolvers: dense ``eigh`` and a sharded top-k solver (DESIGN.md section 4).
+
+``eigh`` wraps LAPACK-style dense ``jax.numpy.linalg.eigh`` with the conventions used across degenjax: eigenvalues
+in descending order, eigenvectors as columns, the input symmetrised, float64 where x64 is enabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _compute_dtype(dtype):
+    """float64 when x64 is enabled, otherwise the input's float dtype (at least float32)."""
+    if jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def _default_symmetry_rtol(dtype) -> float:
+    return float(10.0 * np.sqrt(np.finfo(jnp.dtype(dtype)).eps))
+
+
+def _check_real(a, name: str):
+    dtype = jnp.result_type(a)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(f"{name} must be a real symmetric matrix; got complex dtype {dtype}. Pass the real part, or "
+                         "split a Hermitian matrix into the real symmetric [[Re, -Im], [Im, Re]] form.")
+
+
+def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Dense symmetric eigendecomposition, eigenvalues in descending order.
+
+    The input is symmetrised, ``(A + A^T) / 2``, and computed in float64 where x64 is enabled (float32 otherwise).
+    Repeated and zero eigenvalues are handled by the dense solver (orthonormal eigenvectors in every case). The
+    whole matrix must fit on one device: for a sharded matrix whose full spectrum does not fit, use
+    :func:`eigh_topk` for the leading eigenpairs and :func:`spectral_density` for counts of (near-)zero
+    eigenvalues.
+
+    Args:
+      a: symmetric matrix of shape ``(..., d, d)`` (leading batch axes allowed).
+      symmetry_rtol: largest allowed ``max|A - A^T| / max|A|`` before a ``ValueError`` is raised (checked only
+        when ``a`` is concrete, i.e. not under ``jax.jit``). Default ``10 sqrt(eps)`` of the input dtype.
+
+    Returns:
+      ``(values, vectors)``: ``values`` of shape ``(..., d)``, descending; ``vectors`` of shape ``(..., d, d)``
+      whose column ``i`` is the unit eigenvector of ``values[..., i]``.
+
+    Raises:
+      ValueError: if ``a`` is not a (batch of) square matrix, is complex, or (when concrete) contains NaN/inf or is
+        not symmetric within ``symmetry_rtol``.
+    """
+    _check_real(a, "eigh input")
+    a = jnp.asarray(a)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"eigh needs a square matrix of shape (..., d, d); got shape {a.shape}.")
+    in_dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+    a = a.astype(_compute_dtype(a.dtype))
+    if _is_concrete(a) and a.size:
+        if not bool(jnp.all(jnp.isfinite(a))):
+            raise ValueError("eigh input contains NaN or inf entries; check how the matrix was computed.")
+        scale = float(jnp.max(jnp.abs(a)))
+        asym = float(jnp.max(jnp.abs(a - jnp.swapaxes(a, -1, -2))))
+        rtol = _default_symmetry_rtol(in_dtype) if symmetry_rtol is None else symmetry_rtol
+        if asym > rtol * scale:
+            raise ValueError(f"eigh input is not symmetric: max|A - A^T| / max|A| = {asym / scale:.3g} > "
+                             f"symmetry_rtol = {rtol:.3g}. Pass a symmetric matrix, or raise symmetry_rtol to accept "
+                             "the symmetrised (A + A^T)/2.")
+    a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
+    values, vectors = jnp.linalg.eigh(a, symmetrize_input=False)
+    return values[..., ::-1], vectors[..., ::-1]
+
+
+class EigResult(NamedTuple):
+    """Leading eigenpairs from :func:`eigh_topk`.
+
+    Attributes:
+      values: ``(k,)`` Ritz values, descending (float64 where x64 is enabled).
+      vectors: ``(d, k)`` orthonormal Ritz vectors as columns (the dtype of ``A``; row-sharded on a mesh).
+      residuals: ``(k,)`` residual norms ``||A v_i - values_i v_i||`` (float64 where x64 is enabled).
+      iterations: ``()`` int32, number of block products with ``A`` in the subspace iteration.
+    """
+
+    values: jax.Array
+    vectors: jax.Array
+    residuals: jax.Array
+    iterations: jax.Array
+
+
+class _BlockOps(NamedTuple):
+    """Distributed primitives on row-sharded (d, b) blocks; small (b, b) matrices are replicated."""
+
+    rows: Callable  # (d, b) -> (d, b) laid out row-sharded
+    matmat: Callable  # Q (d, b) -> A Q (d, b)
+    inner: Callable  # X, Y (d, b), (d, c) -> X^T Y (b, c) in the compute dtype
+    rmul: Callable  # X (d, b), S (b, c) -> X S (d, c)
+    ritz: Callable  # Q, Y, S, theta -> (Q S, Y S, column sums of squares of (Y S - Q S diag(theta)))
+
+
+def _row_spec(axes) -> P:
+    return P(axes, None)
+
+
+def _explicit(mesh) -> bool:
+    types = set(mesh.axis_types)
+    if types - {AxisType.Explicit, AxisType.Auto} or len(types) > 1:
+        raise ValueError(f"eigh_topk needs a mesh whose axes are all Explicit or all Auto; got axis types "
+                         f"{mesh.axis_types}. Build it with jax.make_mesh(shape, names, axis_types=...).")
+    return types == {AxisType.Explicit}
+
+
+def _make_ops(operator, mesh, work, comp) -> _BlockOps:
+    dense = not callable(operator)
+
+    def local_inner(x, y):
+        return jnp.matmul(x.astype(comp).T, y.astype(comp))
+
+    def local_rmul(x, s):
+        return jnp.matmul(x.astype(comp), s).astype(work)
+
+    def local_ritz(q, y, s, theta):
+        v, av = jnp.matmul(q.astype(comp), s), jnp.matmul(y.astype(comp), s)
+        r = av - v * theta[None, :]
+        return v.astype(work), av.astype(work), jnp.sum(r * r, axis=0)
+
+    if mesh is None:
+        matmat = (lambda q: jnp.matmul(operator, q)) if dense else operator
+        return _BlockOps(lambda x: x, matmat, local_inner, local_rmul, local_ritz)
+
+    axes = tuple(mesh.axis_names)
+    rows_spec = _row_spec(axes)
+    sharding = NamedSharding(mesh, rows_spec)
+    if _explicit(mesh):
+        rows = lambda x: jax.reshard(x, sharding)  # noqa: E731
+    else:
+        rows = lambda x: jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
+
+    def smap(f, in_specs, out_specs):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+    inner = smap(lambda x, y: jax.lax.psum(local_inner(x, y), axes), (rows_spec, rows_spec), P())
+    rmul = smap(local_rmul, (rows_spec, P()), rows_spec)
+
+    def sharded_ritz(q, y, s, theta):
+        v, av, sq = local_ritz(q, y, s, theta)
+        return v, av, jax.lax.psum(sq, axes)
+
+    ritz = smap(sharded_ritz, (rows_spec, rows_spec, P(), P()), (rows_spec, rows_spec, P()))
+    if dense:
+        # Each device multiplies its row block of A by the gathered (d, b) block: the only all-gather is of Q.
+        row_matmat = smap(lambda a, q: jnp.matmul(a, jax.lax.all_gather(q, axes, axis=0, tiled=True)),
+                          (rows_spec, rows_spec), rows_spec)
+        matmat = lambda q: row_matmat(operator, q)  # noqa: E731
+    else:
+        matmat = lambda q: rows(operator(q))  # noqa: E731
+    return _BlockOps(rows, matmat, inner, rmul, ritz)
+
+
+def _upper_inverse(g, shift):
+    """Inverse of the upper Cholesky factor R of ``g + shift I`` (R^T R = g + shift I); NaN if not positive."""
+    b = g.shape[0]
+    eye = jnp.eye(b, dtype=g.dtype)
+    lower = jnp.linalg.cholesky(g + shift * eye, symmetrize_input=True)
+    return jax.lax.linalg.triangular_solve(lower, eye, left_side=False, lower=True, transpose_a=True)
+
+
+def _orthonormalize(ops: _BlockOps, y, key, comp):
+    """Orthonormal basis of the columns of ``y`` (d, b): shifted CholeskyQR, then CholeskyQR2.
+
+    After scaling the columns to unit norm, a first Cholesky QR of ``Y^T Y + s I`` (shift ``s = 100 b^2 eps``)
+    always succeeds and leaves a block of condition number <= 10 unless ``Y`` is numerically rank-deficient; then two plain Cholesky QR passes give
+    orthonormality to machine precision (Fukaya et al. 2020, shifted CholeskyQR3). If ``Y`` is rank-deficient
+    (e.g. rank A < b), the null directions are replaced by fresh random directions orthogonal to the rest.
+    """
+    b = y.shape[1]
+    eps, tiny = jnp.finfo(comp).eps, jnp.finfo(comp).tiny
+    g = ops.inner(y, y)
+    # Equilibrate the columns first: y = A V has columns ~ lambda_i v_i, ill-conditioned only through their norms.
+    norms = jnp.sqrt(jnp.diagonal(g))
+    col_scale = jnp.where(norms > tiny, 1.0 / jnp.where(norms > tiny, norms, 1.0), 0.0)
+    g = g * col_scale[:, None] * col_scale[None, :]
+    shift = 100.0 * b * eps * jnp.trace(g) + tiny
+    q1 = ops.rmul(y, col_scale[:, None] * _upper_inverse(g, shift))
+    g1 = ops.inner(q1, q1)
+    w, u = jnp.linalg.eigh(g1, symmetrize_input=True)
+    full_rank = jnp.all(jnp.isfinite(w)) & (w[0] > 1e-2 * w[-1])
+
+    def cholqr2(q1, g1, key):
+        del key
+        q2 = ops.rmul(q1, _upper_inverse(g1, 0.0))
+        return ops.rmul(q2, _upper_inverse(ops.inner(q2, q2), 0.0))
+
+    def complete(q1, g1, key):
+        del g1
+        keep = jnp.isfinite(w) & (w > 1e-2 * w[-1])
+        scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, w, 1.0)), 0.0)
+        kept = ops.rmul(q1, u * scale[None, :])  # whitened kept directions, zero columns elsewhere
+        d = y.shape[0]
+        fresh = ops.rows(jax.random.normal(key, y.shape, comp) / np.sqrt(d)).astype(y.dtype)
+        fresh = fresh - ops.rmul(kept, ops.inner(kept, fresh))
+        z = kept + fresh * jnp.where(keep, 0.0, 1.0).astype(y.dtype)[None, :]
+        z = ops.rmul(z, _upper_inverse(ops.inner(z, z), 0.0))
+        return ops.rmul(z, _upper_inverse(ops.inner(z, z), 0.0))
+
+    return jax.lax.cond(full_rank, cholqr2, complete, q1, g1, key)
+
+
+def _rayleigh_ritz(ops: _BlockOps, q, y, k: int):
+    """Ritz pairs of A on span(q) given y = A q, ordered: the k of largest |theta| first (descending), then the rest."""
+    t = ops.inner(q, y)
+    theta, s = jnp.linalg.eigh(0.5 * (t + t.T), symmetrize_input=False)
+    by_magnitude = jnp.argsort(-jnp.abs(theta), stable=True)
+    top, rest = by_magnitude[:k], by_magnitude[k:]
+    top = top[jnp.argsort(-theta[top], stable=True)]
+    order = jnp.concatenate([top, rest])
+    theta, s = theta[order], s[:, order]
+    v, av, sq = ops.ritz(q, y, s, theta)
+    return theta, v, av, jnp.sqrt(sq)
+
+
+def _operator_info(a_or_matvec, dim, dtype, name):
+    """Validates a matrix or block matvec; returns (operator, d, work dtype, mesh inferred from an Explicit type)."""
+    if callable(a_or_matvec):
+        if dim is None:
+            raise ValueError(f"{name} got a matvec callable, so it cannot infer the dimension: pass dim=d (the "
+                             "matvec maps a (d, b) block to a (d, b) block).")
+        d = int(dim)
+        work = jnp.dtype(dtype) if dtype is not None else _compute_dtype(jnp.float32)
+        return a_or_matvec, d, work
+    _check_real(a_or_matvec, f"{name} input")
+    a = jnp.asarray(a_or_matvec)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"{name} needs a square (d, d) matrix or a matvec callable; got shape {a.shape}.")
+    if dim is not None and int(dim) != a.shape[0]:
+        raise ValueError(f"{name} got dim={dim} but the matrix has shape {a.shape}; drop dim or make them agree.")
+    work = jnp.dtype(dtype) if dtype is not None else (
+        a.dtype if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize >= 4 else _compute_dtype(a.dtype))
+    return a.astype(work), a.shape[0], work
+
+
+def _explicit_mesh_of(a):
+    """The mesh of an array whose type is sharded over Explicit mesh axes (None otherwise)."""
+    if callable(a):
+        return None
+    try:
+        sharding = jax.typeof(a).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return None
+    return mesh if any(s is not None for s in sharding.spec) else None
+
+
+def _check_operator(ops: _BlockOps, d, b, work, key, symmetry_rtol, name, matvec):
+    """Shape check (always, via eval_shape) and, outside jit, a random-probe check for NaN/inf and asymmetry."""
+    if matvec is not None:
+        out = jax.eval_shape(matvec, jax.ShapeDtypeStruct((d, b), work))
+        if getattr(out, "shape", None) != (d, b):
+            raise ValueError(f"{name}: the matvec must map a (d, b) = {(d, b)} block to a {(d, b)} block; it "
+                             f"returned {getattr(out, 'shape', type(out).__name__)}. Apply A column-wise to the block "
+                             "(e.g. A @ X, or J^T (J X) for an implicit Gram).")
+    x = ops.rows(jax.random.normal(jax.random.fold_in(key, 7), (d, b), work))
+    s = ops.inner(x, ops.matmat(x))
+    if not _is_concrete(s):
+        return
+    s = np.asarray(s)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{name}: applying A to a random block gave NaN or inf; the matrix (or matvec) has "
+                         "non-finite entries.")
+    scale = np.max(np.abs(s))
+    asym = np.max(np.abs(s - s.T))
+    if asym > symmetry_rtol * scale:
+        raise ValueError(f"{name}: the operator is not symmetric: for random X, max|X^T A X - (X^T A X)^T| / "
+                         f"max|X^T A X| = {asym / scale:.3g} > symmetry_rtol = {symmetry_rtol:.3g}. Pass a symmetric "
+                         "matrix (e.g. (A + A.T) / 2) or raise symmetry_rtol.")
+
+
+def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int, *, key: jax.Array,
+              dim: int | None = None, num_iters: int = 200, tol: float | None = None, oversample: int = 10,
+              mesh: Mesh | None = None, dtype=None, symmetry_rtol: float | None = None,
+              check: bool = True) -> EigResult:
+    """Leading eigenpairs of a symmetric operator by block subspace iteration with Rayleigh-Ritz (DESIGN.md s.4).
+
+    Iterates ``Q <- orth(A Q)`` on a ``(d, b)`` block, ``b = k + oversample``, with CholeskyQR2 orthonormalisation
+    (a shifted first pass, and random completion of rank-deficient blocks), solves the small ``(b, b)`` projected
+    problem in float64 where x64 is enabled, and stops when every one of the ``k`` residuals satisfies
+    ``||A v - theta v|| <= tol * max|theta|`` or after ``num_iters`` products. The eigenvalues found are the ``k``
+    of largest magnitude (the largest ones for a positive semi-definite Gram), returned in descending order.
+    Convergence of pair ``i`` goes like ``(|lambda_{b+1}| / |lambda_i|)^iterations``: raise ``oversample`` for slowly
+    decaying spectra.
+
+    On a mesh the block and the rows of a dense ``A`` are sharded over all mesh axes; every device multiplies its
+    ``(d / n, d)`` row block by the gathered ``(d, b)`` block, and only ``(b, b)`` matrices are all-reduced: ``A``
+    is never gathered (peak memory about ``d^2 / n`` per device). A matvec gets and must return a row-sharded
+    global ``(d, b)`` block. An input whose type is sharded over Explicit mesh axes selects its mesh itself.
+
+    Args:
+      a_or_matvec: symmetric ``(d, d)`` matrix (optionally row-sharded), or a function mapping a ``(d, b)`` block
+        ``X`` to ``A X`` (e.g. ``lambda x: J.T @ (J @ x)`` for an implicit Gram).
+      k: number of eigenpairs, ``1 <= k < d``.
+      key: PRNG key for the random start block.
+      dim: ``d``, required with a matvec.
+      num_iters: maximum number of block products with ``A``.
+      tol: relative residual tolerance; default ``1e-6`` in float64, ``1e-4`` in float32 (the working dtype).
+      oversample: extra block columns ``p`` (capped so that ``k + p <= d``).
+      mesh: optional ``jax.sharding.Mesh`` (all axes Explicit or all Auto); ``d`` must be divisible by its size.
+      dtype: working dtype of the ``(d, b)`` blocks; default the matrix dtype (for a matvec: float64 where x64 is
+        enabled, else float32).
+      symmetry_rtol: tolerance of the symmetry probe, default ``10 sqrt(eps)`` of the working dtype.
+      check: run the value checks (NaN/inf, symmetry; one extra block product) when called outside ``jax.jit``.
+
+    Returns:
+      ``EigResult(values (k,), vectors (d, k), residuals (k,), iterations ())``.
+
+    Raises:
+      ValueError: on a non-square or complex matrix, ``k`` out of range, a matvec without ``dim`` or returning the
+        wrong shape, ``d`` not divisible by the mesh size, and (outside jit) non-finite or non-symmetric input.
+    """
+    matvec = a_or_matvec if callable(a_or_matvec) else None
+    operator, d, work = _operator_info(a_or_matvec, dim, dtype, "eigh_topk")
+    comp = _compute_dtype(work)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k < d:
+        raise ValueError(f"eigh_topk needs an integer k with 1 <= k < d = {d}; got k={k!r}. For the full spectrum "
+                         "use eigh.")
+    if int(num_iters) < 1 or int(oversample) < 0:
+        raise ValueError(f"eigh_topk needs num_iters >= 1 and oversample >= 0; got {num_iters}, {oversample}.")
+    tol = (1e-6 if work == jnp.float64 else 1e-4) if tol is None else float(tol)
+    if not tol > 0:
+        raise ValueError(f"eigh_topk needs tol > 0; got {tol}.")
+    if mesh is None:
+        mesh = _explicit_mesh_of(operator)
+    if mesh is not None and d % mesh.size:
+        raise ValueError(f"eigh_topk shards the {d} rows over {mesh.size} devices of the mesh, so d must be "
+                         f"divisible by {mesh.size}; pad the operator with zero rows/columns or change the mesh.")
+    b = min(k + int(oversample), d)
+    ops = _make_ops(operator, mesh, work, comp)
+    if mesh is not None and matvec is None:
+        operator = ops.rows(operator)
+        ops = _make_ops(operator, mesh, work, comp)
+    key_start, key_loop = jax.random.split(key)
+    if check:
+        _check_operator(ops, d, b, work, key, _default_symmetry_rtol(work) if symmetry_rtol is None
+                        else symmetry_rtol, "eigh_topk", matvec)
+
+    def body(state):
+        it, key, _, _, av, _ = state
+        key, sub = jax.random.split(key)
+        q = _orthonormalize(ops, av, sub, comp)
+        theta, v, av, res = _rayleigh_ritz(ops, q, ops.matmat(q), k)
+        return it + 1, key, theta, v, av, res
+
+    def not_converged(state):
+        it, _, theta, _, _, res = state
+        return (it < num_iters) & ~jnp.all(res[:k] <= tol * jnp.max(jnp.abs(theta)))
+
+    start = ops.rows(jax.random.normal(key_start, (d, b), work))
+    q = _orthonormalize(ops, start, jax.random.fold_in(key_start, 1), comp)
+    theta, v, av, res = _rayleigh_ritz(ops, q, ops.matmat(q), k)
+    state = (jnp.asarray(1, jnp.int32), key_loop, theta, v, av, res)
+    it, _, theta, v, _, res = jax.lax.while_loop(not_converged, body, state)
+    return EigResult(theta[:k], v[:, :k], res[:k], it)

@@ -1,0 +1,691 @@
+"""Streamed activation and Jacobian Gram matrices (DESIGN.md section 2).
+
+Two layers of API:
+
+- `gram_accumulator`: an optax-like NamedTuple of pure ``(init, update, finalize)`` functions over a `GramState`,
+  for users who fold the activation Gram into their own ``lax.scan`` or sharded training step.
+- Streaming drivers `activation_stats` / `activation_grams` and `jacobian_gram` / `jacobian_grams`: they run a
+  model (`Sections`) over an iterable of batches, accumulate in O(d^2) memory, validate every batch (feature
+  sizes, dtypes, finiteness) and optionally split each batch over the devices of a mesh (``jax.shard_map`` +
+  ``psum``).
+
+Precision: sums are kept in float64 when x64 is enabled, else float32 with Neumaier-compensated summation across
+batches and pairwise summation within a batch; activation sums are taken about a shift (the first batch's mean)
+so that centring does not cancel catastrophically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from degenjax._src.sections import Sections, as_sections, forward, section_shapes
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
+_JACOBIAN_CHUNK_ELEMENTS = 1 << 23
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summation helpers
+
+
+def _neumaier_add(total, comp, x):
+    """Neumaier (improved Kahan) step: ``total + comp`` tracks the exact running sum of the added ``x``."""
+    t = total + x
+    err = jnp.where(jnp.abs(total) >= jnp.abs(x), (total - t) + x, (x - t) + total)
+    return t, comp + err
+
+
+def _pairwise_sum(x):
+    """Sums over the leading axis by a balanced binary tree (error O(log m) instead of O(m) roundings)."""
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            x = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
+        half = x.shape[0] // 2
+        x = x[:half] + x[half:]
+    return x[0]
+
+
+def _resolve_accum_dtype(accum_dtype) -> np.dtype:
+    x64 = bool(jax.config.jax_enable_x64)
+    if accum_dtype is None:
+        return np.dtype(np.float64 if x64 else np.float32)
+    dt = np.dtype(accum_dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"accum_dtype must be float32 or float64, got {dt}.")
+    if dt == np.dtype(np.float64) and not x64:
+        raise ValueError("accum_dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) first, "
+                         "or leave accum_dtype=None (float32 with compensated summation).")
+    return dt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accumulator (optax-like)
+
+
+class GramSums(NamedTuple):
+    """Running sums about ``shift``.
+
+    Attributes:
+      count: ``()``, number of samples (data points x positions).
+      first: ``(d,)``, sum of ``h - shift``.
+      second: ``(d, d)``, sum of ``(h - shift)(h - shift)^T``.
+    """
+
+    count: jax.Array
+    first: jax.Array
+    second: jax.Array
+
+
+class GramState(NamedTuple):
+    """State of `gram_accumulator`: arrays only, so it passes through ``jit``, ``scan`` and ``shard_map``.
+
+    Attributes:
+      shift: ``(d,)``, the mean of the first non-empty batch (set by the first ``update``); sums are taken about it.
+      sums: `GramSums`.
+      compensation: `GramSums` of Neumaier running errors; ``sums + compensation`` is the accurate total.
+    """
+
+    shift: jax.Array
+    sums: GramSums
+    compensation: GramSums
+
+
+class GramStats(NamedTuple):
+    """Result of ``finalize``.
+
+    Attributes:
+      gram: ``(d + 1, d + 1)``, the Gram matrix with the constant coordinate last (DESIGN.md section 2).
+      mean: ``(d,)``, the mean activation mu.
+      count: ``()``, number of samples it was computed from.
+    """
+
+    gram: jax.Array
+    mean: jax.Array
+    count: jax.Array
+
+
+class GramAccumulator(NamedTuple):
+    """Pure functions ``init(example) -> GramState``, ``update(state, h, *, axis_name=None) -> GramState``,
+    ``finalize(state) -> GramStats``."""
+
+    init: Callable[..., GramState]
+    update: Callable[..., GramState]
+    finalize: Callable[[GramState], GramStats]
+
+
+def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int = 1024) -> GramAccumulator:
+    """Streamed activation Gram ``G = E[(h~ - mu~)(h~ - mu~)^T]`` with ``h~ = (h, 1)`` (DESIGN.md section 2).
+
+    ``update`` flattens all axes but the last (data points and positions count as samples), so it accepts a node
+    layer of shape ``(batch, d)`` or ``(batch, positions, d)``. Under ``jax.shard_map`` pass ``axis_name`` (the
+    mesh axes the batch is split over): the batch's sums are ``psum``-ed, so every device holds the same state.
+
+    Example::
+
+      acc = gram_accumulator()
+      state = acc.init(d)
+      state, _ = jax.lax.scan(lambda s, h: (acc.update(s, h), None), state, hs)   # hs: (steps, batch, d)
+      G, mu, n = acc.finalize(state)
+
+    Args:
+      center: if True ``mu~ = (mu, 0)`` and ``G = blockdiag(Cov, 1)``; if False ``mu~ = 0`` (raw second moment).
+      accum_dtype: float64 or float32; default float64 when x64 is enabled, else float32 (compensated).
+      chunk_size: rows per block of the pairwise summation within a batch (float32 only).
+
+    Returns:
+      A `GramAccumulator`.
+    """
+    acc = _resolve_accum_dtype(accum_dtype)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    chunk_size = int(chunk_size)
+
+    def init(example) -> GramState:
+        """``example``: the feature size ``d`` (int) or an array / ShapeDtypeStruct whose last axis is ``d``."""
+        if isinstance(example, (int, np.integer)):
+            d = int(example)
+        else:
+            shape = tuple(jnp.shape(example)) if not hasattr(example, "shape") else tuple(example.shape)
+            if not shape:
+                raise ValueError("gram_accumulator.init needs an int d or an array with a feature (last) axis; "
+                                 "got a scalar.")
+            d = shape[-1]
+        if d < 1:
+            raise ValueError(f"feature size must be positive, got {d}.")
+        zeros = GramSums(jnp.zeros((), acc), jnp.zeros((d,), acc), jnp.zeros((d, d), acc))
+        return GramState(jnp.zeros((d,), acc), zeros, zeros)
+
+    def update(state: GramState, h, *, axis_name=None) -> GramState:
+        """Adds a batch ``h`` of shape ``(..., d)``; ``axis_name``: mesh axes to ``psum`` over (shard_map only)."""
+        h = jnp.asarray(h)
+        d = state.shift.shape[0]
+        if h.ndim < 1 or h.shape[-1] != d:
+            raise ValueError(f"gram_accumulator.update: activation has shape {h.shape} but the state was "
+                             f"initialised for feature size {d}; the feature axis must be last.")
+        x = jnp.reshape(h, (-1, d)).astype(acc)
+        n = x.shape[0]
+        if n == 0:
+            return state
+        psum = (lambda v: jax.lax.psum(v, axis_name)) if axis_name is not None else (lambda v: v)
+        count = psum(jnp.asarray(n, acc))
+        seen = state.sums.count + state.compensation.count
+        # Sums are taken about a shift (the first batch's mean): exact algebraically, and it keeps the centred
+        # covariance free of the cancellation of E[hh^T] - mu mu^T.
+        batch_mean = psum(jnp.sum(x, axis=0)) / count
+        shift = jnp.where(seen == 0, batch_mean, state.shift)
+        xc = x - shift[None, :]
+        if acc == np.dtype(np.float32) and n > chunk_size:
+            m = -(-n // chunk_size)
+            xc = jnp.pad(xc, ((0, m * chunk_size - n), (0, 0)))  # zero rows add nothing
+            blocks = jnp.reshape(xc, (m, chunk_size, d))
+            first = _pairwise_sum(jnp.sum(blocks, axis=1))
+            second = _pairwise_sum(jnp.einsum("mci,mcj->mij", blocks, blocks, precision=_HIGHEST))
+        else:
+            first = jnp.sum(xc, axis=0)
+            second = jnp.matmul(xc.T, xc, precision=_HIGHEST)
+        inc = GramSums(count, psum(first), psum(second))
+        pairs = [_neumaier_add(s, c, v) for s, c, v in zip(state.sums, state.compensation, inc)]
+        return GramState(shift, GramSums(*(p[0] for p in pairs)), GramSums(*(p[1] for p in pairs)))
+
+    def finalize(state: GramState) -> GramStats:
+        s = jax.tree.map(jnp.add, state.sums, state.compensation)
+        n = s.count
+        m = s.first / n
+        mean = state.shift + m
+        cov = s.second / n - jnp.outer(m, m)
+        cov = 0.5 * (cov + cov.T)
+        d = mean.shape[0]
+        one = jnp.ones((1, 1), acc)
+        if center:
+            zero = jnp.zeros((d, 1), acc)
+            gram = jnp.block([[cov, zero], [zero.T, one]])
+        else:
+            col = mean[:, None]
+            gram = jnp.block([[cov + jnp.outer(mean, mean), col], [col.T, one]])
+        return GramStats(gram, mean, n)
+
+    return GramAccumulator(init, update, finalize)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch handling shared by the drivers
+
+
+def _batch_iterable(batches, fn: str):
+    if isinstance(batches, (jax.Array, np.ndarray, Mapping)):
+        return [batches]
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise ValueError(f"{fn}: `batches` must be an array (one batch), a dict pytree (one batch) or an iterable "
+                         f"of batches; got {type(batches).__name__}.")
+    return batches
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
+
+
+class _BatchChecker:
+    """Validates batches as they stream: dtypes, feature sizes, and (lagged by one batch) finiteness."""
+
+    def __init__(self, model: Sections, params, fn: str, layers: Sequence[int]):
+        self.model, self.params, self.fn, self.layers = model, params, fn, tuple(layers)
+        self.dtypes = None
+        self.trailing = None
+        self.shapes = None
+        self.pending = None
+
+    def check(self, i: int, batch):
+        leaves, treedef = jax.tree.flatten(batch)
+        if not leaves:
+            raise ValueError(f"{self.fn}: batch {i} has no arrays.")
+        for a in leaves:
+            if jnp.ndim(a) < 1:
+                raise ValueError(f"{self.fn}: batch {i} has a scalar leaf; every input needs a leading batch axis.")
+        dtypes = (treedef, tuple(jnp.result_type(a) for a in leaves))
+        trailing = tuple(tuple(jnp.shape(a)[1:]) for a in leaves)
+        if self.dtypes is None:
+            self.dtypes = dtypes
+        elif dtypes != self.dtypes:
+            raise ValueError(f"{self.fn}: batch {i} has dtypes {list(dtypes[1])} but batch 0 had "
+                             f"{list(self.dtypes[1])} (or a different structure); cast all batches to one dtype, "
+                             "e.g. `x.astype(jnp.float32)`.")
+        if trailing != self.trailing:
+            shapes = section_shapes(self.model, self.params, batch)  # ValueError naming the section on a mismatch
+            for l in self.layers:
+                if not isinstance(shapes[l], jax.ShapeDtypeStruct) or len(shapes[l].shape) < 2:
+                    got = jax.tree.map(lambda s: tuple(s.shape), shapes[l])
+                    raise ValueError(f"{self.fn}: node layer {l} ({self.model.layer_name(l)}) has shape {got}; it "
+                                     "must be one array of shape (batch, [positions...,] features).")
+            if self.shapes is not None:
+                for l in self.layers:
+                    if shapes[l].shape[-1] != self.shapes[l].shape[-1]:
+                        raise ValueError(
+                            f"{self.fn}: batch {i} gives node layer {l} ({self.model.layer_name(l)}) "
+                            f"{shapes[l].shape[-1]} features, but batch 0 gave {self.shapes[l].shape[-1]}; all "
+                            "batches must have the same feature (trailing) shape.")
+            self.shapes = shapes
+            self.trailing = trailing
+        return self.shapes
+
+    def finite(self, i: int, flags, what: str):
+        """Registers batch ``i``'s finiteness flags; raises for the previous batch (one host sync per batch)."""
+        self.flush()
+        if not _is_traced(flags):
+            self.pending = (i, flags, what)
+
+    def flush(self):
+        if self.pending is None:
+            return
+        i, flags, what = self.pending
+        self.pending = None
+        ok = np.asarray(flags)
+        for row, l in enumerate(self.layers):
+            if not ok[row, 0]:
+                raise ValueError(
+                    f"{self.fn}: node layer {l} ({self.model.layer_name(l)}) has non-finite values (NaN or Inf) in "
+                    f"batch {i} (0-based); check that batch's inputs and the model parameters (diverged training, "
+                    "overflow in low precision), or drop the batch.")
+            if ok.shape[1] > 1 and not ok[row, 1]:
+                raise ValueError(
+                    f"{self.fn}: the {what} for node layer {l} ({self.model.layer_name(l)}) is non-finite in batch "
+                    f"{i} (0-based) although the activations are finite; the sections overflow downstream of that "
+                    "layer: check the parameters or compute in float64.")
+
+
+def _batch_axes(mesh, batch_axis):
+    if mesh is None:
+        if batch_axis is not None:
+            raise ValueError("batch_axis is only used with mesh=; pass a mesh too.")
+        return None
+    names = tuple(mesh.axis_names)
+    axes = names if batch_axis is None else ((batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis))
+    for a in axes:
+        if a not in names:
+            raise ValueError(f"batch_axis {a!r} is not an axis of the mesh {names}.")
+    return axes
+
+
+def _check_divisible(fn, i, batch, mesh, axes):
+    size = math.prod(mesh.shape[a] for a in axes)
+    b = jnp.shape(jax.tree.leaves(batch)[0])[0]
+    if b % size:
+        raise ValueError(f"{fn}: batch {i} has {b} data points, not divisible by the {size} devices of mesh axes "
+                         f"{axes}; use a batch size that is a multiple of {size} (pad, or drop the remainder).")
+
+
+def _finite_flag(a, axes):
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(a)))
+    if axes is not None:
+        return jax.lax.psum(bad.astype(jnp.int32), axes) == 0
+    return jnp.logical_not(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation Grams
+
+
+class ActivationStats(NamedTuple):
+    """Per node layer: ``grams[l]`` ``(d_l + 1, d_l + 1)`` (constant coordinate last), ``means[l]`` ``(d_l,)``,
+    ``counts[l]`` ``()`` (data points x positions)."""
+
+    grams: tuple[jax.Array, ...]
+    means: tuple[jax.Array, ...]
+    counts: tuple[jax.Array, ...]
+
+
+def _activation_step(states, params, x, *, model, accum_dtype, chunk_size, mesh, axes):
+    acc = gram_accumulator(accum_dtype=accum_dtype, chunk_size=chunk_size)  # `center` only matters in finalize
+
+    def local(states, params, x):
+        _, acts = forward(model, params, x)
+        new = [acc.update(s, a, axis_name=axes) for s, a in zip(states, acts)]
+        flags = jnp.stack([_finite_flag(a, axes) for a in acts])[:, None]
+        return new, flags
+
+    if mesh is None:
+        return local(states, params, x)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes)), out_specs=(P(), P()))(states, params, x)
+
+
+def _finalize_all(states, *, center, accum_dtype):
+    acc = gram_accumulator(center=center, accum_dtype=accum_dtype)
+    return [acc.finalize(s) for s in states]
+
+
+_finalize_all_jit = jax.jit(_finalize_all, static_argnames=("center", "accum_dtype"))
+
+
+def _zero_state(d: int, dtype) -> GramState:
+    # NumPy zeros: no device computation (and no compilation) just to initialise.
+    zeros = GramSums(np.zeros((), dtype), np.zeros((d,), dtype), np.zeros((d, d), dtype))
+    return GramState(np.zeros((d,), dtype), zeros, zeros)
+
+
+_activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accum_dtype", "chunk_size", "mesh",
+                                                                  "axes"))
+
+
+def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 1024,
+                     mesh=None, batch_axis=None, jit: bool = True) -> ActivationStats:
+    """Streams the activation Grams and means of every node layer over ``batches`` (DESIGN.md section 2).
+
+    Memory is O(sum_l d_l^2) whatever the number of batches. Each batch is checked: dtypes equal to the first
+    batch's, feature sizes accepted by the model, activations finite (checked one batch late, so the host does
+    not stall the device).
+
+    Args:
+      model: `Sections` or a list of functions ``f_l(params, h)``.
+      params: parameters passed to every section.
+      batches: an iterable of input batches (arrays or pytrees with a leading batch axis); a single array or dict
+        is one batch.
+      center: see `gram_accumulator`.
+      accum_dtype: see `gram_accumulator`.
+      chunk_size: rows per pairwise-summation block (float32).
+      mesh: optional ``jax.sharding.Mesh``; each batch is split over ``batch_axis`` with ``jax.shard_map`` and the
+        per-device sums are ``psum``-ed. The batch size must be a multiple of the number of devices on those axes.
+      batch_axis: mesh axis name(s) the batch is split over; default all axes of ``mesh``.
+      jit: compile the per-batch step (once per model and batch shape); False runs it op by op.
+
+    Returns:
+      `ActivationStats` with per node layer ``gram`` ``(d_l + 1, d_l + 1)``, ``mean`` ``(d_l,)`` and ``count``.
+
+    Raises:
+      ValueError: empty ``batches``, a batch the model rejects (feature size), mixed dtypes, non-finite
+        activations (naming the layer and batch), a batch size not divisible by the mesh.
+    """
+    fn = "activation_grams"
+    model = as_sections(model)
+    acc_dt = _resolve_accum_dtype(accum_dtype)
+    if int(chunk_size) < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive integer, got {chunk_size}.")
+    axes = _batch_axes(mesh, batch_axis)
+    layers = tuple(range(len(model)))
+    checker = _BatchChecker(model, params, fn, layers)
+    step = _activation_step_jit if jit else _activation_step
+    states = None
+    for i, batch in enumerate(_batch_iterable(batches, fn)):
+        shapes = checker.check(i, batch)
+        if states is None:
+            states = [_zero_state(shapes[l].shape[-1], acc_dt) for l in layers]
+        if mesh is not None:
+            _check_divisible(fn, i, batch, mesh, axes)
+        states, flags = step(states, params, batch, model=model, accum_dtype=acc_dt,
+                             chunk_size=int(chunk_size), mesh=mesh, axes=axes)
+        checker.finite(i, flags, "activation")
+    checker.flush()
+    if states is None:
+        raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
+                         "generator of arrays). A generator can only be consumed once.")
+    out = (_finalize_all_jit if jit else _finalize_all)(states, center=center, accum_dtype=acc_dt)
+    return ActivationStats(tuple(o.gram for o in out), tuple(o.mean for o in out), tuple(o.count for o in out))
+
+
+def activation_grams(model, params, batches, *, center: bool = True, **kwargs) -> list[jax.Array]:
+    """Activation Gram ``G^l`` of every node layer, shape ``(d_l + 1, d_l + 1)``, constant coordinate last.
+
+    ``G^l = E[(h~ - mu~)(h~ - mu~)^T]`` over data points and positions (DESIGN.md section 2). Keyword arguments
+    are those of `activation_stats`, which also returns the means.
+    """
+    return list(activation_stats(model, params, batches, center=center, **kwargs).grams)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jacobian Grams
+
+
+def _basis_rows(B, d: int, what: str):
+    """The derivative part (first ``d`` rows) of a basis matrix of shape ``(d, k)`` or ``(d + 1, k)``."""
+    if B is None:
+        return None
+    B = jnp.asarray(B)
+    if B.ndim != 2 or B.shape[0] not in (d, d + 1):
+        raise ValueError(f"{what} has shape {B.shape}; expected (d, k) or (d + 1, k) with d = {d} (the feature "
+                         "size of the layer it maps; a d + 1st row is the constant coordinate and is ignored).")
+    return B[:d]
+
+
+def _per_example_rows(g, h, key, num_sources: int | None):
+    """Rows of the Jacobian of ``g`` at one example ``h`` as ``(directions, P_in, d)``.
+
+    Exact: all output coordinates (``vjp``) or all input coordinates (``jvp``, whichever side is smaller), so that
+    ``sum_{o,s} rows[o, s]^T rows[o, s] = sum_s J_{., s}^T J_{., s}``. With ``num_sources = R``: ``r^T J`` for R
+    random +-1 vectors r, scaled by ``R^{-1/2}``, an unbiased estimate of the same sum (DESIGN.md section 2).
+    """
+    d = h.shape[-1]
+    n_in = h.size
+    out = jax.eval_shape(g, h)
+    n_out = math.prod(out.shape)
+    if num_sources is not None:
+        y, pullback = jax.vjp(g, h)
+        r = jax.random.rademacher(key, (num_sources,) + y.shape, dtype=y.dtype)
+        rows = jax.vmap(pullback)(r)[0] / jnp.sqrt(jnp.asarray(num_sources, h.dtype))
+        return jnp.reshape(rows, (num_sources, -1, d))
+    if n_out <= n_in:
+        y, pullback = jax.vjp(g, h)
+        eye = jnp.reshape(jnp.eye(n_out, dtype=y.dtype), (n_out,) + y.shape)
+        return jnp.reshape(jax.vmap(pullback)(eye)[0], (n_out, -1, d))
+    _, push = jax.linearize(g, h)
+    eye = jnp.reshape(jnp.eye(n_in, dtype=h.dtype), (n_in,) + h.shape)
+    cols = jnp.reshape(jax.vmap(push)(eye), (n_in, n_out))
+    return jnp.reshape(cols.T, (n_out, -1, d))
+
+
+def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chunk_size, accum_dtype):
+    """``sum_x sum_s J_{., s}^T J_{., s}`` for node layer ``l`` over the batch ``h``, in chunks of examples."""
+    fns = model.fns[l:l + 1] if target == "next" else model.fns[l:]
+
+    def g(h_ex):
+        y = h_ex[None]
+        for f in fns:
+            y = f(params, y)
+        y = y[0]
+        if out_basis is not None:
+            y = jnp.matmul(y, out_basis.astype(y.dtype), precision=_HIGHEST)
+        return y
+
+    b, d = h.shape[0], h.shape[-1]
+    ex_shape = h.shape[1:]
+    n_in = math.prod(ex_shape)
+    if chunk_size is None:
+        n_out = math.prod(jax.eval_shape(g, jax.ShapeDtypeStruct(ex_shape, h.dtype)).shape)
+        dirs = num_sources if num_sources is not None else min(n_out, n_in)
+        chunk_size = max(1, _JACOBIAN_CHUNK_ELEMENTS // max(1, dirs * n_in))
+    c = max(1, min(int(chunk_size), b))
+    m = -(-b // c)
+    pad = m * c - b
+    mask = jnp.concatenate([jnp.ones((b,), accum_dtype), jnp.zeros((pad,), accum_dtype)])
+    # Padding repeats the first example (finite wherever the data are), and is masked out of the sum.
+    hp = jnp.concatenate([h, jnp.broadcast_to(h[:1], (pad,) + ex_shape)], axis=0) if pad else h
+    xs = (jnp.reshape(hp, (m, c) + ex_shape), jnp.reshape(mask, (m, c)))
+    if keys is not None:
+        kp = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (pad,) + keys.shape[1:])], axis=0) if pad else keys
+        xs = xs + (jnp.reshape(kp, (m, c) + keys.shape[1:]),)
+
+    def body(carry, chunk):
+        hc, mc = chunk[0], chunk[1]
+        kc = chunk[2] if keys is not None else None
+        if kc is None:
+            rows = jax.vmap(lambda e: _per_example_rows(g, e, None, None))(hc)
+        else:
+            rows = jax.vmap(lambda e, k: _per_example_rows(g, e, k, num_sources))(hc, kc)
+        rows = rows.astype(accum_dtype)
+        inc = jnp.einsum("c,cosj,cosk->jk", mc, rows, rows, precision=_HIGHEST)
+        return _neumaier_add(carry[0], carry[1], inc), None
+
+    zero = jnp.zeros((d, d), accum_dtype)
+    (total, comp), _ = jax.lax.scan(body, (zero, zero), xs)
+    return total + comp
+
+
+def _jacobian_step(totals, params, x, bases, keys, *, model, layers, target, num_sources, chunk_size, accum_dtype,
+                   mesh, axes):
+    def local(totals, params, x, bases, keys):
+        _, acts = forward(model, params, x)
+        new, flags = [], []
+        for (t, c), l, B in zip(totals, layers, bases):
+            inc = _layer_jtj(model, params, l, acts[l], B, keys, target=target, num_sources=num_sources,
+                             chunk_size=chunk_size, accum_dtype=accum_dtype)
+            if axes is not None:
+                inc = jax.lax.psum(inc, axes)
+            new.append(_neumaier_add(t, c, inc))
+            flags.append(jnp.stack([_finite_flag(acts[l], axes), jnp.all(jnp.isfinite(inc))]))
+        return new, jnp.stack(flags)
+
+    if mesh is None:
+        return local(totals, params, x, bases, keys)
+    key_spec = P() if keys is None else P(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes), P(), key_spec),
+                         out_specs=(P(), P()))(totals, params, x, bases, keys)
+
+
+_jacobian_step_jit = jax.jit(_jacobian_step, static_argnames=("model", "layers", "target", "num_sources",
+                                                              "chunk_size", "accum_dtype", "mesh", "axes"))
+
+
+def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_sources, key, chunk_size,
+                     accum_dtype, mesh, batch_axis, jit, fn):
+    if target not in ("next", "output"):
+        raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
+    if num_sources is not None:
+        if isinstance(num_sources, bool) or not isinstance(num_sources, (int, np.integer)) or num_sources < 1:
+            raise ValueError(f"{fn}: num_sources must be a positive int (random +-1 vectors per data point) or "
+                             f"None for the exact Gram; got {num_sources!r}.")
+        if key is None:
+            raise ValueError(f"{fn}: num_sources={num_sources} draws random sources; pass key=jax.random.key(...).")
+        num_sources = int(num_sources)
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive integer or None (automatic), got {chunk_size}.")
+    acc_dt = _resolve_accum_dtype(accum_dtype)
+    axes = _batch_axes(mesh, batch_axis)
+    L = len(model)
+    for l in layers:
+        if not 0 <= l < L:
+            raise ValueError(f"{fn}: layer {l} is out of range; the model has node layers 0..{L - 1}.")
+    checker = _BatchChecker(model, params, fn, layers)
+    step = _jacobian_step_jit if jit else _jacobian_step
+    totals, counts, bases = None, None, None
+    what = "Jacobian Gram"
+    for i, batch in enumerate(_batch_iterable(batches, fn)):
+        shapes = checker.check(i, batch)
+        if totals is None:
+            bases = []
+            for l, B in zip(layers, out_bases):
+                nxt = shapes[l + 1] if target == "next" else shapes[L]
+                if not isinstance(nxt, jax.ShapeDtypeStruct) or len(nxt.shape) < 2:
+                    raise ValueError(f"{fn}: the output of section {l if target == 'next' else L - 1} must be one "
+                                     "array of shape (batch, [positions...,] features).")
+                bases.append(_basis_rows(B, nxt.shape[-1], f"{fn}: the output basis for node layer {l}"))
+            bases = tuple(bases)
+            totals = [(np.zeros((shapes[l].shape[-1],) * 2, acc_dt),) * 2 for l in layers]
+            counts = [0] * len(layers)
+        if mesh is not None:
+            _check_divisible(fn, i, batch, mesh, axes)
+        keys = None
+        b = jnp.shape(jax.tree.leaves(batch)[0])[0]
+        if num_sources is not None:
+            keys = jax.random.split(jax.random.fold_in(key, i), b)
+        totals, flags = step(totals, params, batch, bases, keys, model=model, layers=tuple(layers), target=target,
+                             num_sources=num_sources, chunk_size=None if chunk_size is None else int(chunk_size),
+                             accum_dtype=acc_dt, mesh=mesh, axes=axes)
+        for j, l in enumerate(layers):
+            counts[j] += b * math.prod(shapes[l].shape[1:-1])
+        checker.finite(i, flags, what)
+    checker.flush()
+    if totals is None:
+        raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
+                         "generator of arrays). A generator can only be consumed once.")
+    return [(t + c) / jnp.asarray(n, acc_dt) for (t, c), n in zip(totals, counts)]
+
+
+def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target: str = "next",
+                  num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
+                  mesh=None, batch_axis=None, jit: bool = True) -> jax.Array:
+    """Jacobian Gram ``M^l`` of one node layer, shape ``(d_l, d_l)`` (no constant coordinate).
+
+    ``M^l_{jk} = (1 / (N P_l)) sum_x sum_{t,i} sum_s J_{(t,i),(s,j)} J_{(t,i),(s,k)}`` with ``J`` the Jacobian of
+    the target coordinates with respect to ``h_l`` for one data point (all its positions ``s``), ``P_l`` the
+    positions of node layer ``l`` (DESIGN.md section 2). Computed per example with ``vmap`` of ``vjp`` over output
+    coordinates, or of ``jvp`` over input coordinates when fewer, in chunks of ``chunk_size`` examples.
+
+    Args:
+      model: `Sections` or a list of functions ``f_l(params, h)``.
+      params: parameters passed to every section.
+      batches: an iterable of input batches (a single array or dict is one batch); must be re-iterable if you
+        call this once per layer (e.g. a list).
+      layer: the node layer ``l``.
+      out_basis: ``(d_t, k)`` or ``(d_t + 1, k)`` matrix (constant coordinate last, ignored): target coordinates
+        are ``h_t @ out_basis[:d_t]``; ``h_t`` is ``h_{l+1}`` for ``target="next"``, the network output for
+        ``"output"``. None is the identity.
+      target: ``"next"`` (local, LIB) or ``"output"`` (global).
+      num_sources: R for the unbiased estimate with R random +-1 vectors over the target coordinates per data
+        point; None for the exact Gram.
+      key: PRNG key, required with ``num_sources``.
+      chunk_size: examples per chunk; None picks it so one chunk's Jacobian block stays below 2^23 elements.
+      accum_dtype: float64 (default with x64) or float32 (compensated).
+      mesh, batch_axis: split each batch over mesh devices (``jax.shard_map`` + ``psum``), as in `activation_stats`.
+      jit: compile the per-batch step; False runs it op by op.
+
+    Returns:
+      ``M^l``, shape ``(d_l, d_l)``.
+
+    Raises:
+      ValueError: bad target, layer, basis shape or ``num_sources``; empty or inconsistent batches; non-finite
+        activations or Jacobians (naming the layer and batch).
+    """
+    model = as_sections(model)
+    return _jacobian_driver(model, params, batches, (int(layer),), (out_basis,), target=target,
+                            num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
+                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn="jacobian_gram")[0]
+
+
+def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", output_basis=None,
+                   num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
+                   mesh=None, batch_axis=None, jit: bool = True) -> list[jax.Array]:
+    """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` in one pass over ``batches``.
+
+    See `jacobian_gram` for the definition and the remaining arguments.
+
+    Args:
+      basis: for ``target="next"``: None (identity: raw ``h_{l+1}``), a sequence of L matrices (``basis[l]`` for
+        node layer l, shape ``(d_l [+ 1], k_l)``; entries may be None), or an object with a ``.C`` attribute such
+        as an ``InteractionBasis``. Node layer ``l < L - 1`` uses ``basis[l + 1]``; the last uses
+        ``output_basis``. Must be None for ``target="output"``.
+      output_basis: ``(d_out [+ 1], k)`` basis of the network output; None is the identity.
+
+    Returns:
+      ``[M^0, ..., M^{L-1}]``, ``M^l`` of shape ``(d_l, d_l)``.
+    """
+    fn = "jacobian_grams"
+    model = as_sections(model)
+    L = len(model)
+    if target == "next":
+        if basis is not None:
+            if hasattr(basis, "C"):
+                basis = basis.C
+            if isinstance(basis, (jax.Array, np.ndarray)) or not isinstance(basis, Sequence):
+                raise ValueError(f"{fn}: basis must be a sequence of {L} matrices (one per node layer) or an object "
+                                 f"with a .C attribute; got {type(basis).__name__}.")
+            if len(basis) != L:
+                raise ValueError(f"{fn}: basis has {len(basis)} matrices but the model has {L} node layers; pass one "
+                                 "per node layer (basis[l] for node layer l).")
+            out_bases = tuple(basis[1:]) + (output_basis,)
+        else:
+            out_bases = (None,) * (L - 1) + (output_basis,)
+    elif target == "output":
+        if basis is not None:
+            raise ValueError(f"{fn}: target='output' differentiates the network output; `basis` (of the node "
+                             "layers) is not used there. Pass output_basis= for the output's basis, or basis=None.")
+        out_bases = (output_basis,) * L
+    else:
+        raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
+    return _jacobian_driver(model, params, batches, tuple(range(L)), out_bases, target=target,
+                            num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
+                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn)

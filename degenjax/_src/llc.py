@@ -1,0 +1,449 @@
+"""Local learning coefficient: the SGLD estimator, diagnostics, N_eff and behavioral losses (DESIGN.md section 5).
+
+The estimator samples the localized tempered posterior ``p(w) ~ exp(-nbeta L_n(w) - gamma/2 ||w - w*||^2)`` with
+stochastic-gradient MCMC (`degenjax.sgld` by default) and reports, per chain,
+
+    lambda^ = nbeta * (mean_t L_{B_t}(w_t) - L_n(w*)),
+
+where ``L_{B_t}(w_t)`` is the mean loss of the step's minibatch at the position *before* step ``t`` (the value the
+step's gradient comes from, as in devinterp; it costs nothing extra) and ``L_n(w*)`` is the loss on the full data.
+
+Randomness (shared with `SGLDKernel`, so both give identical numbers): chain ``c`` gets the key
+``k_c = split(rng_key, num_chains)[c]`` (``rng_key`` itself when ``num_chains == 1``, as numpyro does); from
+``perm_key, noise_key = split(k_c)``, epoch ``e`` visits the data in the order ``permutation(fold_in(perm_key, e), n)``
+in consecutive minibatches of ``batch_size`` (the last ``n mod batch_size`` points of each permutation are skipped),
+and step ``t`` uses the key ``fold_in(noise_key, t)`` for its kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from degenjax._src import sgld as sgld_lib
+
+ArrayTree = Any
+
+
+class LLCDivergenceError(FloatingPointError):
+    """Raised when a chain's loss becomes non-finite (the sampler diverged)."""
+
+
+class LLCResult(NamedTuple):
+    """Result of `estimate_llc`.
+
+    Attributes:
+      llc_mean: scalar, mean of ``llc_per_chain``.
+      llc_std: scalar, standard deviation over chains (``ddof=1``; NaN for a single chain).
+      llc_per_chain: ``(num_chains,)`` lambda^ of each chain.
+      loss_trace: ``(num_chains, num_draws)`` minibatch losses ``L_{B_t}(w_t)`` after burn-in.
+      init_loss: scalar ``L_n(w*)`` on the full data set.
+      mala_acceptance: scalar mean MALA acceptance probability over chains and the sampled draw steps (NaN when none
+        was computed, e.g. ``mala_every=0`` or SGNHT).
+      mala_per_chain: ``(num_chains,)`` mean MALA acceptance per chain.
+      ess: scalar effective sample size of ``loss_trace`` (``numpyro.diagnostics.effective_sample_size``; NaN under
+        ``jax.jit``).
+      rhat: scalar split R-hat of ``loss_trace`` (``numpyro.diagnostics.split_gelman_rubin``; NaN under ``jax.jit``).
+      nbeta: scalar ``n * beta`` used.
+    """
+
+    llc_mean: jax.Array
+    llc_std: jax.Array
+    llc_per_chain: jax.Array
+    loss_trace: jax.Array
+    init_loss: jax.Array
+    mala_acceptance: jax.Array
+    mala_per_chain: jax.Array
+    ess: jax.Array
+    rhat: jax.Array
+    nbeta: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks and shared randomness
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def num_data(data) -> int:
+    """The common leading axis ``n`` of every array in ``data``.
+
+    Raises:
+      ValueError: if ``data`` has no arrays, a scalar leaf, or leaves whose leading axes differ.
+    """
+    leaves, _ = jax.tree.flatten_with_path(data)
+    if not leaves:
+        raise ValueError("data has no arrays; pass a pytree of arrays with a leading axis of n data points.")
+    sizes = {}
+    for path, x in leaves:
+        if jnp.ndim(x) == 0:
+            raise ValueError(f"data leaf {jax.tree_util.keystr(path) or '<root>'} is a scalar; every leaf needs a "
+                             "leading axis of n data points.")
+        sizes[jax.tree_util.keystr(path) or "<root>"] = jnp.shape(x)[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"data leaves have different leading axes {sizes}; every array in data must have the same "
+                         "number n of data points along axis 0.")
+    return int(next(iter(sizes.values())))
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def _check_step_size(step_size) -> None:
+    if _is_traced(step_size):
+        return
+    value = np.asarray(step_size)
+    if value.ndim != 0 or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"step_size must be a positive finite scalar; got {step_size!r}. Typical SGLD step sizes "
+                         "for the LLC are 1e-6 to 1e-3.")
+
+
+def _check_params(params) -> None:
+    leaves, _ = jax.tree.flatten_with_path(params)
+    if not leaves:
+        raise ValueError("params has no arrays; pass the parameters w* as a pytree of arrays.")
+    if _is_traced(params):
+        return
+    for path, x in leaves:
+        if not np.all(np.isfinite(np.asarray(x))):
+            raise ValueError(f"params leaf {jax.tree_util.keystr(path) or '<root>'} contains NaN or inf; lambda^ is "
+                             "measured at a trained, finite w*.")
+
+
+def check_inputs(params, data, *, step_size, batch_size) -> int:
+    """Validates the common inputs of `estimate_llc` and `SGLDKernel`; returns ``n``."""
+    n = num_data(data)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} is larger than the data set (n={n}); use batch_size <= n.")
+    _check_step_size(step_size)
+    _check_params(params)
+    return n
+
+
+def default_nbeta(n: int) -> float:
+    """``n / log n`` (beta = 1 / log n, DESIGN.md section 5)."""
+    if n < 2:
+        raise ValueError(f"nbeta=None needs n >= 2 data points (n / log n); got n={n}. Pass nbeta explicitly.")
+    return n / math.log(n)
+
+
+def chain_keys(rng_key, num_chains: int):
+    """Per-chain keys ``(num_chains, ...)``: ``rng_key`` itself for one chain, else ``split(rng_key, num_chains)``."""
+    if num_chains == 1:
+        return jnp.asarray(rng_key)[None]
+    return jax.random.split(rng_key, num_chains)
+
+
+def chain_streams(chain_key):
+    """``(perm_key, noise_key)`` of one chain."""
+    keys = jax.random.split(chain_key)
+    return keys[0], keys[1]
+
+
+def epoch_permutation(perm_key, epoch, n: int) -> jax.Array:
+    """The order in which epoch ``epoch`` visits the ``n`` data points."""
+    return jax.random.permutation(jax.random.fold_in(perm_key, epoch), n)
+
+
+def take_batch(data, perm, j, batch_size: int):
+    """The ``j``-th minibatch of an epoch: rows ``perm[j * batch_size : (j + 1) * batch_size]`` of every leaf."""
+    idx = lax.dynamic_slice_in_dim(perm, j * batch_size, batch_size)
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+
+
+def full_loss(loss_fn, params, data, eval_batch_size: int | None = None) -> jax.Array:
+    """``L_n(params)``: one call on all of ``data``, or the size-weighted mean over blocks of ``eval_batch_size``
+    (exact for a per-example mean loss; bounds memory for large data)."""
+    n = num_data(data)
+    if eval_batch_size is None or eval_batch_size >= n:
+        return loss_fn(params, data)
+    m = n // eval_batch_size
+    blocks = jax.tree.map(lambda x: x[: m * eval_batch_size].reshape((m, eval_batch_size) + x.shape[1:]), data)
+    total = jnp.sum(lax.map(lambda b: loss_fn(params, b), blocks)) * eval_batch_size
+    rest = n - m * eval_batch_size
+    if rest:
+        tail = loss_fn(params, jax.tree.map(lambda x: x[m * eval_batch_size:], data))
+        total = total + tail * rest
+    return total / n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Estimator
+
+
+def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, num_chains: int, num_draws: int,
+                 step_size, batch_size: int, nbeta=None, localization=1.0, num_burnin: int = 0,
+                 sampler="sgld", sampler_kwargs: dict | None = None, mala_every: int = 10,
+                 num_chunks: int | None = None, progress: bool = False, mesh=None, chain_axis: str | None = None,
+                 eval_batch_size: int | None = None, warn: bool = True) -> LLCResult:
+    """Estimates the local learning coefficient lambda^ at ``params`` (DESIGN.md section 5).
+
+    All chains advance together (``vmap`` over chains inside one ``lax.scan``); the scan is split into
+    ``num_chunks`` pieces so that a progress bar can report and a divergence stops the run early. Only the scalar
+    loss of each step is kept, never the parameters. Runs eagerly or under the caller's ``jax.jit`` (then the
+    divergence check, warnings, ESS and R-hat are skipped and the scan is one chunk).
+
+    Args:
+      rng_key: PRNG key.
+      loss_fn: ``loss_fn(params, batch) -> scalar`` MEAN loss over the batch.
+      params: the point ``w*`` (a pytree), also the localization centre and every chain's start.
+      data: pytree of arrays with a common leading axis ``n``; minibatches are drawn without replacement within
+        an epoch (one permutation per epoch per chain).
+      num_chains: number of chains.
+      num_draws: recorded steps per chain (after burn-in).
+      step_size: SGLD ``eps > 0``.
+      batch_size: minibatch size, ``<= n``.
+      nbeta: ``n * beta``; default ``n / log n``.
+      localization: ``gamma``.
+      num_burnin: steps run before recording.
+      sampler: ``"sgld"``, ``"rmsprop_sgld"``, ``"sgnht"`` or an `SGMCMCAlgorithm`.
+      sampler_kwargs: extra hyperparameters for the sampler's ``build_kernel`` (e.g. ``alpha``,
+        ``diffusion_factor``).
+      mala_every: compute the MALA acceptance every ``mala_every`` steps (one extra gradient on those steps);
+        0 disables it.
+      num_chunks: number of pieces of the scan (default: 10, capped at the number of steps; 1 under ``jit``).
+      progress: show a tqdm progress bar (updated between chunks).
+      mesh: optional `jax.sharding.Mesh`; chains are sharded over its ``chain_axis`` with ``jax.shard_map`` (data
+        and ``w*`` replicated). Gives the same numbers as the unsharded run.
+      chain_axis: mesh axis for chains (default: the mesh's first axis); ``num_chains`` must be divisible by its
+        size.
+      eval_batch_size: block size for the full-data loss ``L_n(w*)`` (default: one call on all data).
+      warn: emit warnings for negative lambda^ and MALA acceptance outside [0.6, 0.99].
+
+    Returns:
+      `LLCResult`.
+
+    Raises:
+      ValueError: for bad inputs (batch size larger than n, non-positive step size, data leaves with different
+        leading axes, non-finite params, bad counts, unknown sampler, chains not divisible by the mesh).
+      LLCDivergenceError: when a chain's loss becomes non-finite; names the chain, the step and the step size.
+    """
+    algo = sgld_lib.resolve_sampler(sampler)
+    num_chains = _check_positive_int("num_chains", num_chains)
+    num_draws = _check_positive_int("num_draws", num_draws)
+    num_burnin = _check_positive_int("num_burnin", num_burnin, minimum=0)
+    mala_every = _check_positive_int("mala_every", mala_every, minimum=0)
+    n = check_inputs(params, data, step_size=step_size, batch_size=batch_size)
+    if nbeta is None:
+        nbeta = default_nbeta(n)
+    sampler_kwargs = dict(sampler_kwargs or {})
+    steps_per_epoch = n // batch_size
+    total = num_burnin + num_draws
+    traced = _is_traced((rng_key, params, data, step_size, nbeta, localization))
+
+    if traced:
+        num_chunks = 1
+    elif num_chunks is None:
+        num_chunks = min(10, total)
+    else:
+        num_chunks = min(_check_positive_int("num_chunks", num_chunks), total)
+    chunk_len = -(-total // num_chunks)
+
+    if mesh is not None:
+        axis = chain_axis if chain_axis is not None else mesh.axis_names[0]
+        if axis not in mesh.axis_names:
+            raise ValueError(f"chain_axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
+        if num_chains % mesh.shape[axis] != 0:
+            raise ValueError(f"num_chains={num_chains} is not divisible by the mesh axis {axis!r} of size "
+                             f"{mesh.shape[axis]}; use a multiple of {mesh.shape[axis]} chains.")
+
+    init_loss = full_loss(loss_fn, params, data, eval_batch_size)
+    keys = chain_keys(rng_key, num_chains)
+    streams = jax.vmap(jax.random.split)(keys)
+    perm_keys, noise_keys = streams[:, 0], streams[:, 1]
+    state0 = algo.init(params)
+    states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
+    perms = jnp.zeros((num_chains, n), jnp.int32)
+
+    kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
+                               mala=False, **sampler_kwargs)
+    kernel_mala = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
+                                    mala=True, **sampler_kwargs)
+    if mesh is not None:
+        chain_sharding = jax.sharding.NamedSharding(mesh, P(axis))
+        constrain = lambda tree: jax.tree.map(  # noqa: E731
+            lambda x: lax.with_sharding_constraint(x, chain_sharding), tree)
+        states, perms, perm_keys, noise_keys = constrain((states, perms, perm_keys, noise_keys))
+    else:
+        constrain = lambda tree: tree  # noqa: E731
+
+    # One body for every chunk: its identity keys JAX's tracing cache, so the scan compiles once per call.
+    def body(carry, t):
+        states, perms = carry
+        j = t % steps_per_epoch
+        # all chains are at the same step, so this predicate is not batched: a real branch, not a select
+        perms = lax.cond(j == 0,
+                         lambda: jax.vmap(epoch_permutation, (0, None, None))(
+                             perm_keys, t // steps_per_epoch, n).astype(perms.dtype),
+                         lambda: perms)
+        batch = jax.vmap(take_batch, (None, 0, None, None))(data, perms, j, batch_size)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
+        if mala_every > 0:
+            states, info = lax.cond(t % mala_every == 0,
+                                    lambda: jax.vmap(kernel_mala)(step_keys, states, batch),
+                                    lambda: jax.vmap(kernel)(step_keys, states, batch))
+        else:
+            states, info = jax.vmap(kernel)(step_keys, states, batch)
+        states, perms = constrain((states, perms))
+        return (states, perms), (info.loss, info.mala_acceptance)
+
+    bar = None
+    if progress and not traced:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="LLC", unit="step")
+    loss_chunks, acc_chunks = [], []
+    try:
+        for k in range(num_chunks):
+            ts = jnp.arange(k * chunk_len, (k + 1) * chunk_len, dtype=jnp.int32)
+            (states, perms), (losses, accs) = lax.scan(body, (states, perms), ts)
+            loss_chunks.append(losses)
+            acc_chunks.append(accs)
+            if not traced:
+                _check_finite(np.asarray(losses), k * chunk_len, total, step_size)
+            if bar is not None:
+                bar.update(min(chunk_len, total - k * chunk_len))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    losses = jnp.concatenate(loss_chunks, axis=0)[num_burnin:total]  # (num_draws, chains)
+    accs = jnp.concatenate(acc_chunks, axis=0)[num_burnin:total]
+    loss_trace = losses.T
+    init_loss = init_loss.astype(loss_trace.dtype)
+    nbeta_arr = jnp.asarray(nbeta, loss_trace.dtype)
+    llc_per_chain = nbeta_arr * (jnp.mean(loss_trace, axis=1) - init_loss)
+    llc_mean = jnp.mean(llc_per_chain)
+    if num_chains > 1:
+        llc_std = jnp.std(llc_per_chain, ddof=1)
+    else:
+        llc_std = jnp.full((), jnp.nan, llc_per_chain.dtype)
+    sampled = ~jnp.isnan(accs)
+    count = jnp.sum(sampled, axis=0)
+    mala_per_chain = jnp.sum(jnp.where(sampled, accs, jnp.zeros_like(accs)), axis=0) / count.astype(accs.dtype)
+    mala = jnp.sum(jnp.where(sampled, accs, jnp.zeros_like(accs))) / jnp.sum(count).astype(accs.dtype)
+    ess, rhat = _ess_rhat(loss_trace, traced)
+    result = LLCResult(llc_mean=llc_mean, llc_std=llc_std, llc_per_chain=llc_per_chain, loss_trace=loss_trace,
+                       init_loss=init_loss, mala_acceptance=mala, mala_per_chain=mala_per_chain, ess=ess, rhat=rhat,
+                       nbeta=nbeta_arr)
+    if warn and not traced:
+        _warn(result, step_size)
+    return result
+
+
+def _check_finite(losses: np.ndarray, t0: int, total: int, step_size) -> None:
+    """Raises `LLCDivergenceError` at the first non-finite loss of a chunk ``losses`` (steps x chains)."""
+    valid = losses[: max(0, min(losses.shape[0], total - t0))]
+    bad = ~np.isfinite(valid)
+    if not bad.any():
+        return
+    step, chain = np.argwhere(bad)[0]
+    eps = float(np.asarray(step_size))
+    raise LLCDivergenceError(
+        f"SGLD diverged: chain {int(chain)} has a non-finite loss ({valid[step, chain]}) at step {t0 + int(step)} "
+        f"with step_size={eps:g}. Use a smaller step size (e.g. {eps / 10:g}), a larger localization, or check "
+        "that params is a trained minimum.")
+
+
+def _ess_rhat(loss_trace, traced: bool):
+    nan = jnp.full((), jnp.nan, loss_trace.dtype)
+    if traced:
+        return nan, nan
+    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+    x = np.asarray(loss_trace, np.float64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ess = float(effective_sample_size(x)) if x.shape[1] >= 2 else float("nan")
+        except (ValueError, AssertionError, FloatingPointError):
+            ess = float("nan")
+        try:
+            rhat = float(split_gelman_rubin(x)) if x.shape[1] >= 4 else float("nan")
+        except (ValueError, AssertionError, FloatingPointError):
+            rhat = float("nan")
+    return jnp.asarray(ess, loss_trace.dtype), jnp.asarray(rhat, loss_trace.dtype)
+
+
+def _warn(result: LLCResult, step_size) -> None:
+    llc = float(result.llc_mean)
+    if llc < 0:
+        warnings.warn(f"Negative LLC estimate ({llc:.4g}): the chains found lower loss than at w*, so w* is probably "
+                      "not a (local) minimum. Train longer, or increase the localization.", RuntimeWarning,
+                      stacklevel=3)
+    acc = float(result.mala_acceptance)
+    eps = float(np.asarray(step_size))
+    if np.isfinite(acc) and acc < 0.6:
+        warnings.warn(f"MALA acceptance {acc:.3f} is far below ~0.9: step_size={eps:g} is probably too large and "
+                      "biases lambda^; try a smaller one.", RuntimeWarning, stacklevel=3)
+    elif np.isfinite(acc) and acc > 0.99:
+        warnings.warn(f"MALA acceptance {acc:.3f} is far above ~0.9: step_size={eps:g} may be smaller than needed "
+                      "(slow mixing); a larger one may converge faster.", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# N_eff and behavioral losses
+
+
+def effective_parameter_count(llc):
+    """``N_eff = 2 lambda`` (DESIGN.md section 5).
+
+    Args:
+      llc: a float or array of lambda values, or an `LLCResult`.
+
+    Returns:
+      ``2 * llc`` for a number or array; for an `LLCResult`, ``(mean, std)`` of ``2 lambda^`` over chains.
+    """
+    if isinstance(llc, LLCResult):
+        return 2.0 * llc.llc_mean, 2.0 * llc.llc_std
+    if isinstance(llc, (str, bytes)) or llc is None:
+        raise ValueError(f"effective_parameter_count expects a number, an array or an LLCResult; got {llc!r}.")
+    return 2.0 * jnp.asarray(llc)
+
+
+def behavioral_loss(apply_fn: Callable, params_star: ArrayTree, kind: str = "mse") -> Callable:
+    """A loss measuring how far a network's outputs move from those of ``params_star``.
+
+    ``L_B(w) = E_x D(f_w(x), f_w*(x))``, zero at ``w*``; with it, ``N_eff = 2 lambda_B`` counts the directions that
+    change behaviour (DESIGN.md section 5). The reference outputs are recomputed on each batch (a forward pass at
+    ``params_star``, no gradient).
+
+    Args:
+      apply_fn: ``apply_fn(params, batch) -> outputs`` of shape ``(batch, ..., d_out)``.
+      params_star: the reference parameters.
+      kind: ``"mse"``: ``D`` is the squared Euclidean distance, summed over all non-leading axes; ``"kl"``:
+        ``D = KL(softmax(f_w*) || softmax(f_w))`` over the last axis (outputs are logits), summed over the other
+        non-leading axes (e.g. positions).
+
+    Returns:
+      ``loss_fn(params, batch) -> scalar``, the mean of ``D`` over the leading (batch) axis.
+    """
+    if kind not in ("mse", "kl"):
+        raise ValueError(f"kind must be 'mse' or 'kl'; got {kind!r}.")
+
+    def loss_fn(params, batch):
+        out = apply_fn(params, batch)
+        ref = lax.stop_gradient(apply_fn(params_star, batch)).astype(out.dtype)
+        if kind == "mse":
+            d = jnp.square(out - ref)
+        else:
+            log_p_ref = jax.nn.log_softmax(ref, axis=-1)
+            d = jnp.exp(log_p_ref) * (log_p_ref - jax.nn.log_softmax(out, axis=-1))
+        per_example = jnp.sum(d.reshape((d.shape[0], -1)), axis=1)
+        return jnp.mean(per_example)
+
+    return loss_fn

@@ -1,0 +1,261 @@
+"""Modules of the interaction graph (DESIGN.md section 6).
+
+Nodes are basis directions of the node layers, edges connect consecutive layers with weights from the interaction
+edges ``E^l`` (shape ``(d^_{l+1}, d^_l)``, see `interaction_edges`). Edge weights are log-scaled,
+``w = log(1 + E / s)`` with ``s`` the mean positive edge over the whole graph, so that a few dominant edges do not
+decide the clustering alone while small edges stay (nearly) linear. The constant direction (basis column 0) is
+dropped. Clustering uses Leiden (python-igraph + leidenalg, default) or Louvain (networkx); the reported modularity
+is Newman's Q (resolution 1) of the returned assignment.
+
+Modularity maximisation finds some structure in any graph, so the partition is tested against a null model: the
+entries of each ``E^l`` are permuted at random (same weight distribution per layer, no structure) and clustered the
+same way. When the partition's Q does not exceed the null mean by ``null_z`` null standard deviations, the graph is
+reported as one module (Q = 0) and ``significant`` is False.
+
+Clustering runs on the host (igraph/networkx), so `find_modules` is not traceable; call it on concrete edges
+(e.g. the output of a jitted `interaction_edges`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ModuleResult(NamedTuple):
+    """Result of `find_modules`.
+
+    Attributes:
+      assignment: per node layer ``l = 0..L``, an int array ``(d^_l,)`` with the module of each basis direction;
+        -1 for the dropped constant direction and for isolated nodes (no edge with positive weight).
+      modularity: Newman Q (resolution 1) of ``assignment``; 0.0 when the graph is one module.
+      num_modules: the number of modules in ``assignment``.
+      significant: whether the best partition beat the null model (always True when ``num_null = 0``).
+      partition_modularity: Q of the best partition found, before the significance test.
+      null_modularity: ``(num_null,)`` Q of the partitions found on the permuted (null) graphs.
+      weights: per ``l``, the log-scaled weights ``(d^_{l+1}, d^_l)`` used as the graph (constant rows/columns zero).
+      method: "leiden" or "louvain".
+    """
+
+    assignment: tuple[np.ndarray, ...]
+    modularity: float
+    num_modules: int
+    significant: bool
+    partition_modularity: float
+    null_modularity: np.ndarray
+    weights: tuple[np.ndarray, ...]
+    method: str
+
+
+def _check_edges(edges) -> list[np.ndarray]:
+    if hasattr(edges, "shape") and len(np.shape(edges)) == 2:
+        edges = [edges]
+    if not isinstance(edges, Sequence) or isinstance(edges, (str, bytes)):
+        raise ValueError(f"edges must be a list of matrices E^l of shape (d_{{l+1}}, d_l) (from interaction_edges) or "
+                         f"one such matrix; got {type(edges).__name__}.")
+    if len(edges) == 0:
+        raise ValueError("edges is empty; pass the list returned by interaction_edges.")
+    out = []
+    for l, e in enumerate(edges):
+        a = np.asarray(e, dtype=np.float64)
+        if a.ndim != 2:
+            raise ValueError(f"edges[{l}] must be a matrix (d_{{l+1}}, d_l); got shape {a.shape}.")
+        if a.size == 0:
+            raise ValueError(f"edges[{l}] has shape {a.shape}: a layer with zero basis directions has no nodes.")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"edges[{l}] contains NaN or inf; recompute the edges (check the basis for "
+                             "divergence) before clustering.")
+        if np.any(a < 0):
+            raise ValueError(f"edges[{l}] has negative entries (min {a.min():.3g}); interaction edges are squared "
+                             "attributions and must be >= 0. Pass E^l from interaction_edges, not signed weights.")
+        if l > 0 and a.shape[1] != out[-1].shape[0]:
+            raise ValueError(f"edges[{l}] has {a.shape[1]} input nodes but edges[{l - 1}] has {out[-1].shape[0]} "
+                             "output nodes; consecutive E^l must share the node layer between them.")
+        out.append(a)
+    return out
+
+
+def _log_weights(edges: list[np.ndarray], drop: list[bool]) -> list[np.ndarray]:
+    masked = []
+    for l, e in enumerate(edges):
+        e = e.copy()
+        if drop[l]:
+            e[:, 0] = 0.0
+        if drop[l + 1]:
+            e[0, :] = 0.0
+        masked.append(e)
+    pos = np.concatenate([e[e > 0] for e in masked])
+    if pos.size == 0:
+        raise ValueError("all edges are zero (after dropping the constant direction); there is no graph to cluster.")
+    scale = pos.mean()
+    return [np.log1p(e / scale) for e in masked]
+
+
+def _graph_arrays(weights: list[np.ndarray]):
+    sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    src, dst, wts = [], [], []
+    for l, w in enumerate(weights):
+        i, j = np.nonzero(w > 0)
+        src.append(offsets[l + 1] + i)
+        dst.append(offsets[l] + j)
+        wts.append(w[i, j])
+    return sizes, offsets, np.concatenate(src), np.concatenate(dst), np.concatenate(wts)
+
+
+def _cluster(n, src, dst, wts, *, method, resolution, seed):
+    """Returns (membership (n,), Newman Q at resolution 1) for the weighted undirected graph."""
+    if method == "leiden":
+        import igraph as ig
+        import leidenalg
+
+        g = ig.Graph(n=n, edges=list(zip(src.tolist(), dst.tolist())), directed=False)
+        g.es["weight"] = wts.tolist()
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights="weight",
+                                        resolution_parameter=resolution, seed=int(seed), n_iterations=-1)
+        membership = np.asarray(part.membership, np.int64)
+        q = g.modularity(membership.tolist(), weights="weight")
+    else:
+        import networkx as nx
+
+        g = nx.Graph()
+        g.add_nodes_from(range(n))
+        g.add_weighted_edges_from(zip(src.tolist(), dst.tolist(), wts.tolist()))
+        comms = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=int(seed))
+        membership = np.zeros(n, np.int64)
+        for k, c in enumerate(comms):
+            membership[list(c)] = k
+        q = nx.community.modularity(g, comms, weight="weight")
+    return membership, float(q)
+
+
+def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str = "leiden",
+                 drop_constant: bool | Sequence[bool] = True, num_null: int = 20, null_z: float = 3.0) -> ModuleResult:
+    """Clusters the interaction graph into modules (DESIGN.md section 6).
+
+    Args:
+      edges: list of ``E^l``, ``l = 0..L-1``, shape ``(d^_{l+1}, d^_l)``, entries >= 0 (from `interaction_edges`);
+        a single matrix is one layer pair.
+      resolution: resolution of the modularity objective (1 = Newman modularity; larger gives smaller modules).
+      seed: seed of the clustering and of the null permutations.
+      method: "leiden" (igraph + leidenalg) or "louvain" (networkx).
+      drop_constant: drop basis direction 0 (the constant direction) of every node layer (True), of none (False),
+        or per node layer (a sequence of ``L + 1`` bools).
+      num_null: number of permuted graphs for the significance test (0 disables it).
+      null_z: the partition is kept when ``Q > mean(Q_null) + null_z * std(Q_null)``.
+
+    Returns:
+      `ModuleResult`.
+
+    Raises:
+      ValueError: for negative, NaN or all-zero edges, empty layers, mismatched shapes or bad options.
+    """
+    if method not in ("leiden", "louvain"):
+        raise ValueError(f"method must be 'leiden' or 'louvain'; got {method!r}.")
+    resolution = float(resolution)
+    if not resolution > 0:
+        raise ValueError(f"resolution must be > 0; got {resolution}.")
+    if int(num_null) < 0:
+        raise ValueError(f"num_null must be >= 0; got {num_null}.")
+    mats = _check_edges(edges)
+    num_layers = len(mats) + 1
+    if isinstance(drop_constant, (bool, np.bool_)):
+        drop = [bool(drop_constant)] * num_layers
+    else:
+        drop = [bool(x) for x in drop_constant]
+        if len(drop) != num_layers:
+            raise ValueError(f"drop_constant has {len(drop)} entries; pass one per node layer ({num_layers}).")
+    weights = _log_weights(mats, drop)
+    sizes, offsets, src, dst, wts = _graph_arrays(weights)
+    n = int(offsets[-1])
+    membership, q = _cluster(n, src, dst, wts, method=method, resolution=resolution, seed=seed)
+
+    rng = np.random.default_rng(seed)
+    null_q = []
+    for r in range(int(num_null)):
+        perm = []
+        for l, w in enumerate(weights):
+            # permute within the block that excludes the dropped constant row/column
+            r0, c0 = int(drop[l + 1]), int(drop[l])
+            p = w.copy()
+            block = p[r0:, c0:]
+            p[r0:, c0:] = rng.permutation(block.ravel()).reshape(block.shape)
+            perm.append(p)
+        _, _, s2, d2, w2 = _graph_arrays(perm)
+        null_q.append(_cluster(n, s2, d2, w2, method=method, resolution=resolution, seed=seed + 1 + r)[1])
+    null_q = np.asarray(null_q, np.float64)
+    significant = bool(null_q.size == 0 or q > null_q.mean() + null_z * null_q.std())
+
+    degree = np.zeros(n)
+    np.add.at(degree, src, wts)
+    np.add.at(degree, dst, wts)
+    isolated = degree == 0
+    if not significant:
+        membership = np.zeros(n, np.int64)
+    membership = np.where(isolated, -1, membership)
+    # renumber modules 0..K-1 by first appearance
+    labels = {}
+    for m in membership:
+        if m >= 0 and m not in labels:
+            labels[m] = len(labels)
+    membership = np.asarray([labels.get(m, -1) for m in membership], np.int64)
+    for l in range(num_layers):
+        if drop[l]:
+            membership[offsets[l]] = -1
+    modularity = q if significant and len(labels) > 1 else 0.0
+    assignment = tuple(membership[offsets[l]:offsets[l + 1]] for l in range(num_layers))
+    return ModuleResult(assignment, float(modularity), len(labels), significant, float(q), null_q,
+                        tuple(weights), method)
+
+
+def plot_modules(result: ModuleResult, *, ax=None, layer_names: Sequence[str] | None = None, max_edges: int = 3000,
+                 cmap: str = "tab10"):
+    """Draws the interaction graph with node layers as columns, nodes coloured by module.
+
+    Edge opacity and width scale with the log-scaled weight; only the ``max_edges`` heaviest edges are drawn.
+    Unassigned nodes (constant direction, isolated) are grey.
+
+    Args:
+      result: a `ModuleResult` from `find_modules`.
+      ax: matplotlib Axes to draw into (a new figure when None).
+      layer_names: optional labels of the node layers.
+      max_edges: the number of heaviest edges drawn.
+      cmap: matplotlib colormap for the modules.
+
+    Returns:
+      The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(2.0 + 1.6 * len(result.assignment), 4.5))
+    sizes = [len(a) for a in result.assignment]
+    ymax = max(sizes)
+    pos = [np.stack([np.full(s, float(l)), (np.arange(s) - (s - 1) / 2.0) / max(ymax - 1, 1)], axis=1)
+           for l, s in enumerate(sizes)]
+    segs, ws = [], []
+    for l, w in enumerate(result.weights):
+        i, j = np.nonzero(w > 0)
+        segs.append(np.stack([pos[l][j], pos[l + 1][i]], axis=1))
+        ws.append(w[i, j])
+    if segs:
+        segs_a, ws_a = np.concatenate(segs), np.concatenate(ws)
+        keep = np.argsort(ws_a)[::-1][:max_edges]
+        rel = ws_a[keep] / ws_a.max()
+        colors = np.zeros((keep.size, 4))
+        colors[:, 3] = 0.05 + 0.6 * rel
+        ax.add_collection(LineCollection(segs_a[keep], colors=colors, linewidths=0.3 + 2.0 * rel, zorder=1))
+    cm = plt.get_cmap(cmap)
+    for l, a in enumerate(result.assignment):
+        col = [cm(m % cm.N) if m >= 0 else (0.7, 0.7, 0.7, 1.0) for m in a]
+        ax.scatter(pos[l][:, 0], pos[l][:, 1], c=col, s=30, zorder=2, edgecolors="k", linewidths=0.3)
+    names = list(layer_names) if layer_names is not None else [f"layer {l}" for l in range(len(sizes))]
+    ax.set_xticks(range(len(sizes)), names)
+    ax.set_yticks([])
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
+    ax.set_ylim(-0.6, 0.6)
+    ax.set_title(f"{result.num_modules} module(s), Q = {result.modularity:.3f} ({result.method})")
+    return ax

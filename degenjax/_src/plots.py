@@ -1,0 +1,263 @@
+"""Figures for reports, notebooks and sweeps (matplotlib ``Figure`` objects; no global pyplot state).
+
+Every function returns the ``Figure`` and, when ``path`` is given, also saves it there (PNG by extension).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path):
+    if path is not None:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="SGLD loss traces"):
+    """Per-chain loss traces of an LLC estimate.
+
+    Args:
+      loss_trace: shape ``(num_chains, num_draws)``.
+      init_loss: ``L_n(w*)``, drawn as a dashed line.
+      llc: optional LLC estimate shown in the title.
+      path: optional output file.
+    """
+    trace = np.asarray(loss_trace, np.float64)
+    if trace.ndim != 2:
+        raise ValueError(f"loss_trace must have shape (num_chains, num_draws); got {trace.shape}.")
+    fig, ax = _figure()
+    ax = ax[0, 0]
+    steps = np.arange(trace.shape[1])
+    for c in range(trace.shape[0]):
+        ax.plot(steps, trace[c], lw=0.8, alpha=0.8, label=f"chain {c}" if trace.shape[0] <= 8 else None)
+    if init_loss is not None:
+        ax.axhline(float(init_loss), color="k", ls="--", lw=1, label="$L_n(w^*)$")
+    ax.set_xlabel("draw")
+    ax.set_ylabel("loss")
+    ax.set_title(title if llc is None else f"{title}  ($\\hat\\lambda$ = {float(llc):.3g})")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_spectra(spectra: Mapping[str, Sequence], *, layer_names: Sequence[str] | None = None, path=None,
+                 title="Eigenvalue spectra"):
+    """Eigenvalues per node layer (log scale), one panel per layer and one line per spectrum kind.
+
+    Args:
+      spectra: ``{label: [values of layer 0, values of layer 1, ...]}``, e.g. Gram eigenvalues and LIB Lambda.
+      layer_names: panel titles.
+      path: optional output file.
+    """
+    if not spectra:
+        raise ValueError("plot_spectra needs at least one spectrum.")
+    num_layers = max(len(v) for v in spectra.values())
+    ncols = min(num_layers, 4)
+    nrows = math.ceil(num_layers / ncols)
+    fig, axes = _figure(ncols, nrows, width=3.6, height=3.0)
+    for l in range(nrows * ncols):
+        ax = axes[l // ncols, l % ncols]
+        if l >= num_layers:
+            ax.set_axis_off()
+            continue
+        for label, per_layer in spectra.items():
+            if l < len(per_layer) and per_layer[l] is not None:
+                v = np.sort(np.abs(np.asarray(per_layer[l], np.float64)))[::-1]
+                v = v[v > 0]
+                if v.size:
+                    ax.semilogy(np.arange(v.size), v, marker=".", ms=3, lw=1, label=label)
+        ax.set_title(layer_names[l] if layer_names is not None and l < len(layer_names) else f"layer {l}", fontsize=9)
+        ax.set_xlabel("index")
+        if l % ncols == 0:
+            ax.set_ylabel("eigenvalue")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, max_edges: int = 300,
+                           max_nodes_per_layer: int = 40, path=None, title="Interaction graph"):
+    """The layered interaction graph: node layer ``l`` at x = l, edge width and opacity by log edge weight.
+
+    Args:
+      edges: ``[E^0, ..., E^{L-1}]`` with ``E^l`` of shape ``(d_{l+1}, d_l)`` (`interaction_edges`).
+      modules: optional module label per node, as ``[labels of layer 0, ..., labels of layer L]``.
+      max_edges: draw only the strongest edges (the figure stays readable).
+      max_nodes_per_layer: draw only the first nodes of each layer (basis directions are ordered by importance).
+      path: optional output file.
+    """
+    from matplotlib.collections import LineCollection
+
+    mats = [np.abs(np.asarray(e, np.float64)) for e in edges]
+    if not mats or any(m.ndim != 2 for m in mats):
+        raise ValueError("edges must be a non-empty list of 2-D arrays E^l of shape (d_{l+1}, d_l).")
+    for l in range(len(mats) - 1):
+        if mats[l].shape[0] != mats[l + 1].shape[1]:
+            raise ValueError(f"edges[{l}] has {mats[l].shape[0]} outputs but edges[{l + 1}] has {mats[l + 1].shape[1]} "
+                             "inputs; pass consecutive layers.")
+    sizes = [mats[0].shape[1]] + [m.shape[0] for m in mats]
+    shown = [min(s, max_nodes_per_layer) for s in sizes]
+
+    def y(l, i):
+        return 0.5 if shown[l] == 1 else 1.0 - i / (shown[l] - 1)
+
+    segs, weights = [], []
+    for l, m in enumerate(mats):
+        sub = m[: shown[l + 1], : shown[l]]
+        for j, i in zip(*np.nonzero(sub > 0)):
+            segs.append(((l, y(l, i)), (l + 1, y(l + 1, j))))
+            weights.append(sub[j, i])
+    fig, ax = _figure(width=max(4.0, 1.8 * len(sizes)), height=4.5)
+    ax = ax[0, 0]
+    if weights:
+        w = np.log10(np.asarray(weights))
+        keep = np.argsort(w)[::-1][:max_edges]
+        w = w[keep]
+        span = max(w.max() - w.min(), 1e-12)
+        strength = (w - w.min()) / span
+        lc = LineCollection([segs[k] for k in keep[::-1]], linewidths=0.3 + 2.7 * strength[::-1],
+                            colors=[(0.1, 0.2, 0.6, 0.15 + 0.85 * s) for s in strength[::-1]])
+        ax.add_collection(lc)
+    cmap = __import__("matplotlib").colormaps["tab10"]
+    for l, n in enumerate(shown):
+        ys = [y(l, i) for i in range(n)]
+        if modules is not None and l < len(modules):
+            labels = np.asarray(modules[l])[:n]
+            colors = [cmap(int(c) % 10) for c in labels]
+        else:
+            colors = "0.3"
+        ax.scatter(np.full(n, l), ys, s=14, c=colors, zorder=3)
+        extra = f" (+{sizes[l] - n})" if sizes[l] > n else ""
+        ax.text(l, 1.06, f"{sizes[l]}{extra}", ha="center", fontsize=8)
+    ax.set_xlim(-0.3, len(sizes) - 0.7)
+    ax.set_ylim(-0.08, 1.12)
+    ax.set_xticks(range(len(sizes)))
+    ax.set_xticklabels([f"h{l}" for l in range(len(sizes))])
+    ax.set_yticks([])
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def cumulative_edge_weight(edges: Sequence) -> np.ndarray:
+    """Fraction of total edge weight carried by the k strongest edges, k = 1..num_edges (all layers pooled)."""
+    w = np.concatenate([np.abs(np.asarray(e, np.float64)).ravel() for e in edges])
+    total = w.sum()
+    if not total > 0:
+        raise ValueError("All edges are zero; there is no edge weight to accumulate.")
+    return np.cumsum(np.sort(w)[::-1]) / total
+
+
+def plot_sparsity(edge_sets: Mapping[str, Sequence], *, fractions=(0.5, 0.9, 0.99), path=None,
+                  title="Edge sparsity"):
+    """Cumulative edge weight against the number of edges kept, one curve per basis (e.g. LIB vs PCA).
+
+    Args:
+      edge_sets: ``{label: [E^0, ..., E^{L-1}]}``.
+      fractions: horizontal guide lines.
+      path: optional output file.
+    """
+    fig, ax = _figure()
+    ax = ax[0, 0]
+    for label, edges in edge_sets.items():
+        c = cumulative_edge_weight(edges)
+        ax.semilogx(np.arange(1, c.size + 1), c, label=f"{label} ({c.size} edges)")
+    for f in fractions:
+        ax.axhline(f, color="0.6", lw=0.7, ls=":")
+    ax.set_xlabel("number of strongest edges kept")
+    ax.set_ylabel("fraction of total edge weight")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _setting(r):
+    nb = "default" if r.get("nbeta") is None else f"{r['nbeta']:.3g}"
+    return f"eps={r['step_size']:.3g}, nbeta={nb}, gamma={r['localization']:.3g}"
+
+
+def plot_llc_vs_checkpoint(rows: Sequence[Mapping], *, path=None, max_lines: int = 12, title="LLC per checkpoint"):
+    """LLC mean +- std over chains against checkpoint, one line per grid setting (sweep rows).
+
+    Args:
+      rows: sweep result rows with ``checkpoint``, ``step_size``, ``nbeta``, ``localization``, ``llc_mean``,
+        ``llc_std``; checkpoints appear in first-seen order.
+      max_lines: draw at most this many settings (the first ones).
+      path: optional output file.
+    """
+    ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    settings = list(dict.fromkeys(_setting(r) for r in rows))[:max_lines]
+    fig, ax = _figure(width=max(5.0, 0.9 * len(ckpts) + 3), height=4.0)
+    ax = ax[0, 0]
+    x = np.arange(len(ckpts))
+    for k, s in enumerate(settings):
+        by = {r["checkpoint"]: r for r in rows if _setting(r) == s}
+        mean = np.array([np.nan if by.get(c, {}).get("llc_mean") is None else by[c]["llc_mean"] for c in ckpts], float)
+        std = np.array([np.nan if by.get(c, {}).get("llc_std") is None else by[c]["llc_std"] for c in ckpts], float)
+        off = (k - (len(settings) - 1) / 2) * 0.04
+        ax.errorbar(x + off, mean, yerr=std, marker="o", ms=3, capsize=3, lw=1, label=s)
+    ax.set_xticks(x)
+    ax.set_xticklabels([pathlib.Path(c).name for c in ckpts], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(r"$\hat\lambda$ (mean $\pm$ std over chains)")
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None = None, path=None,
+                             title="LLC calibration"):
+    """LLC mean over step size (x) and localization (y), one panel per nbeta, for one checkpoint.
+
+    Cells whose chains diverged (non-finite LLC) are marked with an ``x``.
+
+    Args:
+      rows: sweep result rows.
+      checkpoint: which checkpoint; default the last one in ``rows``.
+      path: optional output file.
+    """
+    if not rows:
+        raise ValueError("plot_calibration_heatmap needs at least one result row.")
+    checkpoint = checkpoint if checkpoint is not None else list(dict.fromkeys(r["checkpoint"] for r in rows))[-1]
+    sel = [r for r in rows if r["checkpoint"] == checkpoint]
+    if not sel:
+        raise ValueError(f"No rows for checkpoint {checkpoint!r}.")
+    steps = sorted({r["step_size"] for r in sel})
+    locs = sorted({r["localization"] for r in sel})
+    nbetas = list(dict.fromkeys(r.get("nbeta") for r in sel))
+    fig, axes = _figure(len(nbetas), 1, width=1.0 + 0.9 * max(len(steps), 3), height=1.4 + 0.6 * max(len(locs), 3))
+    for k, nb in enumerate(nbetas):
+        ax = axes[0, k]
+        grid = np.full((len(locs), len(steps)), np.nan)
+        for r in sel:
+            if r.get("nbeta") == nb and r.get("llc_mean") is not None:
+                grid[locs.index(r["localization"]), steps.index(r["step_size"])] = r["llc_mean"]
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        for i in range(len(locs)):
+            for j in range(len(steps)):
+                txt = "x" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:.3g}"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=7,
+                        color="red" if txt == "x" else "white")
+        ax.set_xticks(range(len(steps)))
+        ax.set_xticklabels([f"{s:.2g}" for s in steps], fontsize=7)
+        ax.set_yticks(range(len(locs)))
+        ax.set_yticklabels([f"{g:.2g}" for g in locs], fontsize=7)
+        ax.set_xlabel("step size")
+        ax.set_ylabel("localization")
+        ax.set_title(f"nbeta = {'default' if nb is None else f'{nb:.3g}'}", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"{title}: {pathlib.Path(checkpoint).name}")
+    return _save(fig, path)

@@ -1,0 +1,360 @@
+"""Stochastic-gradient MCMC kernels for the localized tempered posterior (DESIGN.md section 5).
+
+Every sampler targets ``p(w) ~ exp(-U(w))`` with the minibatch potential
+
+    U_B(w) = nbeta * L_B(w) + (gamma / 2) * ||w - w*||^2,
+
+where ``L_B`` is the mean loss of the minibatch ``B``, ``nbeta = n * beta`` and ``gamma`` the localization strength
+around the centre ``w*``. Each sampler is an `SGMCMCAlgorithm`: a NamedTuple of pure functions
+
+    state = algo.init(position)
+    kernel = algo.build_kernel(loss_fn, center, step_size=..., nbeta=..., localization=..., mala=False)
+    new_state, info = kernel(rng_key, state, batch)
+    new_state, info = algo.step(rng_key, state, batch, loss_fn, center, step_size=..., nbeta=...)
+
+States are NamedTuples of arrays (positions are arbitrary pytrees), hyperparameters live in the kernel's closure,
+and nothing is jitted here: kernels run under the caller's ``jax.jit``, ``jax.vmap`` (chains) and ``lax.scan``.
+
+Noise convention (so that an update can be reproduced by hand): the key is split into one key per leaf of the
+position, in ``jax.tree.leaves`` order, and leaf ``i`` gets ``jax.random.normal(keys[i], leaf.shape, leaf.dtype)``.
+
+``info.loss`` is the minibatch loss ``L_B(w_t)`` at the position *before* the step (the value that the gradient of the
+step was computed from, as devinterp records it). With ``mala=True`` the kernel also returns the Metropolis-adjusted
+(MALA) acceptance probability of its proposal, computed on the same minibatch potential ``U_B`` (one extra gradient
+evaluation): for a proposal ``w' = w - (eps/2) P grad U_B(w) + sqrt(eps P) xi`` with diagonal preconditioner ``P``
+(``P = 1`` for SGLD),
+
+    log q(w' | w) = -sum (w' - w + (eps/2) P grad U_B(w))^2 / (2 eps P)
+    a = min(1, exp(U_B(w) - U_B(w') + log q(w | w') - log q(w' | w))),
+
+with ``P`` held fixed at its value for the step in both directions. SGNHT has no such proposal; it reports NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ArrayTree = Any
+LossFn = Callable[[ArrayTree, ArrayTree], jax.Array]
+
+
+class SGMCMCAlgorithm(NamedTuple):
+    """A stochastic-gradient sampler as pure functions (blackjax style).
+
+    Attributes:
+      init: ``init(position) -> state``.
+      build_kernel: ``build_kernel(loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False, **hyper)``
+        returning ``kernel(rng_key, state, batch) -> (state, info)``.
+      step: ``step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, ...)``, one transition (builds the
+        kernel and applies it).
+    """
+
+    init: Callable
+    build_kernel: Callable
+    step: Callable
+
+
+class SGLDState(NamedTuple):
+    """SGLD state: the current position (a pytree like the model parameters)."""
+
+    position: ArrayTree
+
+
+class RMSPropSGLDState(NamedTuple):
+    """RMSprop-preconditioned SGLD state.
+
+    Attributes:
+      position: the current parameters.
+      square_avg: exponential moving average of the squared drift gradient, same structure as ``position``.
+      count: number of steps taken, int32 scalar (for the bias correction of ``square_avg``).
+    """
+
+    position: ArrayTree
+    square_avg: ArrayTree
+    count: jax.Array
+
+
+class SGNHTState(NamedTuple):
+    """SGNHT state.
+
+    Attributes:
+      position: the current parameters.
+      momentum: the momentum, same structure as ``position``.
+      thermostat: the Nose-Hoover thermostat variable xi, a scalar.
+    """
+
+    position: ArrayTree
+    momentum: ArrayTree
+    thermostat: jax.Array
+
+
+class SGMCMCInfo(NamedTuple):
+    """Per-step information.
+
+    Attributes:
+      loss: scalar minibatch mean loss ``L_B(w_t)`` at the position before the step.
+      mala_acceptance: scalar MALA acceptance probability of the step's proposal (NaN unless ``mala=True``).
+    """
+
+    loss: jax.Array
+    mala_acceptance: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def normal_like(rng_key, tree: ArrayTree) -> ArrayTree:
+    """Standard normal noise shaped like ``tree``: one split key per leaf, in ``jax.tree.leaves`` order."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(rng_key, len(leaves))
+    noise = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def _scalar(value, like) -> jax.Array:
+    """``value`` as a scalar of ``like``'s dtype (explicit cast: strict dtype promotion)."""
+    return jnp.asarray(value, dtype=jnp.result_type(like))
+
+
+def _tree_sum(tree: ArrayTree) -> jax.Array:
+    leaves = [jnp.sum(x) for x in jax.tree.leaves(tree)]
+    out = leaves[0]
+    for x in leaves[1:]:
+        out = out + x.astype(out.dtype)
+    return out
+
+
+def _tree_size(tree: ArrayTree) -> int:
+    return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
+
+
+def _potential_value_and_grad(loss_fn: LossFn, center: ArrayTree, nbeta, localization):
+    """``(U_B(w), L_B(w)), grad U_B(w)`` for ``U_B = nbeta L_B + (gamma/2) ||w - w*||^2``."""
+
+    def potential(position, batch):
+        loss = loss_fn(position, batch)
+        sq = _tree_sum(jax.tree.map(lambda w, c: jnp.square(w - c.astype(w.dtype)), position, center))
+        u = _scalar(nbeta, loss) * loss + _scalar(0.5 * localization, loss) * sq.astype(jnp.result_type(loss))
+        return u, loss
+
+    return jax.value_and_grad(potential, has_aux=True)
+
+
+def _mala_acceptance(u_old, u_new, grad_old, grad_new, old, new, step_size, precond=None) -> jax.Array:
+    """MALA acceptance probability of the move ``old -> new`` (module docstring; ``precond`` diagonal or None)."""
+    if precond is None:
+        precond = jax.tree.map(jnp.ones_like, old)
+
+    def log_q(to, frm, grad):
+        def leaf(t, f, g, p):
+            eps = _scalar(step_size, t)
+            return jnp.sum(jnp.square(t - f + 0.5 * eps * p * g) / (2.0 * eps * p))
+
+        return -_tree_sum(jax.tree.map(leaf, to, frm, grad, precond))
+
+    log_ratio = (u_old - u_new) + (log_q(old, new, grad_new) - log_q(new, old, grad_old)).astype(u_old.dtype)
+    return jnp.exp(jnp.minimum(log_ratio, jnp.zeros_like(log_ratio)))
+
+
+def _nan_like(x) -> jax.Array:
+    return jnp.full((), jnp.nan, jnp.result_type(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SGLD
+
+
+def _sgld_init(position: ArrayTree) -> SGLDState:
+    return SGLDState(position=position)
+
+
+def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False):
+    """SGLD: ``w <- w - (eps/2)(nbeta grad L_B(w) + gamma (w - w*)) + sqrt(eps) N(0, I)`` (DESIGN.md section 5).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss of a minibatch.
+      center: the localization centre ``w*``, same structure as the position.
+      step_size: ``eps > 0`` (may be a traced scalar).
+      nbeta: ``n * beta``, the inverse temperature times the data set size.
+      localization: ``gamma >= 0``.
+      mala: also compute the MALA acceptance probability (one extra gradient evaluation).
+
+    Returns:
+      ``kernel(rng_key, state, batch) -> (SGLDState, SGMCMCInfo)``.
+    """
+    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization)
+
+    def kernel(rng_key, state: SGLDState, batch) -> tuple[SGLDState, SGMCMCInfo]:
+        w = state.position
+        (u, loss), grad = value_and_grad(w, batch)
+        noise = normal_like(rng_key, w)
+
+        def update(x, g, z):
+            eps = _scalar(step_size, x)
+            return x - 0.5 * eps * g + jnp.sqrt(eps) * z
+
+        new = jax.tree.map(update, w, grad, noise)
+        if mala:
+            (u_new, _), grad_new = value_and_grad(new, batch)
+            acc = _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size)
+        else:
+            acc = _nan_like(loss)
+        return SGLDState(position=new), SGMCMCInfo(loss=loss, mala_acceptance=acc)
+
+    return kernel
+
+
+def _sgld_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False):
+    kernel = _sgld_build_kernel(loss_fn, center, step_size=step_size, nbeta=nbeta, localization=localization,
+                                mala=mala)
+    return kernel(rng_key, state, batch)
+
+
+sgld = SGMCMCAlgorithm(init=_sgld_init, build_kernel=_sgld_build_kernel, step=_sgld_step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RMSprop-preconditioned SGLD (pSGLD, Li et al. 2016)
+
+
+def _rmsprop_init(position: ArrayTree) -> RMSPropSGLDState:
+    return RMSPropSGLDState(position=position, square_avg=jax.tree.map(jnp.zeros_like, position),
+                            count=jnp.zeros((), jnp.int32))
+
+
+def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False,
+                          alpha=0.99, eps=1e-8):
+    """RMSprop-preconditioned SGLD.
+
+    With ``g = grad U_B(w)`` (the full drift gradient ``nbeta grad L_B + gamma (w - w*)``) and ``k`` the new count:
+
+        V <- alpha V + (1 - alpha) g^2,   V^ = V / (1 - alpha^k),   P = 1 / (eps + sqrt(V^)),
+        w <- w - (step_size/2) P g + sqrt(step_size P) N(0, I),
+
+    elementwise (the usual pSGLD approximation that drops the derivative of ``P``).
+
+    Args:
+      loss_fn, center, step_size, nbeta, localization, mala: as for `sgld`.
+      alpha: decay of the squared-gradient average.
+      eps: damping added to ``sqrt(V^)``.
+
+    Returns:
+      ``kernel(rng_key, state, batch) -> (RMSPropSGLDState, SGMCMCInfo)``.
+    """
+    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization)
+
+    def kernel(rng_key, state: RMSPropSGLDState, batch):
+        w = state.position
+        (u, loss), grad = value_and_grad(w, batch)
+        count = state.count + 1
+        square_avg = jax.tree.map(lambda v, g: _scalar(alpha, v) * v + _scalar(1.0 - alpha, v) * jnp.square(g),
+                                  state.square_avg, grad)
+
+        def precond(v):
+            correction = 1.0 - jnp.power(_scalar(alpha, v), count.astype(jnp.result_type(v)))
+            return 1.0 / (_scalar(eps, v) + jnp.sqrt(v / correction))
+
+        p = jax.tree.map(precond, square_avg)
+        noise = normal_like(rng_key, w)
+
+        def update(x, g, pi, z):
+            h = _scalar(step_size, x)
+            return x - 0.5 * h * pi * g + jnp.sqrt(h * pi) * z
+
+        new = jax.tree.map(update, w, grad, p, noise)
+        if mala:
+            (u_new, _), grad_new = value_and_grad(new, batch)
+            acc = _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size, precond=p)
+        else:
+            acc = _nan_like(loss)
+        return RMSPropSGLDState(new, square_avg, count), SGMCMCInfo(loss=loss, mala_acceptance=acc)
+
+    return kernel
+
+
+def _rmsprop_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False,
+                  alpha=0.99, eps=1e-8):
+    kernel = _rmsprop_build_kernel(loss_fn, center, step_size=step_size, nbeta=nbeta, localization=localization,
+                                   mala=mala, alpha=alpha, eps=eps)
+    return kernel(rng_key, state, batch)
+
+
+rmsprop_sgld = SGMCMCAlgorithm(init=_rmsprop_init, build_kernel=_rmsprop_build_kernel, step=_rmsprop_step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SGNHT (Ding et al. 2014)
+
+
+def _sgnht_init(position: ArrayTree, thermostat=0.01) -> SGNHTState:
+    """Zero momentum and the thermostat at ``thermostat`` (conventionally the diffusion factor A)."""
+    leaves = jax.tree.leaves(position)
+    return SGNHTState(position=position, momentum=jax.tree.map(jnp.zeros_like, position),
+                      thermostat=jnp.asarray(thermostat, jnp.result_type(leaves[0])))
+
+
+def _sgnht_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False,
+                        diffusion_factor=0.01):
+    """Stochastic-gradient Nose-Hoover thermostat.
+
+    With ``h = step_size``, ``A = diffusion_factor``, ``d`` the number of parameters and ``g = grad U_B(w)``:
+
+        p  <- p - h g - h xi p + sqrt(2 A h) N(0, I)
+        w  <- w + h p
+        xi <- xi + h (||p||^2 / d - 1)
+
+    (momentum first, then position and thermostat with the new momentum). Note ``h`` plays the role of an HMC step,
+    so comparable step sizes are about ``sqrt`` of SGLD's. ``mala`` is accepted for a uniform interface; the
+    acceptance is NaN.
+
+    Returns:
+      ``kernel(rng_key, state, batch) -> (SGNHTState, SGMCMCInfo)``.
+    """
+    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization)
+    del mala
+
+    def kernel(rng_key, state: SGNHTState, batch):
+        w = state.position
+        (_, loss), grad = value_and_grad(w, batch)
+        noise = normal_like(rng_key, w)
+        xi = state.thermostat
+
+        def momentum(p, g, z):
+            h = _scalar(step_size, p)
+            a = _scalar(diffusion_factor, p)
+            return p - h * g - h * xi.astype(p.dtype) * p + jnp.sqrt(2.0 * a * h) * z
+
+        mom = jax.tree.map(momentum, state.momentum, grad, noise)
+        new = jax.tree.map(lambda x, p: x + _scalar(step_size, x) * p, w, mom)
+        kinetic = _tree_sum(jax.tree.map(jnp.square, mom)).astype(xi.dtype)
+        xi_new = xi + _scalar(step_size, xi) * (kinetic / _tree_size(w) - 1.0)
+        return SGNHTState(new, mom, xi_new), SGMCMCInfo(loss=loss, mala_acceptance=_nan_like(loss))
+
+    return kernel
+
+
+def _sgnht_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False,
+                diffusion_factor=0.01):
+    kernel = _sgnht_build_kernel(loss_fn, center, step_size=step_size, nbeta=nbeta, localization=localization,
+                                 mala=mala, diffusion_factor=diffusion_factor)
+    return kernel(rng_key, state, batch)
+
+
+sgnht = SGMCMCAlgorithm(init=_sgnht_init, build_kernel=_sgnht_build_kernel, step=_sgnht_step)
+
+SAMPLERS = {"sgld": sgld, "rmsprop_sgld": rmsprop_sgld, "sgnht": sgnht}
+
+
+def resolve_sampler(sampler) -> SGMCMCAlgorithm:
+    """Looks up a sampler by name (``"sgld"``, ``"rmsprop_sgld"``, ``"sgnht"``) or returns an `SGMCMCAlgorithm`."""
+    if isinstance(sampler, SGMCMCAlgorithm):
+        return sampler
+    if isinstance(sampler, str) and sampler in SAMPLERS:
+        return SAMPLERS[sampler]
+    raise ValueError(f"Unknown sampler {sampler!r}; use one of {sorted(SAMPLERS)} or an SGMCMCAlgorithm "
+                     "(e.g. degenjax.sgld).")

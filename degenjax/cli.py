@@ -1,0 +1,253 @@
+"""The ``degenjax`` command line: quickstart report, LLC of a user's model, interaction basis, resumable sweeps.
+
+Run ``degenjax --help`` or ``degenjax COMMAND --help``. Errors in the user's input (a missing file, a malformed
+config, an entry point that does not exist) print one line ``Error: ...`` and exit with status 1; bugs still
+raise a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import sys
+from enum import Enum
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="degenjax",
+    help="Degeneracy in the loss landscape for mechanistic interpretability (interaction basis, LLC), in JAX.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Kind(str, Enum):
+    lib = "lib"
+    pca = "pca"
+    random = "random"
+    global_ = "global"
+
+
+class Sampler(str, Enum):
+    sgld = "sgld"
+    rmsprop_sgld = "rmsprop_sgld"
+    sgnht = "sgnht"
+
+
+def _user_errors(fn):
+    """Turns input errors (ValueError, OSError, a diverged sampler) into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, FloatingPointError) as err:
+            msg = " ".join(str(err).split())
+            typer.echo(f"Error: {msg}", err=True)
+            raise typer.Exit(code=1) from None
+
+    return wrapper
+
+
+def _search_dirs(*extra) -> list[str]:
+    return [str(pathlib.Path.cwd()), *[str(e) for e in extra if e is not None]]
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _setup_jax(x64: bool) -> None:
+    import jax
+
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+
+
+@app.command()
+@_user_errors
+def quickstart(
+    out: pathlib.Path = typer.Option(pathlib.Path("demo-report"), "--out", "-o",
+                                     help="Folder for report.json, report.md and the PNG plots."),
+    tiny: bool = typer.Option(False, "--tiny", help="A seconds-long setting (small model and data, few draws)."),
+    train_steps: Optional[int] = typer.Option(None, help="Training steps (default 1500; 150 with --tiny)."),
+    hidden: Optional[int] = typer.Option(None, help="Width of the two hidden layers (default 32; 12 with --tiny)."),
+    num_chains: Optional[int] = typer.Option(None, help="SGLD chains (default 4; 2 with --tiny)."),
+    num_draws: Optional[int] = typer.Option(None, help="SGLD draws per chain (default 400; 40 with --tiny)."),
+    num_points: Optional[int] = typer.Option(None, help="Use only the first N digits (default all 1797; 300 with --tiny)."),
+    seed: int = typer.Option(0, help="PRNG seed."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    x64: bool = typer.Option(True, "--x64/--no-x64", help="Grams, bases and edges in float64."),
+):
+    """Train an MLP on scikit-learn's digits and write a full degeneracy report (LIB vs PCA, edges, modules, LLC)."""
+    _setup_jax(x64)
+    from degenjax._src import quickstart as qs
+
+    cfg = qs.QuickstartConfig.tiny() if tiny else qs.QuickstartConfig()
+    overrides = {"train_steps": train_steps, "hidden": hidden, "num_chains": num_chains, "num_draws": num_draws,
+                 "num_points": num_points}
+    cfg = cfg._replace(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    report = qs.run_quickstart(out, cfg, progress=progress)
+    typer.echo(f"LLC = {report['llc']:.4g} +- {report['llc_std']:.3g}, N_eff = {report['n_eff']:.4g}, "
+               f"test accuracy = {report['test_accuracy']:.3f}")
+    typer.echo(f"Wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots.")
+
+
+@app.command()
+@_user_errors
+def llc(
+    target: str = typer.Argument(..., help="package.module:function returning (loss_fn, params, data)."),
+    checkpoint: Optional[pathlib.Path] = typer.Option(
+        None, help="A .msgpack file or orbax folder whose parameters replace the entry point's params."),
+    step_size: float = typer.Option(1e-4, help="SGLD step size epsilon."),
+    nbeta: Optional[float] = typer.Option(None, help="n * beta; default n / log(n)."),
+    localization: float = typer.Option(1.0, help="Localization strength gamma."),
+    num_chains: int = typer.Option(4, help="Number of chains (run together, sharded over devices)."),
+    num_draws: int = typer.Option(200, help="Draws per chain."),
+    num_burnin: int = typer.Option(0, help="Burn-in steps discarded per chain."),
+    batch_size: int = typer.Option(64, help="Minibatch size."),
+    sampler: Sampler = typer.Option(Sampler.sgld, help="Sampler."),
+    seed: int = typer.Option(0, help="PRNG seed."),
+    x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
+    out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here."),
+    plot: Optional[pathlib.Path] = typer.Option(None, help="Write the loss-trace plot (PNG) here."),
+):
+    """Estimate the local learning coefficient (and N_eff = 2 LLC) of a user's model."""
+    _setup_jax(x64)
+    import jax
+    import numpy as np
+
+    from degenjax._src.checkpoints import load_checkpoint
+    from degenjax._src.llc import effective_parameter_count, estimate_llc
+    from degenjax._src.sweep import load_problem
+
+    loss_fn, params, data = load_problem(target, _search_dirs())
+    if checkpoint is not None:
+        params = load_checkpoint(checkpoint, params)
+    from degenjax._src.sweep import chain_mesh
+
+    res = estimate_llc(jax.random.key(seed), loss_fn, params, data, num_chains=num_chains, num_draws=num_draws,
+                       step_size=step_size, batch_size=batch_size, nbeta=nbeta, localization=localization,
+                       num_burnin=num_burnin, sampler=sampler.value, mesh=chain_mesh(num_chains), progress=True)
+    res = jax.device_get(res)
+    result = {
+        "target": target, "checkpoint": None if checkpoint is None else str(checkpoint),
+        "llc": float(res.llc_mean), "llc_std": float(res.llc_std),
+        "llc_per_chain": np.asarray(res.llc_per_chain).tolist(),
+        "n_eff": float(effective_parameter_count(res.llc_mean)), "init_loss": float(res.init_loss),
+        "mala_acceptance": float(res.mala_acceptance), "ess": float(res.ess), "rhat": float(res.rhat),
+        "nbeta": float(res.nbeta),
+        "settings": {"step_size": step_size, "nbeta": nbeta, "localization": localization,
+                     "num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
+                     "batch_size": batch_size, "sampler": sampler.value, "seed": seed},
+    }
+    typer.echo(f"LLC = {result['llc']:.5g} +- {result['llc_std']:.3g} (N_eff = {result['n_eff']:.4g}), "
+               f"L_n(w*) = {result['init_loss']:.5g}, MALA acceptance = {result['mala_acceptance']:.2f}, "
+               f"ESS = {result['ess']:.1f}, R-hat = {result['rhat']:.3f}")
+    if out is not None:
+        _write_json(out, result)
+    if plot is not None:
+        from degenjax._src.plots import plot_loss_traces
+
+        plot_loss_traces(res.loss_trace, res.init_loss, llc=res.llc_mean, path=plot)
+
+
+@app.command()
+@_user_errors
+def basis(
+    target: str = typer.Argument(..., help="package.module:function returning (model, params, batches): model is "
+                                           "degenjax.Sections or a list of section functions."),
+    checkpoint: Optional[pathlib.Path] = typer.Option(None, help="Parameters to load into the entry point's params."),
+    kind: Kind = typer.Option(Kind.lib, help="Basis: lib (local interaction basis), global, pca or random."),
+    rtol: Optional[float] = typer.Option(None, help="Relative eigenvalue cutoff (default: the library's)."),
+    seed: int = typer.Option(0, help="PRNG seed (random basis, random source vectors)."),
+    x64: bool = typer.Option(True, "--x64/--no-x64", help="Enable float64 (recommended for Grams)."),
+    out: Optional[pathlib.Path] = typer.Option(None, help="Folder for basis.npz, summary.json and plots."),
+):
+    """Compute an interaction basis, its edges and their sparsity for a user's model."""
+    _setup_jax(x64)
+    import jax
+    import numpy as np
+
+    from degenjax._src.basis import interaction_basis
+    from degenjax._src.checkpoints import load_checkpoint
+    from degenjax._src.edges import edge_sparsity, interaction_edges
+    from degenjax._src.sweep import load_entry_point
+
+    got = load_entry_point(target, _search_dirs())()
+    if not (isinstance(got, tuple) and len(got) == 3):
+        raise ValueError(f"Entry point {target!r} must return (model, params, batches).")
+    model, params, batches = got
+    if checkpoint is not None:
+        params = load_checkpoint(checkpoint, params)
+    b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed))
+    edges = interaction_edges(model, params, b, batches)
+    sparsity = edge_sparsity(edges)
+    dims = [int(d) for d in jax.device_get(b.dims)]
+    counts = [int(np.count_nonzero(np.asarray(e))) for e in edges]
+    summary = {"target": target, "kind": kind.value, "dims": dims, "edge_counts": counts,
+               "sparsity": _jsonable(sparsity)}
+    typer.echo(f"{kind.value} basis dims per node layer: {dims}")
+    typer.echo(f"nonzero edges per section: {counts}; sparsity: {json.dumps(summary['sparsity'])}")
+    if out is not None:
+        from degenjax._src.plots import plot_interaction_graph, plot_spectra
+
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        for l, (c, cp, lam) in enumerate(zip(b.C, b.C_pinv, b.Lambda)):
+            arrays[f"C_{l}"], arrays[f"C_pinv_{l}"], arrays[f"Lambda_{l}"] = map(np.asarray, (c, cp, lam))
+        for l, e in enumerate(edges):
+            arrays[f"edges_{l}"] = np.asarray(e)
+        np.savez(out / "basis.npz", **arrays)
+        _write_json(out / "summary.json", summary)
+        plot_spectra({"Lambda": [np.asarray(v) for v in b.Lambda]}, path=out / "spectra.png")
+        plot_interaction_graph(edges, path=out / "interaction_graph.png")
+        typer.echo(f"Wrote {out / 'basis.npz'}, {out / 'summary.json'} and plots.")
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "shape") or isinstance(x, np.generic):
+        a = np.asarray(x)
+        return a.tolist() if a.ndim else a.item()
+    return x
+
+
+@app.command()
+@_user_errors
+def sweep(
+    config: pathlib.Path = typer.Argument(..., help="Sweep TOML file (see examples/sweep.toml)."),
+    out: pathlib.Path = typer.Option(..., "--out", "-o", help="Results folder; rerun with the same folder to resume."),
+    plots: bool = typer.Option(True, help="Write llc_vs_checkpoint.png and calibration_heatmap.png at the end."),
+    progress: bool = typer.Option(True, help="Show a progress bar over cells."),
+    x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
+):
+    """LLC over checkpoints x a grid of step size / nbeta / localization; resumable after a crash."""
+    from degenjax._src.sweep import load_sweep_config, run_sweep
+
+    cfg = load_sweep_config(config)  # validate before importing JAX-heavy code
+    _setup_jax(x64)
+    rows = run_sweep(cfg, out, progress=progress, plots=plots)
+    diverged = sum(bool(r.get("diverged")) for r in rows)
+    typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv)"
+               + (f"; {diverged} diverged" if diverged else "") + ".")
+
+
+def main() -> None:
+    """Console entry point (``degenjax``)."""
+    app(prog_name="degenjax")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
