@@ -47,6 +47,8 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError, FloatingPointError) as err:
+            if type(err).__module__.split(".")[0] in ("jax", "jaxlib"):
+                raise  # a JAX error (dtype promotion, tracing) is a bug to report, not a user input error
             msg = " ".join(str(err).split())
             typer.echo(f"Error: {msg}", err=True)
             raise typer.Exit(code=1) from None
@@ -102,7 +104,7 @@ def quickstart(
 @app.command()
 @_user_errors
 def llc(
-    target: str = typer.Argument(..., help="package.module:function returning (loss_fn, params, data)."),
+    target: str = typer.Argument(..., metavar="TARGET", help="package.module:function returning (loss_fn, params, data)."),
     checkpoint: Optional[pathlib.Path] = typer.Option(
         None, help="A .msgpack file or orbax folder whose parameters replace the entry point's params."),
     step_size: float = typer.Option(1e-4, help="SGLD step size epsilon."),
@@ -117,6 +119,8 @@ def llc(
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
     out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here."),
     plot: Optional[pathlib.Path] = typer.Option(None, help="Write the loss-trace plot (PNG) here."),
+    progress: bool = typer.Option(True, help="Progress bar (runs the chains in 5 compiled chunks; --no-progress "
+                                             "compiles once)."),
 ):
     """Estimate the local learning coefficient (and N_eff = 2 LLC) of a user's model."""
     _setup_jax(x64)
@@ -132,9 +136,24 @@ def llc(
         params = load_checkpoint(checkpoint, params)
     from degenjax._src.sweep import chain_mesh
 
-    res = estimate_llc(jax.random.key(seed), loss_fn, params, data, num_chains=num_chains, num_draws=num_draws,
-                       step_size=step_size, batch_size=batch_size, nbeta=nbeta, localization=localization,
-                       num_burnin=num_burnin, sampler=sampler.value, mesh=chain_mesh(num_chains), progress=True)
+    kw = dict(num_chains=num_chains, num_draws=num_draws, step_size=step_size, batch_size=batch_size, nbeta=nbeta,
+              localization=localization, num_burnin=num_burnin, sampler=sampler.value, mesh=chain_mesh(num_chains))
+    if progress:  # eager, checked for divergence between chunks
+        res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=True,
+                           num_chunks=min(5, num_draws + num_burnin), **kw)
+    else:
+        from degenjax._src.llc import check_inputs
+
+        check_inputs(params, data, step_size=step_size, batch_size=batch_size)  # clear errors before tracing
+        res = jax.jit(lambda k, p, d: estimate_llc(k, loss_fn, p, d, **kw))(jax.random.key(seed), params, data)
+        res = jax.device_get(res)
+        if not np.all(np.isfinite(np.asarray(res.loss_trace))):
+            raise FloatingPointError(f"SGLD diverged (non-finite loss) with step_size={step_size:g}; use a smaller "
+                                     "--step-size or a larger --localization.")
+        from degenjax._src.sweep import _ess_rhat
+
+        ess, rhat = _ess_rhat(np.asarray(res.loss_trace, np.float64))
+        res = res._replace(ess=np.asarray(ess), rhat=np.asarray(rhat))
     res = jax.device_get(res)
     result = {
         "target": target, "checkpoint": None if checkpoint is None else str(checkpoint),
@@ -161,7 +180,7 @@ def llc(
 @app.command()
 @_user_errors
 def basis(
-    target: str = typer.Argument(..., help="package.module:function returning (model, params, batches): model is "
+    target: str = typer.Argument(..., metavar="TARGET", help="package.module:function returning (model, params, batches): model is "
                                            "degenjax.Sections or a list of section functions."),
     checkpoint: Optional[pathlib.Path] = typer.Option(None, help="Parameters to load into the entry point's params."),
     kind: Kind = typer.Option(Kind.lib, help="Basis: lib (local interaction basis), global, pca or random."),
@@ -181,8 +200,13 @@ def basis(
     from degenjax._src.sweep import load_entry_point
 
     got = load_entry_point(target, _search_dirs())()
-    if not (isinstance(got, tuple) and len(got) == 3):
-        raise ValueError(f"Entry point {target!r} must return (model, params, batches).")
+    from degenjax._src.sections import Sections
+
+    if not (isinstance(got, tuple) and len(got) == 3 and (isinstance(got[0], Sections) or (
+            isinstance(got[0], (list, tuple)) and got[0] and all(callable(f) for f in got[0])))):
+        raise ValueError(f"Entry point {target!r} must return (model, params, batches) with model a degenjax.Sections "
+                         "or a list of section functions f(params, h); an llc entry point (loss_fn, params, data) "
+                         "does not fit here.")
     model, params, batches = got
     if checkpoint is not None:
         params = load_checkpoint(checkpoint, params)
@@ -227,7 +251,7 @@ def _jsonable(x):
 @app.command()
 @_user_errors
 def sweep(
-    config: pathlib.Path = typer.Argument(..., help="Sweep TOML file (see examples/sweep.toml)."),
+    config: pathlib.Path = typer.Argument(..., metavar="CONFIG", help="Sweep TOML file (see examples/sweep.toml)."),
     out: pathlib.Path = typer.Option(..., "--out", "-o", help="Results folder; rerun with the same folder to resume."),
     plots: bool = typer.Option(True, help="Write llc_vs_checkpoint.png and calibration_heatmap.png at the end."),
     progress: bool = typer.Option(True, help="Show a progress bar over cells."),

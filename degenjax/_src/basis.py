@@ -136,28 +136,78 @@ def check_basis_matches(model: Sections, basis: InteractionBasis, shapes=None):
 # the per-layer maths
 
 
-def _count_above(values, cutoff):
-    return jnp.sum(values > cutoff).astype(jnp.int32)
-
-
-def _num_kept(values, cutoff, fixed: int | None, what: str):
-    """Python int: ``fixed`` if given, else the number of values above the cutoff (needs concrete values)."""
+def _num_kept(count, fixed: int | None, available: int, what: str) -> int:
+    """Python int: ``fixed`` if given, else the count of values above the cutoff (needs a concrete count)."""
     if fixed is not None:
-        return min(int(fixed), values.shape[0])
-    if not is_concrete(values):
+        return max(0, min(int(fixed), available))
+    if not is_concrete(count):
         raise ValueError(f"interaction_basis under jax.jit cannot choose the {what} truncation from traced values; "
-                         "pass static dims=(k_0, ..., k_{L-1}) (non-constant directions per node layer), e.g. the "
-                         "dims of an eager run minus one.")
-    return int(jnp.sum(values > cutoff))
+                         "pass static dims=(k_0, ..., k_{L-1}) (non-constant directions per node layer), e.g. "
+                         "[d - 1 for d in basis.dims] of an eager run.")
+    return int(count)
 
 
-def _safe_inv_sqrt(v):
+def _safe_inv(v):
     pos = v > 0
-    return jnp.where(pos, 1.0 / jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+    return jnp.where(pos, 1.0 / jnp.where(pos, v, 1.0), 0.0)
+
+
+def _assemble(mu, R, Rp, lam0):
+    """``C`` (constant column first, centring row last) and ``C^+`` from the non-constant maps (module docstring)."""
+    d, n = R.shape
+    dt = R.dtype
+    s0 = jnp.sqrt(lam0)
+    top = jnp.concatenate([jnp.zeros((d, 1), dt), R], axis=1)
+    bottom = jnp.concatenate([s0[None], -(mu @ R)])[None, :]
+    C = jnp.concatenate([top, bottom], axis=0)
+    first = jnp.concatenate([mu / s0, (1.0 / s0)[None]])[None, :]
+    rest = jnp.concatenate([Rp, jnp.zeros((n, 1), dt)], axis=1)
+    return C, jnp.concatenate([first, rest], axis=0)
+
+
+def _layer_full(cov, mu, M, rtol, key, *, kind: str, k: int | None):
+    """Untruncated basis of one layer: ``C`` ``(d+1, d+1)``, ``C^+``, ``Lambda`` with columns in descending order.
+
+    The activation cutoff is applied by masking (directions at or below it get zero weight, so no noise direction
+    is whitened); the interaction cutoff is applied afterwards by slicing the leading columns, which is exact since
+    each column depends only on its own eigenpair. ``k`` (static) is only used by ``kind="random"``.
+    """
+    dt = cov.dtype
+    D, U = eigh(cov)
+    cut_g = rtol * jnp.maximum(D[0], 0.0)
+    keep_g = D > cut_g
+    count_g = jnp.sum(keep_g).astype(jnp.int32)
+    if kind == "pca":
+        R = U * keep_g[None, :].astype(dt)
+        C, Cp = _assemble(mu, R, R.T, jnp.ones((), dt))
+        return C, Cp, jnp.concatenate([jnp.ones((1,), dt), jnp.where(keep_g, D, 0.0)]), D, D, count_g, count_g
+    if kind == "random":
+        Uk, Dk = U[:, :k], D[:k]
+        q, r = jnp.linalg.qr(jax.random.normal(key, (k, k), dt))
+        Q = q * jnp.sign(jnp.diag(r))[None, :]  # Haar-distributed orthogonal matrix
+        C, Cp = _assemble(mu, Uk @ Q, Q.T @ Uk.T, jnp.ones((), dt))
+        lam = jnp.einsum("ij,i,ij->j", Q, Dk, Q)
+        return C, Cp, jnp.concatenate([jnp.ones((1,), dt), lam]), D, Dk, count_g, jnp.asarray(k, jnp.int32)
+    s = jnp.where(keep_g, jnp.sqrt(jnp.where(keep_g, D, 1.0)), 0.0)
+    S = U * s[None, :]  # whitened coordinates -> activations (zero for dropped directions)
+    Lam, V = eigh(S.T @ M @ S)
+    cut_i = rtol * jnp.maximum(Lam[0], 0.0)
+    count_i = jnp.sum(Lam > cut_i).astype(jnp.int32)
+    R = (U * _safe_inv(s)[None, :]) @ V * jnp.sqrt(jnp.maximum(Lam, 0.0))[None, :]
+    Rp = (_safe_inv(jnp.sqrt(jnp.maximum(Lam, 0.0)))[:, None] * V.T) @ (s[:, None] * U.T)
+    # constant coordinate kept apart: its Jacobian in the centred frame is J mu, so Lambda_0 = mu^T M mu
+    lam0 = mu @ M @ mu
+    lam0 = jnp.where(lam0 > cut_i, lam0, jnp.ones((), dt))
+    C, Cp = _assemble(mu, R, Rp, lam0)
+    return C, Cp, jnp.concatenate([lam0[None], Lam]), D, Lam, count_g, count_i
+
+
+_layer_full_jit = jax.jit(_layer_full, static_argnames=("kind", "k"))
 
 
 def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: str = "lib",
-                rtol: float | None = None, key=None, keep: int | None = None, name: str = "layer"):
+                rtol: float | None = None, key=None, keep: int | None = None, name: str = "layer",
+                jit: bool = True):
     """The basis of one node layer from its covariance, mean and Jacobian Gram (DESIGN section 3, steps 1-4).
 
     Args:
@@ -165,11 +215,12 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
       mean: ``(d,)`` activation mean.
       M: ``(d, d)`` Jacobian Gram (``kind="lib"``/``"global"``); ignored for ``"pca"``/``"random"``.
       kind: ``"lib"``, ``"global"``, ``"pca"`` or ``"random"``.
-      rtol: relative cutoff; eigenvalues ``<= rtol * max`` are dropped. Default ``d * eps`` of the dtype.
+      rtol: relative cutoff; eigenvalues ``<= rtol * max`` are dropped. Default ``(d + 1) * eps`` of the dtype.
       key: PRNG key for ``kind="random"``.
-      keep: if given, keep exactly ``min(keep, available)`` non-constant directions at both cutoffs (static
-        shapes, so this works under ``jax.jit``).
+      keep: if given, keep exactly ``min(keep, d)`` non-constant directions (static shapes, so this works under
+        ``jax.jit``); the cutoffs still mask directions below them.
       name: the layer's name for error messages.
+      jit: compile the linear algebra (cached per shape); False runs it op by op.
 
     Returns:
       ``(C, C_pinv, Lambda, gram_spectrum, interaction_spectrum, num_dropped_gram, num_dropped_interaction)``.
@@ -177,57 +228,35 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     Raises:
       ValueError: a rank-0 layer (all activations constant), or no direction with non-zero interaction.
     """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}.")
     dt = acc_dtype()
     cov = jnp.asarray(cov, dt)
     mu = jnp.asarray(mean, dt)
     d = cov.shape[0]
-    if rtol is None:
-        rtol = (d + 1) * float(jnp.finfo(dt).eps)
-    D, U = eigh(cov)
-    cut_g = rtol * jnp.maximum(D[0], 0.0)
-    k = _num_kept(D, cut_g, keep, "activation")
-    if k == 0:
-        raise ValueError(f"node layer {name} has rank 0: its activations are constant on the data (all covariance "
-                         f"eigenvalues <= rtol * max = {float(cut_g):.3g}); there is nothing to interpret. Check the "
-                         "params (dead layer?) or the data, or leave this layer out of the sections.")
-    dropped_g = jnp.asarray(d, jnp.int32) - _count_above(D, cut_g)
-    Uk, Dk = U[:, :k], D[:k]
+    rtol = jnp.asarray((d + 1) * float(jnp.finfo(dt).eps) if rtol is None else rtol, dt)
+    fn = _layer_full_jit if jit else _layer_full
+    k = None
+    if kind == "random":
+        if key is None:
+            raise ValueError('kind="random" needs key=jax.random.key(...) for the random rotation.')
+        D = eigh(cov)[0]
+        k = _num_kept(jnp.sum(D > rtol * jnp.maximum(D[0], 0.0)), keep, d, "activation")
+        if k == 0:
+            raise ValueError(f"node layer {name} has rank 0: its activations are constant on the data.")
+    M = jnp.zeros_like(cov) if M is None else jnp.asarray(M, dt)
+    C, Cp, Lambda, D, spec, count_g, count_i = fn(cov, mu, M, rtol, key, kind="lib" if kind == "global" else kind,
+                                                  k=k)
+    n = _num_kept(count_i, keep, d if kind != "random" else k, "interaction")
+    if n == 0:
+        raise ValueError(f"node layer {name} has rank 0 or no interaction: every activation-covariance eigenvalue, "
+                         "or every eigenvalue of the Jacobian Gram in whitened coordinates, is below the cutoff; "
+                         "the later sections do not depend on this layer on the data.")
+    dropped_g = jnp.asarray(d, jnp.int32) - count_g
+    dropped_i = jnp.zeros((), jnp.int32) if kind in ("pca", "random") else count_g - count_i
     if kind in ("pca", "random"):
-        R, Rp, lam = Uk, Uk.T, Dk
-        if kind == "random":
-            if key is None:
-                raise ValueError('kind="random" needs key=jax.random.key(...) for the random rotation.')
-            q, r = jnp.linalg.qr(jax.random.normal(key, (k, k), dt))
-            Q = q * jnp.sign(jnp.diag(r))[None, :]  # Haar-distributed orthogonal matrix
-            R, Rp = Uk @ Q, Q.T @ Uk.T
-            lam = jnp.einsum("ij,i,ij->j", Q, Dk, Q)
-        lam0 = jnp.ones((), dt)
-        spectrum, dropped_i = Dk, jnp.zeros((), jnp.int32)
-    else:
-        M = jnp.asarray(M, dt)
-        s = jnp.sqrt(jnp.maximum(Dk, 0.0))
-        S = Uk * s[None, :]
-        Lam, V = eigh(S.T @ M @ S)
-        cut_i = rtol * jnp.maximum(Lam[0], 0.0)
-        m = _num_kept(Lam, cut_i, keep, "interaction")
-        if m == 0:
-            raise ValueError(f"node layer {name}: no direction has a non-zero interaction with the next layer (all "
-                             f"eigenvalues of the Jacobian Gram <= {float(cut_i):.3g}); the later sections do not "
-                             "depend on this layer on the data.")
-        spectrum, dropped_i = Lam, jnp.asarray(k, jnp.int32) - _count_above(Lam, cut_i)
-        Vm, lam = V[:, :m], Lam[:m]
-        sl = jnp.sqrt(jnp.maximum(lam, 0.0))
-        R = (Uk * _safe_inv_sqrt(Dk)[None, :]) @ Vm * sl[None, :]
-        Rp = (_safe_inv_sqrt(lam)[:, None] * Vm.T) @ (s[:, None] * Uk.T)
-        lam0 = mu @ M @ mu
-        lam0 = jnp.where(lam0 > cut_i, lam0, jnp.ones((), dt))
-    n = R.shape[1]
-    C = jnp.zeros((d + 1, n + 1), dt)
-    C = C.at[d, 0].set(jnp.sqrt(lam0)).at[:d, 1:].set(R).at[d, 1:].set(-(mu @ R))
-    Cp = jnp.zeros((n + 1, d + 1), dt)
-    Cp = Cp.at[0, :d].set(mu / jnp.sqrt(lam0)).at[0, d].set(1.0 / jnp.sqrt(lam0)).at[1:, :d].set(Rp)
-    Lambda = jnp.concatenate([lam0[None], lam])
-    return C, Cp, Lambda, D, spectrum, dropped_g, dropped_i
+        spec = spec[:n]
+    return C[:, :n + 1], Cp[:n + 1], Lambda[:n + 1], D, spec, dropped_g, dropped_i
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +265,7 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
 
 def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float | None = None, key=None,
                       dims: Sequence[int] | None = None, jacobian_kwargs: dict | None = None,
-                      activation_kwargs: dict | None = None) -> InteractionBasis:
+                      activation_kwargs: dict | None = None, jit: bool = True) -> InteractionBasis:
     """The (Local) Interaction Basis of every node layer, computed last layer first (DESIGN section 3).
 
     ``kind="lib"``: the Jacobian Gram of node layer ``l`` differentiates the next node layer's basis coordinates
@@ -260,6 +289,8 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
       jacobian_kwargs: extra keyword arguments for `degenjax.jacobian_gram` (e.g. ``num_sources``, ``key``,
         ``chunk_size``, ``mesh``, ``jit``).
       activation_kwargs: extra keyword arguments for `degenjax.activation_stats` (e.g. ``mesh``, ``jit``).
+      jit: compile the per-batch Gram steps and the per-layer linear algebra (each cached per shape), as the Gram
+        functions do; False runs everything op by op. Inside the user's ``jax.jit`` either way works.
 
     Returns:
       `InteractionBasis` with tuples over node layers ``0..L-1``.
@@ -276,7 +307,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
         raise ValueError(f"dims has {len(dims)} entries but the model has {L} node layers.")
     check_finite_params(params)
     batches = as_batch_list(batches)
-    stats = activation_stats(model, params, batches, center=True, **(activation_kwargs or {}))
+    stats = activation_stats(model, params, batches, center=True, **{"jit": jit, **(activation_kwargs or {})})
     means = list(stats.means)
     covs = [g[:-1, :-1] for g in stats.grams]  # centred Gram = blockdiag(Cov, 1)
     if is_concrete(covs):
@@ -284,7 +315,12 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
             if not bool(jnp.all(jnp.isfinite(covs[l]))):
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check the "
                                  "inputs and the sections before it.")
-    jkw = dict(jacobian_kwargs or {})
+            var, scale = float(jnp.max(jnp.diag(covs[l]))), float(jnp.max(means[l] ** 2))
+            if var <= (covs[l].shape[0] + 1) * float(jnp.finfo(covs[l].dtype).eps) * max(var, scale):
+                raise ValueError(f"node layer {l} ({model.layer_name(l)}) has rank 0: its activations are constant "
+                                 "on the data; there is nothing to interpret. Check the params (dead layer?) or the "
+                                 "data, or leave this layer out of the sections.")
+    jkw = {"jit": jit, **(jacobian_kwargs or {})}
     keys = jax.random.split(key, L) if (kind == "random" and key is not None) else [None] * L
     results: list[Any] = [None] * L
     C_next = None
@@ -299,7 +335,8 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
             raise ValueError(f"node layer {l} ({model.layer_name(l)}): the Jacobian Gram has NaN or inf entries; "
                              "check the params and the sections after this layer.")
         results[l] = layer_basis(covs[l], means[l], M, kind=kind, rtol=rtol, key=keys[l],
-                                 keep=None if dims is None else dims[l], name=f"{l} ({model.layer_name(l)})")
+                                 keep=None if dims is None else dims[l], name=f"{l} ({model.layer_name(l)})",
+                                 jit=jit)
         C_next = results[l][0]
     C, Cp, Lam, Dfull, spec, dg, di = (tuple(r[i] for r in results) for i in range(7))
     return InteractionBasis(C=C, C_pinv=Cp, Lambda=Lam, mean=tuple(means), dims=tuple(c.shape[1] for c in C),

@@ -162,8 +162,7 @@ def calibration_sweep(rng_key, loss_fn: Callable, params: ArrayTree, data: Array
     Raises:
       ValueError: for empty or non-positive grids, ``num_draws < 4``, or any input `estimate_llc` rejects.
     """
-    num_draws = llc_lib._check_positive_int("num_draws", num_draws)
-    if num_draws < 4:
+    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 4:
         raise ValueError(f"num_draws must be >= 4 for calibration (the flatness check compares the last two "
                          f"quarters of the trace); got {num_draws}.")
     for bad in ("step_size", "nbeta", "localization"):

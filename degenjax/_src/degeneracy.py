@@ -307,16 +307,18 @@ class DegeneracyReport:
       activation_spectrum: per section, ``eig(G^l)`` descending.
       activation_free: ``(d_l + 1 - rank G^l) d_{l+1}``: null directions of the (bias-augmented) input, each free in
         every output unit.
-      jacobian_rank: rank of ``M^{l+1}`` (Jacobian Gram of node layer ``l + 1``; ``d_{l+1}`` for the last section,
-        whose output is the network output).
+      jacobian_rank: rank of ``M^{l+1}``, the Jacobian Gram of node layer ``l + 1`` with respect to its
+        pre-activation when it is a ReLU layer (``E[D J^T J D]``, ``D = 1[h_{l+1} > 0]``), else to ``h_{l+1}``;
+        ``d_{l+1}`` for the last section, whose output is the network output.
       jacobian_cutoff, jacobian_rank_range, jacobian_spectrum: as for the activations (last section: zero / empty).
       jacobian_free: ``(d_{l+1} - rank M^{l+1}) d_l``.
       relu: whether node layer ``l + 1`` was treated as ReLU outputs (on = activation > 0).
       sync: per section, the `SyncResult` of node layer ``l + 1`` (None for the last section).
       sync_free: ``sum k (k - 1)`` over synchronized groups of node layer ``l + 1``.
       always_on_free: ``k (k - 1)`` for the ``k`` always-on units (they act as one linear, synchronized block).
-      dead_free: ``(d_l + 1) x`` the number of dead units of node layer ``l + 1`` (their incoming weights and bias;
-        their outgoing weights show up in the next section's activation rank deficit).
+      dead_free: ``(d_l + 1) x`` the number of dead units of node layer ``l + 1`` (their incoming weights and bias).
+        Reported, not added to `free`: these directions are already Jacobian null directions (``d_l`` of them per
+        unit), and the outgoing weights show up in the next section's activation rank deficit.
       num_dead, num_always_on: unit counts.
 
     The categories can overlap (a duplicated unit is both a synchronized pair and an activation rank deficit of the
@@ -349,8 +351,12 @@ class DegeneracyReport:
 
     @property
     def free(self) -> jax.Array:
-        """``(L,)`` sum of all free-direction categories per section."""
-        return self.activation_free + self.jacobian_free + self.sync_free + self.always_on_free + self.dead_free
+        """``(L,)`` sum of the activation, Jacobian, synchronized and always-on counts per section.
+
+        ``dead_free`` is not added: the Jacobian of a dead unit's pre-activation is zero on the data, so its
+        incoming weights are already in ``jacobian_free``.
+        """
+        return self.activation_free + self.jacobian_free + self.sync_free + self.always_on_free
 
     @property
     def total_params(self) -> int:
@@ -372,7 +378,7 @@ class DegeneracyReport:
     def table(self) -> str:
         """A markdown table: one row per section plus the total."""
         head = ("| section | d_in | d_out | params | rank G (0.1x..10x) | act. free | rank M (0.1x..10x) | jac. free "
-                "| sync | always-on | dead | sum |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "| sync | always-on | dead (in jac.) | sum |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         rows = []
         ar, arr = np.asarray(self.activation_rank), np.asarray(self.activation_rank_range)
         jr, jrr = np.asarray(self.jacobian_rank), np.asarray(self.jacobian_rank_range)
@@ -414,7 +420,7 @@ def _slq_rank(A, rtol: float, key, num_probes: int, num_lanczos: int):
     from degenjax._src.spectral import spectral_density
 
     d = A.shape[0]
-    dens = spectral_density(A, key=key, num_probes=num_probes, num_lanczos=num_lanczos)
+    dens = spectral_density(A, key=key, num_probes=num_probes, num_lanczos=min(num_lanczos, d))
     nodes = jnp.asarray(dens.nodes)
     top = jnp.max(nodes)
     cut = rtol * jnp.maximum(top, 0.0)
@@ -423,6 +429,17 @@ def _slq_rank(A, rtol: float, key, num_probes: int, num_lanczos: int):
         return jnp.round(d - dens.count_below(c)).astype(_count_dtype())
 
     return rank(cut), cut, jnp.stack([rank(10.0 * cut), rank(0.1 * cut)]), jnp.sort(jnp.ravel(nodes))[::-1]
+
+
+def _with_input_relu(model, relu_flags):
+    """The model with ``relu`` prepended to section ``l`` where node layer ``l`` is flagged (flags may be traced)."""
+    def wrap(f, flag):
+        def section(p, h):
+            return f(p, jnp.where(flag, jax.nn.relu(h), h))
+        return section
+
+    fns = (model.fns[0],) + tuple(wrap(f, flag) for f, flag in zip(model.fns[1:], relu_flags))
+    return type(model)(fns, names=model.names)
 
 
 def _as_batch_list(batches) -> list:
@@ -450,9 +467,12 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       this is ``(d_l - rank Cov) d_{l+1}``, DESIGN's formula);
     - Jacobians: a direction of node layer ``l + 1`` to which the rest of the network is insensitive (null space of
       ``M^{l+1}`` from ``jacobian_grams``, by default the Jacobian to the output) can be added to the output of
-      ``W^l`` from any input: ``(d_{l+1} - rank M^{l+1}) d_l``;
+      ``W^l`` from any input: ``(d_{l+1} - rank M^{l+1}) d_l`` (DESIGN's count; the bias adds one more per null
+      direction). For a ReLU node layer the Jacobian is taken with respect to the pre-activation (what ``W^l``
+      moves): ``M = E[D J^T J D]`` with ``D = 1[h_{l+1} > 0]``, so a direction that only dead or inactive units
+      carry counts as free;
     - ReLU units of node layer ``l + 1`` (see `synchronized_neurons`): ``k (k - 1)`` per synchronized group,
-      ``k (k - 1)`` for the ``k`` always-on units, ``d_l + 1`` per dead unit.
+      ``k (k - 1)`` for the ``k`` always-on units, ``d_l + 1`` per dead unit (reported; inside the Jacobian count).
 
     Ranks count eigenvalues ``> rtol * max``; the report keeps the spectra and the ranks at 10x and 0.1x the cutoff
     so the robustness of each count is visible. Matrices larger than ``max_dense_dim`` are not diagonalised:
@@ -531,8 +551,17 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
             m = jnp.min(h)
             mins[l - 1] = m if mins[l - 1] is None else jnp.minimum(mins[l - 1], m)
 
+    if relu_fixed is None:
+        relu_flags = [m >= 0 for m in mins]
+    else:
+        relu_flags = [jnp.asarray(l in relu_fixed) for l in range(1, L)]
     grams = activation_grams(model, params, batches, center=True)
-    jgrams = jacobian_grams(model, params, batches, target=jacobian_target)
+    # Jacobians with respect to the pre-activations of ReLU node layers (DESIGN section 6): a weight change of W^l
+    # moves the pre-activation z_{l+1}, which reaches the rest of the network through D = 1[h_{l+1} > 0]. On the data
+    # h_{l+1} >= 0, so relu(h_{l+1}) = h_{l+1} and prepending a ReLU to section l + 1 leaves every activation
+    # unchanged while its derivative inserts D: M'^{l+1} = E[D J^T J D]. (Inner ReLUs of the tail already carry
+    # their D; D^2 = D.)
+    jgrams = jacobian_grams(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target)
     act_dtype = [jnp.result_type(s) for s in shapes]
     cdt = _count_dtype()
 
@@ -559,10 +588,7 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
         if l < L - 1:
             jk, jcut, jrr, jspec, jdn = rank_of(jgrams[l + 1], l + 1, "Jacobian")
             sync = accs[l].result(states[l])
-            if relu_fixed is None:
-                relu = mins[l] >= 0
-            else:
-                relu = jnp.asarray((l + 1) in relu_fixed)
+            relu = relu_flags[l]
             zero = jnp.zeros((), cdt)
             n_dead = jnp.sum(sync.dead_mask).astype(cdt)
             n_on = jnp.sum(sync.always_on_mask).astype(cdt)

@@ -23,8 +23,8 @@ from degenjax._src.basis import (InteractionBasis, acc_dtype, as_batch_list, che
 from degenjax._src.sections import as_sections, forward, section_shapes
 
 
-def _section_to_hat(model, params, basis, l):
-    f, C_next = model.fns[l], basis.C[l + 1]
+def _section_to_hat(model, params, C_next, l):
+    f = model.fns[l]
     return lambda h: f(params, h) @ C_next[:-1].astype(h.dtype)
 
 
@@ -34,8 +34,8 @@ def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
     d = h.shape[-1]
     dh = hh.shape[-1]
     Cp_h = Cp[:, :-1].astype(h.dtype)  # (d^_l, d_l): tangent of each basis coordinate in activation space
-    y, lin = jax.linearize(g, h) if mode == "jvp" else (None, None)
     if mode == "jvp":
+        _, lin = jax.linearize(g, h)
         cols = []
         for start in range(0, dh, chunk_size):
             j = np.arange(start, min(start + chunk_size, dh))
@@ -60,8 +60,22 @@ def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
     return jnp.sum(jnp.reshape(flat, (-1, d_next, dh)), axis=0)
 
 
+def _edges_step(params, x, Cs, Cps, *, model, chunk_size: int, modes: tuple):
+    """Unnormalised edge sums of every layer for one input batch."""
+    _, acts = forward(model, params, x)
+    out = []
+    for l, m in enumerate(modes):
+        h = acts[l]
+        g = _section_to_hat(model, params, Cs[l + 1], l)
+        out.append(_batch_edges(g, h, to_hat(h, Cs[l]), Cps[l], chunk_size, m))
+    return out
+
+
+_edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "modes"))
+
+
 def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
-                      mode: str = "auto") -> list[jax.Array]:
+                      mode: str = "auto", jit: bool = True) -> list[jax.Array]:
     """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
 
     Per batch, one linearisation of section ``l`` is pushed through ``chunk_size`` basis directions at a time
@@ -75,6 +89,8 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
       batches: an input batch or an iterable of batches.
       chunk_size: basis directions (or output entries) per ``vmap``.
       mode: ``"auto"`` (cheaper of the two), ``"jvp"`` or ``"vjp"``.
+      jit: compile the per-batch step (cached per model and shapes), as the Gram functions do; False runs it op
+        by op. Inside the user's ``jax.jit`` either way works.
 
     Returns:
       List of ``L - 1`` arrays, ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the accumulation dtype (float64 with x64);
@@ -89,22 +105,22 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     check_basis_matches(model, basis)
     check_finite_params(params)
     batches = as_batch_list(batches)
-    check_basis_matches(model, basis, section_shapes(model, params, batches[0]))
+    shapes = section_shapes(model, params, batches[0])
+    check_basis_matches(model, basis, shapes)
     L = len(model)
-    dt = acc_dtype()
-    totals = [jnp.zeros((basis.C[l + 1].shape[1], basis.C[l].shape[1]), dt) for l in range(L - 1)]
-    counts = [0] * (L - 1)
+    modes = []
+    for l in range(L - 1):
+        n_out = math.prod(shapes[l + 1].shape[1:-1]) * basis.C[l + 1].shape[1]
+        modes.append(mode if mode != "auto" else ("jvp" if basis.C[l].shape[1] <= n_out else "vjp"))
+    step = _edges_step_jit if jit else _edges_step
+    totals, count = None, [0] * (L - 1)
     for x in batches:
-        _, acts = forward(model, params, x)
-        for l in range(L - 1):
-            h = acts[l]
-            hh = to_hat(h, basis.C[l])
-            g = _section_to_hat(model, params, basis, l)
-            n_out = math.prod(jax.eval_shape(g, h).shape[1:])
-            m = mode if mode != "auto" else ("jvp" if hh.shape[-1] <= n_out else "vjp")
-            totals[l] = totals[l] + _batch_edges(g, h, hh, basis.C_pinv[l], chunk_size, m)
-            counts[l] += math.prod(h.shape[:-1])
-    edges = [t / c for t, c in zip(totals, counts)]
+        sums = step(params, x, tuple(basis.C), tuple(basis.C_pinv), model=model, chunk_size=int(chunk_size),
+                    modes=tuple(modes))
+        totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
+        n = jnp.shape(jax.tree.leaves(x)[0])[0]
+        count = [c + n * math.prod(shapes[l].shape[1:-1]) for l, c in enumerate(count)]
+    edges = [t / c for t, c in zip(totals, count)]
     if is_concrete(edges):
         for l, e in enumerate(edges):
             if not bool(jnp.all(jnp.isfinite(e))):
@@ -178,7 +194,7 @@ def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, 
     L = len(model)
     _, acts = forward(model, params, x)
     hh = to_hat(acts[layer], basis.C[layer])
-    g = _section_to_hat(model, params, basis, layer)
+    g = _section_to_hat(model, params, basis.C[layer + 1], layer)
     mask = jnp.asarray(mask).astype(hh.dtype)
     n_next = mask.shape[0]
     C_next_const = basis.C[layer + 1][-1]

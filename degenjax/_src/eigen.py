@@ -261,7 +261,10 @@ def _explicit_mesh_of(a):
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
         return None
-    return mesh if any(s is not None for s in sharding.spec) else None
+    if not any(s is not None for s in sharding.spec):
+        return None
+    concrete = getattr(getattr(a, "sharding", None), "mesh", None)  # eager arrays carry the device mesh
+    return concrete if isinstance(concrete, Mesh) else mesh
 
 
 def _check_operator(ops: _BlockOps, d, b, work, key, symmetry_rtol, name, matvec):
@@ -269,9 +272,9 @@ def _check_operator(ops: _BlockOps, d, b, work, key, symmetry_rtol, name, matvec
     if matvec is not None:
         out = jax.eval_shape(matvec, jax.ShapeDtypeStruct((d, b), work))
         if getattr(out, "shape", None) != (d, b):
-            raise ValueError(f"{name}: the matvec must map a (d, b) = {(d, b)} block to a {(d, b)} block; it "
-                             f"returned {getattr(out, 'shape', type(out).__name__)}. Apply A column-wise to the block "
-                             "(e.g. A @ X, or J^T (J X) for an implicit Gram).")
+            raise ValueError(f"{name}: the matvec returned the wrong shape: it must map a (d, b) = {(d, b)} block to "
+                             f"a {(d, b)} block but returned {getattr(out, 'shape', type(out).__name__)}. Apply A "
+                             "column-wise to the block (e.g. A @ X, or J^T (J X) for an implicit Gram).")
     x = ops.rows(jax.random.normal(jax.random.fold_in(key, 7), (d, b), work))
     s = ops.inner(x, ops.matmat(x))
     if not _is_concrete(s):
@@ -360,15 +363,15 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
         key, sub = jax.random.split(key)
         q = _orthonormalize(ops, av, sub, comp)
         theta, v, av, res = _rayleigh_ritz(ops, q, ops.matmat(q), k)
-        return it + 1, key, theta, v, av, res
+        return it + 1, key, theta, v, av, res[:k]
 
     def not_converged(state):
         it, _, theta, _, _, res = state
-        return (it < num_iters) & ~jnp.all(res[:k] <= tol * jnp.max(jnp.abs(theta)))
+        return (it < num_iters) & ~jnp.all(res <= tol * jnp.max(jnp.abs(theta)))
 
+    # The loop starts from A Q := a random block, so that its first pass orthonormalises the start block.
     start = ops.rows(jax.random.normal(key_start, (d, b), work))
-    q = _orthonormalize(ops, start, jax.random.fold_in(key_start, 1), comp)
-    theta, v, av, res = _rayleigh_ritz(ops, q, ops.matmat(q), k)
-    state = (jnp.asarray(1, jnp.int32), key_loop, theta, v, av, res)
+    inf = jnp.full((k,), jnp.inf, comp)
+    state = (jnp.asarray(0, jnp.int32), key_loop, jnp.zeros((b,), comp), start, start, inf)
     it, _, theta, v, _, res = jax.lax.while_loop(not_converged, body, state)
-    return EigResult(theta[:k], v[:, :k], res[:k], it)
+    return EigResult(theta[:k], v[:, :k], res, it)

@@ -23,13 +23,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
-_JACOBIAN_CHUNK_ELEMENTS = 1 << 23
+_JACOBIAN_CHUNK_ELEMENTS = 1 << 25
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,12 +314,34 @@ def _batch_axes(mesh, batch_axis):
     return axes
 
 
+def _batch_mesh(batch):
+    """``(mesh, axes)`` when the batch is already laid out over mesh axes along its leading axis, else None."""
+    leaf = jax.tree.leaves(batch)[0]
+    try:
+        sharding = jax.typeof(leaf).sharding if isinstance(leaf, jax.core.Tracer) else leaf.sharding
+    except AttributeError:
+        return None
+    if not isinstance(sharding, NamedSharding) or not len(sharding.spec) or sharding.spec[0] is None:
+        return None
+    axes = sharding.spec[0]
+    return sharding.mesh, ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
 def _check_divisible(fn, i, batch, mesh, axes):
     size = math.prod(mesh.shape[a] for a in axes)
     b = jnp.shape(jax.tree.leaves(batch)[0])[0]
     if b % size:
         raise ValueError(f"{fn}: batch {i} has {b} data points, not divisible by the {size} devices of mesh axes "
                          f"{axes}; use a batch size that is a multiple of {size} (pad, or drop the remainder).")
+
+
+def _reshard_batch(tree, mesh, axes):
+    """Lays the leading (batch) axis of every leaf out over ``axes`` on Explicit mesh axes (Auto axes need
+    nothing: ``shard_map`` reshards its inputs)."""
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(types[a] != jax.sharding.AxisType.Explicit for a in axes):
+        return tree
+    return jax.tree.map(lambda a: jax.reshard(a, NamedSharding(mesh, P(axes))), tree)
 
 
 def _finite_flag(a, axes):
@@ -352,6 +375,7 @@ def _activation_step(states, params, x, *, model, accum_dtype, chunk_size, mesh,
 
     if mesh is None:
         return local(states, params, x)
+    x = _reshard_batch(x, mesh, axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes)), out_specs=(P(), P()))(states, params, x)
 
 
@@ -391,6 +415,8 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
       chunk_size: rows per pairwise-summation block (float32).
       mesh: optional ``jax.sharding.Mesh``; each batch is split over ``batch_axis`` with ``jax.shard_map`` and the
         per-device sums are ``psum``-ed. The batch size must be a multiple of the number of devices on those axes.
+        Without ``mesh``, a batch already sharded along its leading axis (a ``NamedSharding``) is processed the same
+        way on its own mesh.
       batch_axis: mesh axis name(s) the batch is split over; default all axes of ``mesh``.
       jit: compile the per-batch step (once per model and batch shape); False runs it op by op.
 
@@ -415,10 +441,11 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
         shapes = checker.check(i, batch)
         if states is None:
             states = [_zero_state(shapes[l].shape[-1], acc_dt) for l in layers]
-        if mesh is not None:
-            _check_divisible(fn, i, batch, mesh, axes)
+        mesh_i, axes_i = (mesh, axes) if mesh is not None else (_batch_mesh(batch) or (None, None))
+        if mesh_i is not None:
+            _check_divisible(fn, i, batch, mesh_i, axes_i)
         states, flags = step(states, params, batch, model=model, accum_dtype=acc_dt,
-                             chunk_size=int(chunk_size), mesh=mesh, axes=axes)
+                             chunk_size=int(chunk_size), mesh=mesh_i, axes=axes_i)
         checker.finite(i, flags, "activation")
     checker.flush()
     if states is None:
@@ -452,13 +479,15 @@ def _basis_rows(B, d: int, what: str):
     return B[:d]
 
 
-def _per_example_rows(g, h, key, num_sources: int | None):
+def _per_example_rows(g, h, key, num_sources: int | None, axes=None):
     """Rows of the Jacobian of ``g`` at one example ``h`` as ``(directions, P_in, d)``.
 
     Exact: all output coordinates (``vjp``) or all input coordinates (``jvp``, whichever side is smaller), so that
     ``sum_{o,s} rows[o, s]^T rows[o, s] = sum_s J_{., s}^T J_{., s}``. With ``num_sources = R``: ``r^T J`` for R
     random +-1 vectors r, scaled by ``R^{-1/2}``, an unbiased estimate of the same sum (DESIGN.md section 2).
+    Inside ``shard_map`` (``axes`` set) the unit directions are marked device-varying like the data.
     """
+    vary = (lambda a: a) if axes is None else (lambda a: jax.lax.pcast(a, axes, to="varying"))
     d = h.shape[-1]
     n_in = h.size
     out = jax.eval_shape(g, h)
@@ -470,15 +499,15 @@ def _per_example_rows(g, h, key, num_sources: int | None):
         return jnp.reshape(rows, (num_sources, -1, d))
     if n_out <= n_in:
         y, pullback = jax.vjp(g, h)
-        eye = jnp.reshape(jnp.eye(n_out, dtype=y.dtype), (n_out,) + y.shape)
+        eye = vary(jnp.reshape(jnp.eye(n_out, dtype=y.dtype), (n_out,) + y.shape))
         return jnp.reshape(jax.vmap(pullback)(eye)[0], (n_out, -1, d))
     _, push = jax.linearize(g, h)
-    eye = jnp.reshape(jnp.eye(n_in, dtype=h.dtype), (n_in,) + h.shape)
+    eye = vary(jnp.reshape(jnp.eye(n_in, dtype=h.dtype), (n_in,) + h.shape))
     cols = jnp.reshape(jax.vmap(push)(eye), (n_in, n_out))
     return jnp.reshape(cols.T, (n_out, -1, d))
 
 
-def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chunk_size, accum_dtype):
+def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chunk_size, accum_dtype, axes):
     """``sum_x sum_s J_{., s}^T J_{., s}`` for node layer ``l`` over the batch ``h``, in chunks of examples."""
     fns = model.fns[l:l + 1] if target == "next" else model.fns[l:]
 
@@ -499,29 +528,28 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
         dirs = num_sources if num_sources is not None else min(n_out, n_in)
         chunk_size = max(1, _JACOBIAN_CHUNK_ELEMENTS // max(1, dirs * n_in))
     c = max(1, min(int(chunk_size), b))
-    m = -(-b // c)
-    pad = m * c - b
-    mask = jnp.concatenate([jnp.ones((b,), accum_dtype), jnp.zeros((pad,), accum_dtype)])
-    # Padding repeats the first example (finite wherever the data are), and is masked out of the sum.
-    hp = jnp.concatenate([h, jnp.broadcast_to(h[:1], (pad,) + ex_shape)], axis=0) if pad else h
-    xs = (jnp.reshape(hp, (m, c) + ex_shape), jnp.reshape(mask, (m, c)))
-    if keys is not None:
-        kp = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (pad,) + keys.shape[1:])], axis=0) if pad else keys
-        xs = xs + (jnp.reshape(kp, (m, c) + keys.shape[1:]),)
+    m, rem = divmod(b, c)
+
+    def chunk_jtj(hc, kc):
+        if kc is None:
+            rows = jax.vmap(lambda e: _per_example_rows(g, e, None, None, axes))(hc)
+        else:
+            rows = jax.vmap(lambda e, k: _per_example_rows(g, e, k, num_sources, axes))(hc, kc)
+        rows = jnp.reshape(rows.astype(accum_dtype), (-1, d))  # (examples x directions x positions, d)
+        return jnp.matmul(rows.T, rows, precision=_HIGHEST)
 
     def body(carry, chunk):
-        hc, mc = chunk[0], chunk[1]
-        kc = chunk[2] if keys is not None else None
-        if kc is None:
-            rows = jax.vmap(lambda e: _per_example_rows(g, e, None, None))(hc)
-        else:
-            rows = jax.vmap(lambda e, k: _per_example_rows(g, e, k, num_sources))(hc, kc)
-        rows = rows.astype(accum_dtype)
-        inc = jnp.einsum("c,cosj,cosk->jk", mc, rows, rows, precision=_HIGHEST)
-        return _neumaier_add(carry[0], carry[1], inc), None
+        return _neumaier_add(carry[0], carry[1], chunk_jtj(*chunk)), None
 
+    # m full chunks in a scan (one compiled body), then the remainder as one smaller chunk.
+    xs = (jnp.reshape(h[:m * c], (m, c) + ex_shape),
+          None if keys is None else jnp.reshape(keys[:m * c], (m, c) + keys.shape[1:]))
     zero = jnp.zeros((d, d), accum_dtype)
+    if axes is not None:  # the carry varies over devices like the data (summed by the caller's psum)
+        zero = jax.lax.pcast(zero, axes, to="varying")
     (total, comp), _ = jax.lax.scan(body, (zero, zero), xs)
+    if rem:
+        total, comp = _neumaier_add(total, comp, chunk_jtj(h[m * c:], None if keys is None else keys[m * c:]))
     return total + comp
 
 
@@ -532,7 +560,7 @@ def _jacobian_step(totals, params, x, bases, keys, *, model, layers, target, num
         new, flags = [], []
         for (t, c), l, B in zip(totals, layers, bases):
             inc = _layer_jtj(model, params, l, acts[l], B, keys, target=target, num_sources=num_sources,
-                             chunk_size=chunk_size, accum_dtype=accum_dtype)
+                             chunk_size=chunk_size, accum_dtype=accum_dtype, axes=axes)
             if axes is not None:
                 inc = jax.lax.psum(inc, axes)
             new.append(_neumaier_add(t, c, inc))
@@ -542,6 +570,7 @@ def _jacobian_step(totals, params, x, bases, keys, *, model, layers, target, num
     if mesh is None:
         return local(totals, params, x, bases, keys)
     key_spec = P() if keys is None else P(axes)
+    x, keys = _reshard_batch((x, keys), mesh, axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axes), P(), key_spec),
                          out_specs=(P(), P()))(totals, params, x, bases, keys)
 
@@ -586,15 +615,16 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
             bases = tuple(bases)
             totals = [(np.zeros((shapes[l].shape[-1],) * 2, acc_dt),) * 2 for l in layers]
             counts = [0] * len(layers)
-        if mesh is not None:
-            _check_divisible(fn, i, batch, mesh, axes)
+        mesh_i, axes_i = (mesh, axes) if mesh is not None else (_batch_mesh(batch) or (None, None))
+        if mesh_i is not None:
+            _check_divisible(fn, i, batch, mesh_i, axes_i)
         keys = None
         b = jnp.shape(jax.tree.leaves(batch)[0])[0]
         if num_sources is not None:
             keys = jax.random.split(jax.random.fold_in(key, i), b)
         totals, flags = step(totals, params, batch, bases, keys, model=model, layers=tuple(layers), target=target,
                              num_sources=num_sources, chunk_size=None if chunk_size is None else int(chunk_size),
-                             accum_dtype=acc_dt, mesh=mesh, axes=axes)
+                             accum_dtype=acc_dt, mesh=mesh_i, axes=axes_i)
         for j, l in enumerate(layers):
             counts[j] += b * math.prod(shapes[l].shape[1:-1])
         checker.finite(i, flags, what)
@@ -628,7 +658,7 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
       num_sources: R for the unbiased estimate with R random +-1 vectors over the target coordinates per data
         point; None for the exact Gram.
       key: PRNG key, required with ``num_sources``.
-      chunk_size: examples per chunk; None picks it so one chunk's Jacobian block stays below 2^23 elements.
+      chunk_size: examples per chunk; None picks it so one chunk's Jacobian block stays below 2^25 elements.
       accum_dtype: float64 (default with x64) or float32 (compensated).
       mesh, batch_axis: split each batch over mesh devices (``jax.shard_map`` + ``psum``), as in `activation_stats`.
       jit: compile the per-batch step; False runs it op by op.

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src import sgld as sgld_lib
@@ -217,8 +218,9 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         0 disables it.
       num_chunks: number of pieces of the scan (default: 10, capped at the number of steps; 1 under ``jit``).
       progress: show a tqdm progress bar (updated between chunks).
-      mesh: optional `jax.sharding.Mesh`; chains are sharded over its ``chain_axis`` with ``jax.shard_map`` (data
-        and ``w*`` replicated). Gives the same numbers as the unsharded run.
+      mesh: optional `jax.sharding.Mesh`; the chain axis of every per-chain array (states, permutations, keys) is
+        sharded over the mesh axis ``chain_axis`` (a `NamedSharding` constraint inside the scan; Explicit axes are
+        used as Auto); data and ``w*`` stay replicated. Gives the same numbers as the unsharded run.
       chain_axis: mesh axis for chains (default: the mesh's first axis); ``num_chains`` must be divisible by its
         size.
       eval_batch_size: block size for the full-data loss ``L_n(w*)`` (default: one call on all data).
@@ -273,13 +275,17 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
                                mala=False, **sampler_kwargs)
     kernel_mala = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
                                     mala=True, **sampler_kwargs)
+    constrain = lambda tree: tree  # noqa: E731
     if mesh is not None:
-        chain_sharding = jax.sharding.NamedSharding(mesh, P(axis))
+        # chains are independent: a sharding constraint on the chain axis lets XLA partition the whole step with
+        # no communication. Explicit axes are viewed as Auto here (same devices), since per-chain gathers from the
+        # replicated data have no unambiguous explicit output sharding.
+        auto_mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                                      axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+        chain_sharding = jax.sharding.NamedSharding(auto_mesh, P(axis))
         constrain = lambda tree: jax.tree.map(  # noqa: E731
             lambda x: lax.with_sharding_constraint(x, chain_sharding), tree)
         states, perms, perm_keys, noise_keys = constrain((states, perms, perm_keys, noise_keys))
-    else:
-        constrain = lambda tree: tree  # noqa: E731
 
     # One body for every chunk: its identity keys JAX's tracing cache, so the scan compiles once per call.
     def body(carry, t):
@@ -309,7 +315,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     loss_chunks, acc_chunks = [], []
     try:
         for k in range(num_chunks):
-            ts = jnp.arange(k * chunk_len, (k + 1) * chunk_len, dtype=jnp.int32)
+            ts = np.arange(k * chunk_len, (k + 1) * chunk_len, dtype=np.int32)
             (states, perms), (losses, accs) = lax.scan(body, (states, perms), ts)
             loss_chunks.append(losses)
             acc_chunks.append(accs)
@@ -321,28 +327,34 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         if bar is not None:
             bar.close()
 
-    losses = jnp.concatenate(loss_chunks, axis=0)[num_burnin:total]  # (num_draws, chains)
-    accs = jnp.concatenate(acc_chunks, axis=0)[num_burnin:total]
-    loss_trace = losses.T
-    init_loss = init_loss.astype(loss_trace.dtype)
-    nbeta_arr = jnp.asarray(nbeta, loss_trace.dtype)
-    llc_per_chain = nbeta_arr * (jnp.mean(loss_trace, axis=1) - init_loss)
-    llc_mean = jnp.mean(llc_per_chain)
-    if num_chains > 1:
-        llc_std = jnp.std(llc_per_chain, ddof=1)
-    else:
-        llc_std = jnp.full((), jnp.nan, llc_per_chain.dtype)
-    sampled = ~jnp.isnan(accs)
-    count = jnp.sum(sampled, axis=0)
-    mala_per_chain = jnp.sum(jnp.where(sampled, accs, jnp.zeros_like(accs)), axis=0) / count.astype(accs.dtype)
-    mala = jnp.sum(jnp.where(sampled, accs, jnp.zeros_like(accs))) / jnp.sum(count).astype(accs.dtype)
-    ess, rhat = _ess_rhat(loss_trace, traced)
-    result = LLCResult(llc_mean=llc_mean, llc_std=llc_std, llc_per_chain=llc_per_chain, loss_trace=loss_trace,
-                       init_loss=init_loss, mala_acceptance=mala, mala_per_chain=mala_per_chain, ess=ess, rhat=rhat,
-                       nbeta=nbeta_arr)
+    # host-side NumPy summaries when the run is concrete (no per-op device compilations), jnp under tracing
+    xp = jnp if traced else np
+    losses = xp.concatenate([xp.asarray(c) for c in loss_chunks], axis=0)[num_burnin:total]  # (draws, chains)
+    accs = xp.concatenate([xp.asarray(c) for c in acc_chunks], axis=0)[num_burnin:total]
+    result = _summarize(xp, losses.T, accs, xp.asarray(init_loss), nbeta)
+    if not traced:
+        ess, rhat = _ess_rhat(np.asarray(result.loss_trace))
+        result = jax.tree.map(jnp.asarray, result._replace(ess=ess, rhat=rhat))
     if warn and not traced:
         _warn(result, step_size)
     return result
+
+
+def _summarize(xp, loss_trace, accs, init_loss, nbeta) -> LLCResult:
+    """lambda^ per chain, mean, std and MALA means from the traces, with ``xp`` NumPy or jax.numpy."""
+    dtype = loss_trace.dtype
+    init_loss = init_loss.astype(dtype)
+    nbeta = xp.asarray(nbeta, dtype=dtype)
+    llc_per_chain = nbeta * (xp.mean(loss_trace, axis=1) - init_loss)
+    num_chains = loss_trace.shape[0]
+    nan = xp.full((), xp.nan, dtype)
+    llc_std = xp.std(llc_per_chain, ddof=1) if num_chains > 1 else nan
+    sampled = ~xp.isnan(accs)
+    acc_sum = xp.where(sampled, accs, xp.zeros_like(accs))
+    count = xp.sum(sampled, axis=0).astype(accs.dtype)
+    return LLCResult(llc_mean=xp.mean(llc_per_chain), llc_std=llc_std, llc_per_chain=llc_per_chain,
+                     loss_trace=loss_trace, init_loss=init_loss, mala_acceptance=xp.sum(acc_sum) / xp.sum(count),
+                     mala_per_chain=xp.sum(acc_sum, axis=0) / count, ess=nan, rhat=nan, nbeta=nbeta)
 
 
 def _check_finite(losses: np.ndarray, t0: int, total: int, step_size) -> None:
@@ -359,24 +371,20 @@ def _check_finite(losses: np.ndarray, t0: int, total: int, step_size) -> None:
         "that params is a trained minimum.")
 
 
-def _ess_rhat(loss_trace, traced: bool):
-    nan = jnp.full((), jnp.nan, loss_trace.dtype)
-    if traced:
-        return nan, nan
+def _ess_rhat(loss_trace: np.ndarray):
+    """ESS and split R-hat of a ``(chains, draws)`` trace with numpyro.diagnostics (NaN when too short)."""
     from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
     x = np.asarray(loss_trace, np.float64)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ess = float(effective_sample_size(x)) if x.shape[1] >= 2 else float("nan")
-        except (ValueError, AssertionError, FloatingPointError):
-            ess = float("nan")
-        try:
-            rhat = float(split_gelman_rubin(x)) if x.shape[1] >= 4 else float("nan")
-        except (ValueError, AssertionError, FloatingPointError):
-            rhat = float("nan")
-    return jnp.asarray(ess, loss_trace.dtype), jnp.asarray(rhat, loss_trace.dtype)
+    out = []
+    for fn, min_draws in ((effective_sample_size, 2), (split_gelman_rubin, 4)):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                out.append(float(fn(x)) if x.shape[1] >= min_draws else float("nan"))
+            except (ValueError, AssertionError, FloatingPointError, ZeroDivisionError):
+                out.append(float("nan"))
+    return tuple(np.asarray(v, loss_trace.dtype) for v in out)
 
 
 def _warn(result: LLCResult, step_size) -> None:

@@ -7,9 +7,11 @@ decide the clustering alone while small edges stay (nearly) linear. The constant
 dropped. Clustering uses Leiden (python-igraph + leidenalg, default) or Louvain (networkx); the reported modularity
 is Newman's Q (resolution 1) of the returned assignment.
 
-Modularity maximisation finds some structure in any graph, so the partition is tested against a null model: the
-entries of each ``E^l`` are permuted at random (same weight distribution per layer, no structure) and clustered the
-same way. When the partition's Q does not exceed the null mean by ``null_z`` null standard deviations, the graph is
+Modularity maximisation finds some structure in any graph, so the partition is tested against a null model that
+keeps each node's strength profile but no block structure: in each layer pair the ratios of the weights to their
+configuration-model expectation ``s_i t_j / T`` (row and column strengths, total) are permuted at random and
+multiplied back onto the expectation (a plain permutation of the weights would destroy the hub structure that
+interaction graphs have and give the null graphs a spuriously high Q). Null graphs are clustered the same way. When the partition's Q does not exceed the null mean by ``null_z`` null standard deviations, the graph is
 reported as one module (Q = 0) and ``significant`` is False.
 
 Clustering runs on the host (igraph/networkx), so `find_modules` is not traceable; call it on concrete edges
@@ -34,7 +36,8 @@ class ModuleResult(NamedTuple):
       num_modules: the number of modules in ``assignment``.
       significant: whether the best partition beat the null model (always True when ``num_null = 0``).
       partition_modularity: Q of the best partition found, before the significance test.
-      null_modularity: ``(num_null,)`` Q of the partitions found on the permuted (null) graphs.
+      null_modularity: ``(num_null,)`` Q of the partitions found on the null graphs (strength-preserving
+        permutations, see the module docstring).
       weights: per ``l``, the log-scaled weights ``(d^_{l+1}, d^_l)`` used as the graph (constant rows/columns zero).
       method: "leiden" or "louvain".
     """
@@ -143,7 +146,7 @@ def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str =
       method: "leiden" (igraph + leidenalg) or "louvain" (networkx).
       drop_constant: drop basis direction 0 (the constant direction) of every node layer (True), of none (False),
         or per node layer (a sequence of ``L + 1`` bools).
-      num_null: number of permuted graphs for the significance test (0 disables it).
+      num_null: number of null graphs for the significance test (0 disables it).
       null_z: the partition is kept when ``Q > mean(Q_null) + null_z * std(Q_null)``.
 
     Returns:
@@ -177,11 +180,16 @@ def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str =
     for r in range(int(num_null)):
         perm = []
         for l, w in enumerate(weights):
-            # permute within the block that excludes the dropped constant row/column
+            # strength-preserving null: permute the ratios w_ij / (s_i t_j / T) to the configuration-model
+            # expectation (row strengths s, column strengths t, total T), then multiply the expectation back
             r0, c0 = int(drop[l + 1]), int(drop[l])
-            p = w.copy()
-            block = p[r0:, c0:]
-            p[r0:, c0:] = rng.permutation(block.ravel()).reshape(block.shape)
+            block = w[r0:, c0:]
+            expect = np.outer(block.sum(1), block.sum(0)) / block.sum()
+            support = expect > 0
+            ratio = np.zeros_like(block)
+            ratio[support] = block[support] / expect[support]
+            p = np.zeros_like(w)
+            p[r0:, c0:][support] = expect[support] * rng.permutation(ratio[support])
             perm.append(p)
         _, _, s2, d2, w2 = _graph_arrays(perm)
         null_q.append(_cluster(n, s2, d2, w2, method=method, resolution=resolution, seed=seed + 1 + r)[1])

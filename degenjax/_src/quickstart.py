@@ -10,7 +10,8 @@ then, at the trained parameters:
 4. the LLC of the training loss with SGLD and N_eff = 2 LLC (section 5).
 
 Results go to ``OUT/report.json`` (numbers), ``OUT/report.md`` (summary), ``OUT/params.msgpack`` (the trained
-parameters, loadable with ``degenjax.load_checkpoint``) and four PNG figures.
+parameters, loadable with ``degenjax.load_checkpoint``), ``OUT/edges.npz`` (edges ``lib_l``/``pca_l`` and
+spectra ``lib_Lambda_l``/``pca_Lambda_l``) and four PNG figures.
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ class QuickstartConfig(NamedTuple):
     llc_batch_size: int = 128
     step_size: float = 1e-4
     localization: float = 100.0
-    gram_batch_size: int = 512
+    gram_batch_size: int = 2048
     seed: int = 0
 
     @classmethod
     def tiny(cls) -> "QuickstartConfig":
         """A seconds-long setting for tests and smoke runs."""
         return cls(hidden=12, num_points=300, train_steps=150, num_chains=2, num_draws=40, num_burnin=10,
-                   llc_batch_size=60, gram_batch_size=128)
+                   llc_batch_size=60)
 
 
 def load_digits_split(num_points: int | None, seed: int, dtype=np.float32):
@@ -123,7 +124,8 @@ def _train(module, params, x, y, cfg: QuickstartConfig, progress: bool):
     losses = []
     every = max(1, cfg.train_steps // 50)
     for t in range(cfg.train_steps):
-        params, state, loss = step(params, state)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes Python floats and int32
+            params, state, loss = step(params, state)
         if (t + 1) % every == 0 or t + 1 == cfg.train_steps:
             losses.append(float(loss))
             if bar is not None:
@@ -208,12 +210,26 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
         bx, by = batch
         return _cross_entropy(module.apply(p, bx), by)
 
-    llc = estimate_llc(jax.random.key(config.seed + 1), loss_fn, params, (jnp.asarray(x_tr), jnp.asarray(y_tr)),
-                       num_chains=config.num_chains, num_draws=config.num_draws, step_size=config.step_size,
-                       batch_size=config.llc_batch_size, localization=config.localization,
-                       num_burnin=config.num_burnin, mesh=chain_mesh(config.num_chains), progress=progress)
+    data = (jnp.asarray(x_tr), jnp.asarray(y_tr))
+    llc_kw = dict(num_chains=config.num_chains, num_draws=config.num_draws, step_size=config.step_size,
+                  batch_size=config.llc_batch_size, localization=config.localization, num_burnin=config.num_burnin,
+                  mesh=chain_mesh(config.num_chains))
+    if progress:  # eager: a progress bar between chunks of the scan
+        llc = estimate_llc(jax.random.key(config.seed + 1), loss_fn, params, data, progress=True,
+                           num_chunks=min(5, config.num_draws + config.num_burnin), **llc_kw)
+    else:  # one compilation
+        llc = jax.jit(lambda k, p, d: estimate_llc(k, loss_fn, p, d, **llc_kw))(jax.random.key(config.seed + 1),
+                                                                                params, data)
     llc = jax.device_get(llc)
+    if not np.isfinite(float(llc.ess)):
+        from degenjax._src.sweep import _ess_rhat
+
+        ess, rhat = _ess_rhat(np.asarray(llc.loss_trace, np.float64))
+        llc = llc._replace(ess=np.asarray(ess), rhat=np.asarray(rhat))
     timings["llc_s"] = time.perf_counter() - t3
+
+    np.savez(out / "edges.npz", **{f"{kind}_{l}": np.asarray(e) for kind, es in edges.items() for l, e in enumerate(es)},
+             **{f"{kind}_Lambda_{l}": np.asarray(v) for kind, b in bases.items() for l, v in enumerate(b.Lambda)})
 
     # -- figures
     plot_files = {

@@ -1,0 +1,358 @@
+"""LLC benchmark: degenjax.estimate_llc against devinterp, SGLD-step throughput, and memory.
+
+Three parts (``--parts``):
+
+* ``dln``: the same deep linear network (widths 10-20-20-10, true rank 5), data, and hyperparameters (batch, eps,
+  gamma, nbeta = n / log n, chains x draws) for devinterp's ``estimate_learning_coeff_with_summary`` (PyTorch,
+  chains one after another) and ``degenjax.estimate_llc`` (chains vmapped in one ``lax.scan``). Wall time includes
+  compilation; lambda^ is compared with the exact value ``degenjax.theory.dln_learning_coefficient``. devinterp is
+  given the full-data ``L_n(w*)`` as ``init_loss`` (its default averages a few minibatches, which at nbeta ~ 1e4
+  shifts lambda^ by the minibatch noise); everything else is devinterp's default path.
+* ``mlp``: an MLP 784-1024-1024-10 (cross-entropy), batch 512: achieved GFLOP/s of one SGLD step (inside
+  ``estimate_llc``, compiled, MALA off) against the measured float32 matmul peak of the same device.
+* ``memory``: a 10M-parameter MLP; peak memory of ``estimate_llc`` (XLA's compiled memory analysis and the peak RSS
+  growth of a fresh process) in units of parameter copies per chain.
+
+Run: ``.venv/bin/python benchmarks/llc.py`` (full size), or smaller, e.g. ``--draws 2000 --n 20000``. Needs the
+``bench`` extra (torch, devinterp) for the ``dln`` part only; degenjax itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def _rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 1: deep linear network, devinterp vs degenjax
+
+
+def _dln_problem(widths, rank, n, noise, seed):
+    rng = np.random.default_rng(seed)
+    ws = [rng.standard_normal((b, a)) / np.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
+    # make the end-to-end product rank `rank` by truncating the middle factor's singular values
+    mid = len(ws) // 2
+    u, s, vt = np.linalg.svd(ws[mid], full_matrices=False)
+    s[rank:] = 0.0
+    ws[mid] = (u * s) @ vt
+    prod = ws[0]
+    for w in ws[1:]:
+        prod = w @ prod
+    assert np.linalg.matrix_rank(prod) == rank
+    x = rng.standard_normal((n, widths[0]))
+    y = x @ prod.T + noise * rng.standard_normal((n, widths[-1]))
+    return [w.astype(np.float32) for w in ws], x.astype(np.float32), y.astype(np.float32)
+
+
+def run_devinterp(ws, x, y, args, nbeta, init_loss):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from devinterp.optim.sgld import SGLD
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+    from devinterp.utils import evaluate_mse
+
+    # One intra-op thread: the fastest setting for these tiny matmuls here (two threads on the shared 2-core machine
+    # made devinterp ~30x slower through oversubscription), so this favours devinterp.
+    torch.set_num_threads(args.torch_threads)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(w.shape[1], w.shape[0], bias=False) for w in ws]).to(args.device)
+    with torch.no_grad():
+        for layer, w in zip(model, ws):
+            layer.weight.copy_(torch.from_numpy(w).to(args.device))
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=args.batch, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = estimate_learning_coeff_with_summary(
+            model, loader, evaluate=evaluate_mse, sampling_method=SGLD,
+            optimizer_kwargs=dict(lr=args.step_size, localization=args.gamma, nbeta=nbeta),
+            num_chains=args.chains, num_draws=args.draws, num_burnin_steps=args.burnin, init_loss=init_loss,
+            seed=args.seed, verbose=False, cores=1, device=args.device)
+    wall = time.perf_counter() - t0
+    per_chain = np.array([res[f"llc-chain/{i}"] for i in range(args.chains)])
+    return wall, float(res["llc/mean"]), float(np.std(per_chain, ddof=1)) if args.chains > 1 else float("nan")
+
+
+def run_degenjax(ws, x, y, args, nbeta):
+    import jax
+    import jax.numpy as jnp
+
+    import degenjax
+
+    params = [jnp.asarray(w) for w in ws]
+    data = (jnp.asarray(x), jnp.asarray(y))
+
+    def loss_fn(params, batch):
+        xb, yb = batch
+        h = xb
+        for w in params:
+            h = h @ w.T
+        return jnp.mean(jnp.square(h - yb))  # = torch.nn.functional.mse_loss (mean over batch and outputs)
+
+    def once(seed):
+        t0 = time.perf_counter()
+        res = degenjax.estimate_llc(jax.random.key(seed), loss_fn, params, data, num_chains=args.chains,
+                                    num_draws=args.draws, num_burnin=args.burnin, step_size=args.step_size,
+                                    batch_size=args.batch, nbeta=nbeta, localization=args.gamma, warn=False)
+        res.llc_mean.block_until_ready()
+        return time.perf_counter() - t0, res
+
+    cold, res = once(args.seed)
+    warm, _ = once(args.seed + 1)
+    return cold, warm, float(res.llc_mean), float(res.llc_std), float(res.mala_acceptance), float(res.init_loss)
+
+
+def part_dln(args, rows):
+    from degenjax.theory import dln_learning_coefficient
+
+    widths = [int(v) for v in args.widths.split(",")]
+    exact = float(dln_learning_coefficient(widths, args.rank))
+    ws, x, y = _dln_problem(widths, args.rank, args.n, args.noise, args.seed)
+    nbeta = args.n / np.log(args.n)
+    cold, warm, llc_j, std_j, acc_j, init_loss = run_degenjax(ws, x, y, args, nbeta)
+    print(f"[dln] degenjax: {cold:.2f} s (with compile), {warm:.2f} s (second call); lambda^ = {llc_j:.2f} "
+          f"+- {std_j:.2f} (exact {exact:g}), MALA acceptance {acc_j:.3f}", flush=True)
+    rows.append(("DLN " + "-".join(map(str, widths)) + f" r={args.rank}: degenjax estimate_llc wall (incl. compile)",
+                 f"{cold:.2f} s"))
+    rows.append(("  degenjax second call (compile cache warm)", f"{warm:.2f} s"))
+    rows.append(("  degenjax lambda^ (mean +- std over chains) vs exact", f"{llc_j:.2f} +- {std_j:.2f} vs {exact:g}"))
+    if args.skip_devinterp:
+        return
+    wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, init_loss)
+    print(f"[dln] devinterp: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} (exact {exact:g})", flush=True)
+    print(f"[dln] speed-up (devinterp wall / degenjax wall incl. compile): {wall_d / cold:.1f}x; "
+          f"vs warm: {wall_d / warm:.1f}x", flush=True)
+    rows.append(("  devinterp 1.3.2 estimate_learning_coeff_with_summary wall", f"{wall_d:.2f} s"))
+    rows.append(("  devinterp lambda^ (mean +- std over chains) vs exact", f"{llc_d:.2f} +- {std_d:.2f} vs {exact:g}"))
+    rows.append(("  **speed-up devinterp / degenjax (incl. compile)**", f"**{wall_d / cold:.1f}x**"))
+    rows.append(("  speed-up devinterp / degenjax (second call)", f"{wall_d / warm:.1f}x"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 2: MLP SGLD-step throughput vs matmul peak
+
+
+def _mlp_init(widths, seed):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(seed), len(widths) - 1)
+    return [dict(w=jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a), b=jnp.zeros((b,), jnp.float32))
+            for k, a, b in zip(keys, widths[:-1], widths[1:])]
+
+
+def _mlp_loss(params, batch):
+    import jax
+    import jax.numpy as jnp
+
+    x, labels = batch
+    h = x
+    for i, layer in enumerate(params):
+        h = h @ layer["w"] + layer["b"][None, :]
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    logp = jax.nn.log_softmax(h, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def _matmul_peak(size, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size ** 3 / best / 1e9
+
+
+def part_mlp(args, rows):
+    import jax
+    import jax.numpy as jnp
+
+    import degenjax
+
+    widths = [784, 1024, 1024, 10]
+    batch = args.mlp_batch
+    params = _mlp_init(widths, 0)
+    n = batch * 8
+    x = jax.random.normal(jax.random.key(2), (n, widths[0]), jnp.float32)
+    labels = jax.random.randint(jax.random.key(3), (n,), 0, widths[-1])
+    steps = args.mlp_steps
+    # matmul FLOPs of one SGLD step of one chain: forward 2 B sum(in*out); backward: weight grads 2 B sum(in*out)
+    # and input grads 2 B sum over the layers after the first.
+    mats = [a * b for a, b in zip(widths[:-1], widths[1:])]
+    flops = 2 * batch * (2 * sum(mats) + sum(mats[1:]))
+    peak = _matmul_peak(args.matmul_size, args.repeats)
+    print(f"[mlp] measured f32 matmul peak ({args.matmul_size}^3, default precision): {peak:.1f} GFLOP/s", flush=True)
+    rows.append((f"measured f32 matmul peak ({args.matmul_size}^3, jnp default precision)", f"{peak:.1f} GFLOP/s"))
+    rows.append((f"MLP 784-1024-1024-10, batch {batch}: matmul GFLOP per SGLD step per chain (fwd + bwd, analytic)",
+                 f"{flops / 1e9:.2f}"))
+    for chains in [int(c) for c in args.mlp_chains.split(",")]:
+        def run(key, params, data, chains=chains):
+            return degenjax.estimate_llc(key, _mlp_loss, params, data, num_chains=chains, num_draws=steps,
+                                         step_size=1e-6, batch_size=batch, nbeta=100.0, mala_every=0).llc_mean
+
+        compiled = jax.jit(run).lower(jax.random.key(0), params, (x, labels)).compile()
+        compiled(jax.random.key(0), params, (x, labels)).block_until_ready()
+        best = float("inf")
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            compiled(jax.random.key(r + 1), params, (x, labels)).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        per_step = best / steps
+        achieved = chains * flops / per_step / 1e9
+        print(f"[mlp] {chains} chain(s): SGLD step {per_step * 1e3:.3f} ms; {achieved:.1f} GFLOP/s = "
+              f"{100 * achieved / peak:.0f}% of matmul peak", flush=True)
+        rows.append((f"  {chains} chain(s): time per SGLD step (all chains); achieved GFLOP/s / peak",
+                     f"{per_step * 1e3:.3f} ms; {achieved:.1f} / {peak:.1f} = **{100 * achieved / peak:.0f}%**"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 3: memory of a 10M-parameter model
+
+
+def part_memory_child(args):
+    import jax
+    import jax.numpy as jnp
+
+    import degenjax
+
+    widths = [784, 2048, 2048, 2048, 10]
+    params = _mlp_init(widths, 0)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    param_bytes = 4 * num_params
+    n = 2048
+    x = jax.random.normal(jax.random.key(2), (n, widths[0]), jnp.float32)
+    labels = jax.random.randint(jax.random.key(3), (n,), 0, widths[-1])
+    jax.block_until_ready((params, x, labels))
+    chains = args.mem_chains
+    rss0 = _rss_mib()
+
+    def run(key, params, data):
+        return degenjax.estimate_llc(key, _mlp_loss, params, data, num_chains=chains, num_draws=args.mem_steps,
+                                     step_size=1e-6, batch_size=128, nbeta=100.0)
+
+    compiled = jax.jit(run).lower(jax.random.key(0), params, (x, labels)).compile()
+    mem = compiled.memory_analysis()
+    out = compiled(jax.random.key(0), params, (x, labels))
+    out.llc_mean.block_until_ready()
+    rss1 = _rss_mib()
+    stats = jax.devices()[0].memory_stats() or {}
+    peak_dev = stats.get("peak_bytes_in_use", float("nan"))
+    temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
+    outb = getattr(mem, "output_size_in_bytes", float("nan")) if mem is not None else float("nan")
+    print(json.dumps(dict(num_params=num_params, param_bytes=param_bytes, chains=chains, temp_bytes=temp,
+                          output_bytes=outb, rss_growth_mib=rss1 - rss0, device_peak_bytes=peak_dev,
+                          llc=float(out.llc_mean))), flush=True)
+
+
+def part_memory(args, rows):
+    cmd = [sys.executable, os.path.abspath(__file__), "--parts", "memory-child", "--mem-chains", str(args.mem_chains),
+           "--mem-steps", str(args.mem_steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    m = json.loads(out)
+    pb = m["param_bytes"]
+    per_chain_temp = m["temp_bytes"] / pb / m["chains"]
+    per_chain_rss = m["rss_growth_mib"] * 2 ** 20 / pb / m["chains"]
+    print(f"[memory] {m['num_params'] / 1e6:.2f}M params ({pb / 2 ** 20:.1f} MiB f32), {m['chains']} chains: XLA temp "
+          f"{m['temp_bytes'] / 2 ** 20:.1f} MiB = {per_chain_temp:.2f} param copies per chain; peak RSS growth "
+          f"{m['rss_growth_mib']:.1f} MiB = {per_chain_rss:.2f} copies per chain", flush=True)
+    rows.append((f"{m['num_params'] / 1e6:.2f}M-param MLP, {m['chains']} chains: XLA temp memory",
+                 f"{m['temp_bytes'] / 2 ** 20:.1f} MiB = {per_chain_temp:.2f} param copies/chain"))
+    rows.append(("  peak RSS growth during compile + run (fresh process)",
+                 f"{m['rss_growth_mib']:.1f} MiB = {per_chain_rss:.2f} param copies/chain"))
+    if np.isfinite(m["device_peak_bytes"]):
+        peak = m["device_peak_bytes"]
+        print(f"[memory] device peak bytes in use {peak / 2 ** 20:.1f} MiB = {peak / pb / m['chains']:.2f} param "
+              "copies per chain (includes data and w*)", flush=True)
+        rows.append(("  device peak bytes in use (includes data, w*)",
+                     f"{peak / 2 ** 20:.1f} MiB = {peak / pb / m['chains']:.2f} param copies/chain"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="dln,mlp,memory", help="comma-separated: dln, mlp, memory")
+    p.add_argument("--widths", default="10,20,20,10")
+    p.add_argument("--rank", type=int, default=5)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--noise", type=float, default=1.0, help="std of the Gaussian label noise")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--step-size", type=float, default=1e-5)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--draws", type=int, default=10_000)
+    p.add_argument("--burnin", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-devinterp", action="store_true")
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--mlp-batch", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="torch device for devinterp (cpu or cuda)")
+    p.add_argument("--mlp-steps", type=int, default=50)
+    p.add_argument("--mlp-chains", default="1,4", help="comma-separated chain counts for the throughput part")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mem-chains", type=int, default=4)
+    p.add_argument("--mem-steps", type=int, default=20)
+    p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--results", default=RESULTS, help="markdown file the results section is appended to")
+    args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    if parts == ["memory-child"]:
+        part_memory_child(args)
+        return
+
+    import jax
+
+    rows = []
+    if "dln" in parts:
+        part_dln(args, rows)
+    if "mlp" in parts:
+        part_mlp(args, rows)
+    if "memory" in parts:
+        part_memory(args, rows)
+    if args.no_results or not rows:
+        return
+    command = "python benchmarks/llc.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
+    section = [f"\n## LLC: estimate_llc vs devinterp, SGLD throughput, memory ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n",
+               f"- machine: `{platform.platform()}`, {os.cpu_count()} CPUs; jax {jax.__version__} devices: {devices}",
+               f"- command: `{command.strip()}`",
+               f"- DLN settings: widths {args.widths}, rank {args.rank}, n={args.n}, batch {args.batch}, "
+               f"eps={args.step_size:g}, gamma={args.gamma:g}, nbeta=n/log n, {args.chains} chains x {args.draws} "
+               f"draws (burn-in {args.burnin}); devinterp runs chains sequentially (cores=1), float32 both\n",
+               "| measurement | value |", "| --- | --- |"]
+    section += [f"| {k} | {v} |" for k, v in rows]
+    text = "\n".join(section) + "\n"
+    with open(args.results, "a") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
