@@ -293,7 +293,7 @@ def main(argv=None):
     p.add_argument("--step-size", type=float, default=1e-4, help="SGLD step size")
     p.add_argument("--num-null", type=int, default=20, help="null graphs for the modularity significance test")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--sync-points", type=int, default=200_000)
+    p.add_argument("--sync-points", type=int, default=100_000)
     p.add_argument("--sync-units", type=int, default=256)
     p.add_argument("--graph-nodes", type=int, default=64)
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")

@@ -11,7 +11,6 @@ import pytest
 
 import degenjax as dj
 from degenjax._src.degeneracy import sync_accumulator
-from degenjax._src.llc import effective_parameter_count, estimate_llc
 from conftest import assert_trees_all_close
 
 
@@ -125,7 +124,7 @@ def test_bad_tol():
 # degeneracy report
 
 
-def _relu_mlp(p, dup=False):
+def _relu_mlp():
     def f0(p, h):
         return jax.nn.relu(h @ p["W0"] + p["b0"][None, :])
 
@@ -156,7 +155,7 @@ def _preact_jacobian_rank(h, W1):
 def test_duplicated_hidden_neuron_adds_predicted_directions():
     d0, d1, d2 = 4, 6, 8  # d1 <= d2: the output Jacobian Gram of the hidden layer is full rank
     x = np.random.default_rng(0).normal(size=(300, d0))
-    model = _relu_mlp(None)
+    model = _relu_mlp()
     base = _mlp_params(d0, d1, d2, seed=1)
     dup = _mlp_params(d0, d1, d2, seed=1, duplicate=(2, 5))
     rep_base = jax.jit(lambda p, xs: dj.degeneracy_report(model, p, xs))(base, [x[:150], x[150:]])
@@ -210,7 +209,8 @@ def test_rank_r_data_and_rank_deficient_jacobian():
     assert "| total |" in rep.table()
     # beyond max_dense_dim the ranks come from stochastic Lanczos quadrature: Hutchinson's estimate of the null
     # space's size, standard error <= sqrt(2 * count / probes) = sqrt(2 * 5 / 64) < 0.4, so within 1 after rounding
-    slq = dj.degeneracy_report(model, p, x, relu_layers=(), max_dense_dim=2, key=jax.random.key(0), num_probes=64)
+    slq = jax.jit(lambda p, x, k: dj.degeneracy_report(model, p, x, relu_layers=(), max_dense_dim=2, key=k,
+                                                       num_probes=64))(p, x, jax.random.key(0))
     assert not any(slq.dense)
     assert np.all(np.abs(np.asarray(slq.activation_rank) - (r + 1)) <= 1)
     assert abs(int(slq.jacobian_rank[0]) - q) <= 1
@@ -222,7 +222,7 @@ def test_dead_and_always_on_units_counted():
     p = _mlp_params(d0, d1, d2, seed=6)
     p["b0"] = p["b0"].at[0].set(-100.0).at[1].set(-100.0).at[3].set(100.0).at[4].set(100.0)
     x = rng.normal(size=(100, d0))
-    rep = jax.jit(lambda p, x: dj.degeneracy_report(_relu_mlp(None), p, x))(p, x)
+    rep = jax.jit(lambda p, x: dj.degeneracy_report(_relu_mlp(), p, x))(p, x)
     assert int(rep.num_dead[0]) == 2 and int(rep.num_always_on[0]) == 2
     assert int(rep.dead_free[0]) == 2 * (d0 + 1) and int(rep.always_on_free[0]) == 2 * 1
     assert rep.sync[0].dead == [0, 1] and rep.sync[0].always_on == [3, 4]
@@ -237,7 +237,7 @@ def test_dead_and_always_on_units_counted():
 
 def test_report_bad_inputs():
     p = _mlp_params(3, 4, 2, seed=0)
-    model = _relu_mlp(None)
+    model = _relu_mlp()
     x = np.random.default_rng(0).normal(size=(20, 3))
     with pytest.raises(ValueError, match="param_counts"):
         dj.degeneracy_report(model, p, x, param_counts=(1,))
@@ -273,10 +273,10 @@ def test_effective_parameter_count_of_regular_model():
 
     num_chains = 8
     data = (jnp.asarray(x), jnp.asarray(y))
-    res = jax.jit(lambda k: estimate_llc(k, loss_fn, w_star, data, num_chains=num_chains, num_draws=1000,
+    res = jax.jit(lambda k: dj.estimate_llc(k, loss_fn, w_star, data, num_chains=num_chains, num_draws=1000,
                                          num_burnin=100, step_size=4e-4, batch_size=n, mala_every=0,
                                          warn=False))(jax.random.key(0))
-    n_eff, n_eff_std = effective_parameter_count(res)
+    n_eff, n_eff_std = dj.effective_parameter_count(res)
     se = float(n_eff_std) / np.sqrt(num_chains)
     # Euler-Maruyama inflates the stationary variance by ~ eps * n beta / 4 = 1.5% (0.06): well inside 3 SE
     assert abs(float(n_eff) - d) < 3 * se, (float(n_eff), se)

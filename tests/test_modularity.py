@@ -76,6 +76,22 @@ def test_random_dense_graph_is_one_module(method):
     assert abs(res.partition_modularity - res.null_modularity.mean()) < 3 * res.null_modularity.std() + 1e-12
 
 
+def test_disconnected_components_are_modules_even_without_significance():
+    """Heavy-tailed weights give the null graphs a high Q; exact disconnection is still reported as modules."""
+    rng = np.random.default_rng(5)
+    edges = []
+    for _ in range(2):
+        e = np.zeros((13, 13))
+        e[1:7, 1:7] = rng.exponential(1.0, (6, 6)) ** 4
+        e[7:, 7:] = rng.exponential(1.0, (6, 6)) ** 4
+        edges.append(e)
+    res = dj.find_modules(edges, num_null=10, null_z=50.0)  # an impossible bar: the null test fails
+    assert not res.significant and res.num_modules == 2
+    truth = [np.r_[-1, np.zeros(6, int), np.ones(6, int)]] * 3
+    assert _same_partition(res.assignment, truth)
+    np.testing.assert_allclose(res.modularity, _networkx_q(edges, res.assignment), rtol=1e-10)
+
+
 def test_resolution_and_no_null():
     edges, mods = _planted(k=2)
     res = dj.find_modules(edges, num_null=0, resolution=1.0)

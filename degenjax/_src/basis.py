@@ -240,8 +240,8 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     if kind == "random":
         if key is None:
             raise ValueError('kind="random" needs key=jax.random.key(...) for the random rotation.')
-        D = eigh(cov)[0]
-        k = _num_kept(jnp.sum(D > rtol * jnp.maximum(D[0], 0.0)), keep, d, "activation")
+        count_g = fn(cov, mu, jnp.zeros_like(cov), rtol, None, kind="pca", k=None)[5]  # shares the pca compile
+        k = _num_kept(count_g, keep, d, "activation")
         if k == 0:
             raise ValueError(f"node layer {name} has rank 0: its activations are constant on the data.")
     M = jnp.zeros_like(cov) if M is None else jnp.asarray(M, dt)

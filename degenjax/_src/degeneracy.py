@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.sections import as_sections, forward
+from degenjax._src.eigen import eigh
+from degenjax._src.grams import activation_grams, jacobian_grams
+from degenjax._src.sections import as_sections, forward, section_shapes
+from degenjax._src.spectral import spectral_density
 
 # ----------------------------------------------------------------------------------------------------------------
 # synchronized neurons
@@ -407,8 +410,6 @@ def _default_rtol(dtype) -> float:
 
 def _dense_rank(A, rtol: float):
     """(rank, cutoff, (rank at 10x cutoff, rank at 0.1x cutoff), spectrum descending) of a symmetric PSD matrix."""
-    from degenjax._src.eigen import eigh
-
     vals = eigh(A)[0]
     cut = rtol * jnp.maximum(vals[0], 0.0)
     rank = lambda c: jnp.sum(vals > c).astype(_count_dtype())  # noqa: E731
@@ -417,8 +418,6 @@ def _dense_rank(A, rtol: float):
 
 def _slq_rank(A, rtol: float, key, num_probes: int, num_lanczos: int):
     """Rank from a stochastic Lanczos quadrature density (DESIGN.md section 4) for layers too large for ``eigh``."""
-    from degenjax._src.spectral import spectral_density
-
     d = A.shape[0]
     dens = spectral_density(A, key=key, num_probes=num_probes, num_lanczos=min(num_lanczos, d))
     nodes = jnp.asarray(dens.nodes)
@@ -502,9 +501,6 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       ValueError: empty batches, a layer with zero units, wrong ``param_counts``/``relu_layers``/``jacobian_target``,
         NaN activations (when concrete), or a large layer without ``key``.
     """
-    from degenjax._src.grams import activation_grams, jacobian_grams
-    from degenjax._src.sections import section_shapes
-
     model = as_sections(model)
     L = len(model)
     if jacobian_target not in ("output", "next"):

@@ -122,7 +122,7 @@ class GramAccumulator(NamedTuple):
     finalize: Callable[[GramState], GramStats]
 
 
-def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int = 1024) -> GramAccumulator:
+def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int = 4096) -> GramAccumulator:
     """Streamed activation Gram ``G = E[(h~ - mu~)(h~ - mu~)^T]`` with ``h~ = (h, 1)`` (DESIGN.md section 2).
 
     ``update`` flattens all axes but the last (data points and positions count as samples), so it accepts a node
@@ -397,7 +397,7 @@ _activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accu
                                                                   "axes"))
 
 
-def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 1024,
+def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 4096,
                      mesh=None, batch_axis=None, jit: bool = True) -> ActivationStats:
     """Streams the activation Grams and means of every node layer over ``batches`` (DESIGN.md section 2).
 

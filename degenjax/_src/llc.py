@@ -145,7 +145,7 @@ def default_nbeta(n: int) -> float:
 def chain_keys(rng_key, num_chains: int):
     """Per-chain keys ``(num_chains, ...)``: ``rng_key`` itself for one chain, else ``split(rng_key, num_chains)``."""
     if num_chains == 1:
-        return jnp.asarray(rng_key)[None]
+        return rng_key[None]
     return jax.random.split(rng_key, num_chains)
 
 
@@ -245,7 +245,13 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     sampler_kwargs = dict(sampler_kwargs or {})
     steps_per_epoch = n // batch_size
     total = num_burnin + num_draws
-    traced = _is_traced((rng_key, params, data, step_size, nbeta, localization))
+    for name, value in (("nbeta", nbeta), ("localization", localization)):
+        if not _is_traced(value) and not (np.ndim(value) == 0 and np.isfinite(value) and
+                                          (value > 0 if name == "nbeta" else value >= 0)):
+            raise ValueError(f"{name} must be a finite scalar {'> 0' if name == 'nbeta' else '>= 0'}; got {value!r}.")
+    # under an outer jit every new array is a tracer, also when all inputs are concrete (e.g. closed over)
+    traced = (_is_traced((rng_key, params, data, step_size, nbeta, localization))
+              or isinstance(jnp.zeros(()), jax.core.Tracer))
 
     if traced:
         num_chunks = 1
@@ -271,10 +277,6 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
     perms = jnp.zeros((num_chains, n), jnp.int32)
 
-    kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
-                               mala=False, **sampler_kwargs)
-    kernel_mala = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
-                                    mala=True, **sampler_kwargs)
     constrain = lambda tree: tree  # noqa: E731
     if mesh is not None:
         # chains are independent: a sharding constraint on the chain axis lets XLA partition the whole step with
@@ -298,12 +300,11 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
                          lambda: perms)
         batch = jax.vmap(take_batch, (None, 0, None, None))(data, perms, j, batch_size)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
-        if mala_every > 0:
-            states, info = lax.cond(t % mala_every == 0,
-                                    lambda: jax.vmap(kernel_mala)(step_keys, states, batch),
-                                    lambda: jax.vmap(kernel)(step_keys, states, batch))
-        else:
-            states, info = jax.vmap(kernel)(step_keys, states, batch)
+        # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
+        mala = (t % mala_every == 0) if mala_every > 0 else False
+        kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
+                                   mala=mala, **sampler_kwargs)
+        states, info = jax.vmap(kernel)(step_keys, states, batch)
         states, perms = constrain((states, perms))
         return (states, perms), (info.loss, info.mala_acceptance)
 
@@ -352,9 +353,13 @@ def _summarize(xp, loss_trace, accs, init_loss, nbeta) -> LLCResult:
     sampled = ~xp.isnan(accs)
     acc_sum = xp.where(sampled, accs, xp.zeros_like(accs))
     count = xp.sum(sampled, axis=0).astype(accs.dtype)
+    # NaN (not a division warning) where no step was MALA-checked
+    total = xp.sum(count)
+    mala = xp.where(total > 0, xp.sum(acc_sum) / xp.maximum(total, 1), nan)
+    mala_per_chain = xp.where(count > 0, xp.sum(acc_sum, axis=0) / xp.maximum(count, 1), nan)
     return LLCResult(llc_mean=xp.mean(llc_per_chain), llc_std=llc_std, llc_per_chain=llc_per_chain,
-                     loss_trace=loss_trace, init_loss=init_loss, mala_acceptance=xp.sum(acc_sum) / xp.sum(count),
-                     mala_per_chain=xp.sum(acc_sum, axis=0) / count, ess=nan, rhat=nan, nbeta=nbeta)
+                     loss_trace=loss_trace, init_loss=init_loss, mala_acceptance=mala, mala_per_chain=mala_per_chain,
+                     ess=nan, rhat=nan, nbeta=nbeta)
 
 
 def _check_finite(losses: np.ndarray, t0: int, total: int, step_size) -> None:

@@ -11,8 +11,10 @@ Modularity maximisation finds some structure in any graph, so the partition is t
 keeps each node's strength profile but no block structure: in each layer pair the ratios of the weights to their
 configuration-model expectation ``s_i t_j / T`` (row and column strengths, total) are permuted at random and
 multiplied back onto the expectation (a plain permutation of the weights would destroy the hub structure that
-interaction graphs have and give the null graphs a spuriously high Q). Null graphs are clustered the same way. When the partition's Q does not exceed the null mean by ``null_z`` null standard deviations, the graph is
-reported as one module (Q = 0) and ``significant`` is False.
+interaction graphs have and give the null graphs a spuriously high Q). Null graphs are clustered the same way. When
+the partition's Q does not exceed the null mean by ``null_z`` null standard deviations, ``significant`` is False and
+the modules reported are the connected components of the graph (structure that no reweighting can create): one
+module for a connected graph (Q = 0), the components otherwise (with their Q).
 
 Clustering runs on the host (igraph/networkx), so `find_modules` is not traceable; call it on concrete edges
 (e.g. the output of a jitted `interaction_edges`).
@@ -34,7 +36,8 @@ class ModuleResult(NamedTuple):
         -1 for the dropped constant direction and for isolated nodes (no edge with positive weight).
       modularity: Newman Q (resolution 1) of ``assignment``; 0.0 when the graph is one module.
       num_modules: the number of modules in ``assignment``.
-      significant: whether the best partition beat the null model (always True when ``num_null = 0``).
+      significant: whether the best partition beat the null model (always True when ``num_null = 0``); when
+        False, ``assignment`` holds the connected components (one module for a connected graph).
       partition_modularity: Q of the best partition found, before the significance test.
       null_modularity: ``(num_null,)`` Q of the partitions found on the null graphs (strength-preserving
         permutations, see the module docstring).
@@ -134,6 +137,28 @@ def _cluster(n, src, dst, wts, *, method, resolution, seed):
     return membership, float(q)
 
 
+def _components(n, src, dst) -> np.ndarray:
+    import networkx as nx
+
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(zip(src.tolist(), dst.tolist()))
+    membership = np.zeros(n, np.int64)
+    for k, c in enumerate(sorted(nx.connected_components(g), key=min)):
+        membership[list(c)] = k
+    return membership
+
+
+def _modularity(n, src, dst, wts, membership) -> float:
+    """Newman Q: sum over modules of (internal weight / W) - (module strength / 2W)^2."""
+    total = wts.sum()
+    internal = np.bincount(membership[src], weights=np.where(membership[src] == membership[dst], wts, 0.0),
+                           minlength=n)
+    strength = np.bincount(membership[src], weights=wts, minlength=n) + np.bincount(membership[dst], weights=wts,
+                                                                                   minlength=n)
+    return float(np.sum(internal / total - (strength / (2.0 * total)) ** 2))
+
+
 def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str = "leiden",
                  drop_constant: bool | Sequence[bool] = True, num_null: int = 20, null_z: float = 3.0) -> ModuleResult:
     """Clusters the interaction graph into modules (DESIGN.md section 6).
@@ -201,7 +226,10 @@ def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str =
     np.add.at(degree, dst, wts)
     isolated = degree == 0
     if not significant:
-        membership = np.zeros(n, np.int64)
+        membership = _components(n, src, dst)
+        q_returned = _modularity(n, src, dst, wts, membership)
+    else:
+        q_returned = q
     membership = np.where(isolated, -1, membership)
     # renumber modules 0..K-1 by first appearance
     labels = {}
@@ -212,7 +240,7 @@ def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str =
     for l in range(num_layers):
         if drop[l]:
             membership[offsets[l]] = -1
-    modularity = q if significant and len(labels) > 1 else 0.0
+    modularity = q_returned if len(labels) > 1 else 0.0
     assignment = tuple(membership[offsets[l]:offsets[l + 1]] for l in range(num_layers))
     return ModuleResult(assignment, float(modularity), len(labels), significant, float(q), null_q,
                         tuple(weights), method)

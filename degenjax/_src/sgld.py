@@ -19,7 +19,7 @@ Noise convention (so that an update can be reproduced by hand): the key is split
 position, in ``jax.tree.leaves`` order, and leaf ``i`` gets ``jax.random.normal(keys[i], leaf.shape, leaf.dtype)``.
 
 ``info.loss`` is the minibatch loss ``L_B(w_t)`` at the position *before* the step (the value that the gradient of the
-step was computed from, as devinterp records it). With ``mala=True`` the kernel also returns the Metropolis-adjusted
+step was computed from, as devinterp records it). With ``mala=True`` (or a true boolean array) the kernel also returns the Metropolis-adjusted
 (MALA) acceptance probability of its proposal, computed on the same minibatch potential ``U_B`` (one extra gradient
 evaluation): for a proposal ``w' = w - (eps/2) P grad U_B(w) + sqrt(eps P) xi`` with diagonal preconditioner ``P``
 (``P = 1`` for SGLD),
@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 ArrayTree = Any
 LossFn = Callable[[ArrayTree, ArrayTree], jax.Array]
@@ -165,6 +167,14 @@ def _nan_like(x) -> jax.Array:
     return jnp.full((), jnp.nan, jnp.result_type(x))
 
 
+def _maybe(flag, fn, like) -> jax.Array:
+    """``fn()`` if ``flag`` else NaN. A Python bool decides at trace time; a boolean array becomes a ``lax.cond``
+    (a real branch under ``vmap`` over chains as long as ``flag`` itself is not batched)."""
+    if isinstance(flag, (bool, np.bool_)):
+        return fn() if flag else _nan_like(like)
+    return lax.cond(flag, fn, lambda: _nan_like(like))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SGLD
 
@@ -182,7 +192,8 @@ def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, 
       step_size: ``eps > 0`` (may be a traced scalar).
       nbeta: ``n * beta``, the inverse temperature times the data set size.
       localization: ``gamma >= 0``.
-      mala: also compute the MALA acceptance probability (one extra gradient evaluation).
+      mala: also compute the MALA acceptance probability (one extra gradient evaluation): a Python bool, or a
+        boolean scalar array (possibly traced, e.g. "every k-th step") that selects it with ``lax.cond``.
 
     Returns:
       ``kernel(rng_key, state, batch) -> (SGLDState, SGMCMCInfo)``.
@@ -199,11 +210,11 @@ def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, 
             return x - 0.5 * eps * g + jnp.sqrt(eps) * z
 
         new = jax.tree.map(update, w, grad, noise)
-        if mala:
+        def acceptance():
             (u_new, _), grad_new = value_and_grad(new, batch)
-            acc = _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size)
-        else:
-            acc = _nan_like(loss)
+            return _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size)
+
+        acc = _maybe(mala, acceptance, loss)
         return SGLDState(position=new), SGMCMCInfo(loss=loss, mala_acceptance=acc)
 
     return kernel
@@ -267,11 +278,11 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
             return x - 0.5 * h * pi * g + jnp.sqrt(h * pi) * z
 
         new = jax.tree.map(update, w, grad, p, noise)
-        if mala:
+        def acceptance():
             (u_new, _), grad_new = value_and_grad(new, batch)
-            acc = _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size, precond=p)
-        else:
-            acc = _nan_like(loss)
+            return _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size, precond=p)
+
+        acc = _maybe(mala, acceptance, loss)
         return RMSPropSGLDState(new, square_avg, count), SGMCMCInfo(loss=loss, mala_acceptance=acc)
 
     return kernel
