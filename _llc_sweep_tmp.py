@@ -1,17 +1,16 @@
-import time
-import jax, jax.numpy as jnp, numpy as np
-jax.config.update("jax_enable_x64", True)
-import warnings; warnings.simplefilter("ignore")
-from degenjax._src.llc import estimate_llc
-def linreg(d, n, noise, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, d)); y = X @ rng.normal(size=d) + noise * rng.normal(size=n)
-    return (jnp.asarray(X), jnp.asarray(y)), jnp.asarray(np.linalg.lstsq(X, y, rcond=None)[0])
-def lrloss(w, b):
-    x, y = b
-    return jnp.mean((x @ w - y) ** 2)
-data, w = linreg(4, 2000, 0.1)
-for s, eps, kw, burn, dr in [("rmsprop_sgld", 1e-2, {}, 300, 3000), ("sgnht", 3e-3, {"diffusion_factor": 1.0}, 2000, 5000), ("sgnht", 1e-3, {}, 3000, 5000)]:
-    t = time.time()
-    r = estimate_llc(jax.random.key(0), lrloss, w, data, num_chains=4, num_draws=dr, step_size=eps, batch_size=100, sampler=s, num_burnin=burn, sampler_kwargs=kw)
-    print(s, eps, kw, float(r.llc_mean), float(r.llc_std)/2, float(r.mala_acceptance), float(r.ess), float(r.rhat), time.time()-t, flush=True)
+import sys, time
+sys.path.insert(0, "tests")
+import conftest  # noqa
+import jax, numpy as np, warnings
+warnings.simplefilter("ignore")
+from test_llc import _dln, _dln_loss
+import degenjax as dj
+cfg = [((4,4,4), 2, 7.5, 10.0, 5e-5, 4, 4000)]
+for w, r, exact, g, eps, ch, dr in cfg:
+    for seed in range(4):
+        data, params = _dln(w, r, n=10_000, seed=seed)
+        t = time.time()
+        res = dj.estimate_llc(jax.random.key(seed + 1), _dln_loss, params, data, num_chains=ch, num_draws=dr,
+                              step_size=eps, batch_size=100, localization=g, num_burnin=500, warn=False)
+        pc = np.asarray(res.llc_per_chain)
+        print(w, eps, seed, f"{float(res.llc_mean):.3f} se={pc.std(ddof=1)/np.sqrt(ch):.3f} rel={float(res.llc_mean)/exact-1:+.3f} mala={float(res.mala_acceptance):.3f} t={time.time()-t:.1f}", flush=True)

@@ -170,20 +170,22 @@ def main():
         bench_size(d, rows)
     mem = memory_table(ARGS.memory_d, min(ARGS.ks)) if ARGS.memory_d else []
 
-    lines = [f"\n## eigen: eigh_topk vs full eigh vs lobpcg ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
-             "", f"- machine: {machine}", f"- command: `.venv/bin/python benchmarks/eigen.py {' '.join(sys.argv[1:])}`",
+    stamp = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    lines = [f"\n## eigen: eigh_topk vs full eigh vs lobpcg ({stamp})", "", f"- machine: {machine}",
+             f"- command: `.venv/bin/python benchmarks/eigen.py {' '.join(sys.argv[1:])}`",
              f"- matrix: PSD, lambda_i = (i+1)^-{ARGS.alpha:g}, dense eigenvectors, {ARGS.dtype}; time = median "
-             f"steady-state seconds ({ARGS.repeats} runs; 1 for full eigh above d = 4096); rel. err = max over top k of "
-             "|theta_i - lambda_i| / lambda_i vs the exact spectrum (full eigh: over the top max(ks)).",
+             f"steady-state seconds ({ARGS.repeats} runs; 1 for full eigh above d = 4096); rel. err = max over top "
+             "k of |theta_i - lambda_i| / lambda_i vs the exact spectrum (full eigh: over the top max(ks)).",
              "", "| d | k | method | time (s) | / numpy eigh | / jnp eigh | rel. err | iterations | compile (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     if mem:
         lines += ["", f"Per-device memory (arguments + outputs + temporaries from `memory_analysis()`, in units of "
-                  f"d^2 elements, d = {ARGS.memory_d}, k = p = {min(ARGS.ks)}), matrix row-sharded over n simulated CPU "
-                  "devices:", "",
-                  "| devices n | 1/n (ideal) | eigh_topk Explicit mesh | eigh_topk Auto mesh | jnp.linalg.eigh (Auto mesh) |",
+                  f"d^2 elements, d = {ARGS.memory_d}, k = p = {min(ARGS.ks)}), matrix row-sharded over n "
+                  "simulated CPU devices:", "",
+                  "| devices n | 1/n (ideal) | eigh_topk Explicit mesh | eigh_topk Auto mesh "
+                  "| jnp.linalg.eigh (Auto mesh) |",
                   "|---|---|---|---|---|"]
         for n, ideal, ex, au, full in mem:
             lines.append(f"| {n} | {ideal:.3f} | {ex:.3f} | {au:.3f} | {full:.3f} |")

@@ -315,7 +315,8 @@ def main(argv=None):
                    "directions from `degeneracy_report` (dense-layer formulas, so for (a) they are counted as if the "
                    "masked weights existed); Q = modularity of the best Leiden partition of the LIB interaction graph "
                    "(and, as a control, of the graph of the raw neurons), with the mean Q of the strength-preserving "
-                   "null graphs; `modules` = 1 when Q does not beat the null by 3 standard deviations.\n\n"
+                   "null graphs; when Q does not beat the null by 3 standard deviations, `modules` counts the "
+                   "connected components (1 for a connected graph).\n\n"
                    + table + "\n" + timing)
         with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as fh:
             fh.write(section)

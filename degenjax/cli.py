@@ -262,7 +262,12 @@ def sweep(
 
     cfg = load_sweep_config(config)  # validate before importing JAX-heavy code
     _setup_jax(x64)
-    rows = run_sweep(cfg, out, progress=progress, plots=plots)
+    try:
+        rows = run_sweep(cfg, out, progress=progress, plots=plots)
+    except KeyboardInterrupt:
+        typer.echo(f"Interrupted: finished cells are kept in {out / 'results.jsonl'}; rerun the same command to "
+                   "resume.", err=True)
+        raise typer.Exit(code=130) from None
     diverged = sum(bool(r.get("diverged")) for r in rows)
     typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv)"
                + (f"; {diverged} diverged" if diverged else "") + ".")

@@ -24,10 +24,10 @@ CHECKPOINT_STEPS = (100, 300, 1000, 3000)
 
 
 def _data():
-    x = jax.random.normal(jax.random.key(1), (N, D_IN))
+    x = jax.random.normal(jax.random.key(1), (N, D_IN), jnp.float32)
     teacher = models.MLP(features=(3, 2))
     tv = teacher.init(jax.random.key(2), x)
-    y = teacher.apply(tv, x) + 0.05 * jax.random.normal(jax.random.key(3), (N, 2))
+    y = teacher.apply(tv, x) + 0.05 * jax.random.normal(jax.random.key(3), (N, 2), jnp.float32)
     return x, y
 
 

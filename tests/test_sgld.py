@@ -41,6 +41,14 @@ def _noise(key, tree):
             "b": np.asarray(jax.random.normal(k[1], (2, 2), jnp.float64))}
 
 
+def _two_chains(kernel, state, batch):
+    """Runs ``kernel`` under jit(vmap) on two chains (the same state, keys 3 and 4); returns per-chain results."""
+    keys = jnp.stack([jax.random.key(3), jax.random.key(4)])
+    states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    new, info = jax.jit(jax.vmap(kernel, (0, 0, None)))(keys, states, batch)
+    return [(keys[c], jax.tree.map(lambda x: x[c], new), jax.tree.map(lambda x: x[c], info)) for c in range(2)]
+
+
 def _np_potential(w, batch, center):
     loss, g = _np_loss_grad(w, batch)
     diff = {k: np.asarray(w[k]) - np.asarray(center[k]) for k in w}
@@ -61,23 +69,26 @@ def _np_mala(w, new, batch, center, precond):
     return min(1.0, np.exp(log_a))
 
 
-def test_sgld_step_matches_hand_update_under_jit():
+def test_sgld_step_matches_hand_update_under_jit_and_vmap():
     batch, center, w = _setup()
-    key = jax.random.key(3)
     kernel = dj.sgld.build_kernel(_loss, center, step_size=EPS, nbeta=NBETA, localization=GAMMA, mala=True)
-    state, info = jax.jit(kernel)(key, dj.sgld.init(w), batch)
     _, grad, loss = _np_potential(w, batch, center)
-    z = _noise(key, w)
-    expected = {k: np.asarray(w[k]) - 0.5 * EPS * grad[k] + np.sqrt(EPS) * z[k] for k in w}
-    assert_trees_all_close(state.position, expected, rtol=1e-12)
-    np.testing.assert_allclose(float(info.loss), loss, rtol=1e-12)
-    ones = {k: np.ones_like(v) for k, v in expected.items()}
-    np.testing.assert_allclose(float(info.mala_acceptance), _np_mala(
-        {k: np.asarray(v) for k, v in w.items()}, expected, batch, center, ones), rtol=1e-9)
+    w_np = {k: np.asarray(v) for k, v in w.items()}
+    for key, state, info in _two_chains(kernel, dj.sgld.init(w), batch):
+        z = _noise(key, w)
+        expected = {k: w_np[k] - 0.5 * EPS * grad[k] + np.sqrt(EPS) * z[k] for k in w}
+        assert_trees_all_close(state.position, expected, rtol=1e-12)
+        np.testing.assert_allclose(float(info.loss), loss, rtol=1e-12)
+        ones = {k: np.ones_like(v) for k, v in expected.items()}
+        np.testing.assert_allclose(float(info.mala_acceptance), _np_mala(w_np, expected, batch, center, ones),
+                                   rtol=1e-9)
     # the convenience `step` is the same transition; without mala the acceptance is NaN
+    key = jax.random.key(3)
     state2, info2 = jax.jit(lambda k, s, b: dj.sgld.step(k, s, b, _loss, center, step_size=EPS, nbeta=NBETA,
                                                           localization=GAMMA))(key, dj.sgld.init(w), batch)
-    assert_trees_all_close(state2.position, expected, rtol=1e-12)
+    z = _noise(key, w)
+    assert_trees_all_close(state2.position, {k: w_np[k] - 0.5 * EPS * grad[k] + np.sqrt(EPS) * z[k] for k in w},
+                           rtol=1e-12)
     assert np.isnan(float(info2.mala_acceptance))
 
 
@@ -111,68 +122,50 @@ def test_mala_acceptance_on_a_gaussian_matches_numpy_monte_carlo():
 
 def test_rmsprop_step_matches_hand_update():
     batch, center, w = _setup(1)
-    key = jax.random.key(4)
     alpha, damp = 0.9, 1e-6
     v0 = {"a": jnp.asarray([0.5, 2.0, 1.0]), "b": jnp.full((2, 2), 0.25)}
     state = dj.RMSPropSGLDState(position=w, square_avg=v0, count=jnp.asarray(2, jnp.int32))
     kernel = dj.rmsprop_sgld.build_kernel(_loss, center, step_size=EPS, nbeta=NBETA, localization=GAMMA,
                                           mala=True, alpha=alpha, eps=damp)
-    new, info = jax.jit(kernel)(key, state, batch)
     _, grad, loss = _np_potential(w, batch, center)
-    z = _noise(key, w)
+    w_np = {k: np.asarray(x) for k, x in w.items()}
     v = {k: alpha * np.asarray(v0[k]) + (1 - alpha) * grad[k] ** 2 for k in w}
     p = {k: 1.0 / (damp + np.sqrt(v[k] / (1 - alpha**3))) for k in w}
-    expected = {k: np.asarray(w[k]) - 0.5 * EPS * p[k] * grad[k] + np.sqrt(EPS * p[k]) * z[k] for k in w}
-    assert_trees_all_close(new.position, expected, rtol=1e-12)
-    assert_trees_all_close(new.square_avg, v, rtol=1e-12)
-    assert int(new.count) == 3
-    np.testing.assert_allclose(float(info.loss), loss, rtol=1e-12)
-    np.testing.assert_allclose(float(info.mala_acceptance), _np_mala(
-        {k: np.asarray(x) for k, x in w.items()}, expected, batch, center, p), rtol=1e-9)
+    for key, new, info in _two_chains(kernel, state, batch):
+        z = _noise(key, w)
+        expected = {k: w_np[k] - 0.5 * EPS * p[k] * grad[k] + np.sqrt(EPS * p[k]) * z[k] for k in w}
+        assert_trees_all_close(new.position, expected, rtol=1e-12)
+        assert_trees_all_close(new.square_avg, v, rtol=1e-12)
+        assert int(new.count) == 3
+        np.testing.assert_allclose(float(info.loss), loss, rtol=1e-12)
+        np.testing.assert_allclose(float(info.mala_acceptance), _np_mala(w_np, expected, batch, center, p),
+                                   rtol=1e-9)
     init = dj.rmsprop_sgld.init(w)
     assert_trees_all_close(init.square_avg, {"a": np.zeros(3), "b": np.zeros((2, 2))})
 
 
 def test_sgnht_step_matches_hand_update():
     batch, center, w = _setup(2)
-    key = jax.random.key(5)
     A = 0.05
     m0 = {"a": jnp.asarray([0.3, -0.2, 0.1]), "b": jnp.asarray([[0.0, 0.5], [-0.4, 0.2]])}
     state = dj.SGNHTState(position=w, momentum=m0, thermostat=jnp.asarray(0.7))
     kernel = dj.sgnht.build_kernel(_loss, center, step_size=EPS, nbeta=NBETA, localization=GAMMA,
                                    diffusion_factor=A)
-    new, info = jax.jit(kernel)(key, state, batch)
     _, grad, loss = _np_potential(w, batch, center)
-    z = _noise(key, w)
-    mom = {k: np.asarray(m0[k]) - EPS * grad[k] - EPS * 0.7 * np.asarray(m0[k]) + np.sqrt(2 * A * EPS) * z[k]
-           for k in w}
-    expected = {k: np.asarray(w[k]) + EPS * mom[k] for k in w}
-    xi = 0.7 + EPS * (sum(np.sum(m**2) for m in mom.values()) / 7 - 1.0)
-    assert_trees_all_close(new.momentum, mom, rtol=1e-12)
-    assert_trees_all_close(new.position, expected, rtol=1e-12)
-    np.testing.assert_allclose(float(new.thermostat), xi, rtol=1e-12)
-    np.testing.assert_allclose(float(info.loss), loss, rtol=1e-12)
-    assert np.isnan(float(info.mala_acceptance))
+    for key, new, info in _two_chains(kernel, state, batch):
+        z = _noise(key, w)
+        mom = {k: np.asarray(m0[k]) - EPS * grad[k] - EPS * 0.7 * np.asarray(m0[k]) + np.sqrt(2 * A * EPS) * z[k]
+               for k in w}
+        expected = {k: np.asarray(w[k]) + EPS * mom[k] for k in w}
+        xi = 0.7 + EPS * (sum(np.sum(m**2) for m in mom.values()) / 7 - 1.0)
+        assert_trees_all_close(new.momentum, mom, rtol=1e-12)
+        assert_trees_all_close(new.position, expected, rtol=1e-12)
+        np.testing.assert_allclose(float(new.thermostat), xi, rtol=1e-12)
+        np.testing.assert_allclose(float(info.loss), loss, rtol=1e-12)
+        assert np.isnan(float(info.mala_acceptance))
     init = dj.sgnht.init(w, thermostat=A)
     assert float(init.thermostat) == A
     assert_trees_all_close(init.momentum, {"a": np.zeros(3), "b": np.zeros((2, 2))})
-
-
-@pytest.mark.parametrize("algo", ["sgld", "rmsprop_sgld", "sgnht"])
-def test_kernels_vmap_over_chains(algo):
-    """vmap over chains (keys and states batched, batch shared) equals stepping each chain alone."""
-    batch, center, w = _setup(3)
-    alg = {"sgld": dj.sgld, "rmsprop_sgld": dj.rmsprop_sgld, "sgnht": dj.sgnht}[algo]
-    kernel = alg.build_kernel(_loss, center, step_size=EPS, nbeta=NBETA, localization=GAMMA)
-    keys = jax.random.split(jax.random.key(6), 3)
-    starts = jax.tree.map(lambda x: jnp.stack([x, x + 0.1, x - 0.2]), w)
-    states = jax.vmap(alg.init)(starts)
-    batched, info = jax.jit(jax.vmap(kernel, (0, 0, None)))(keys, states, batch)
-    single_kernel = jax.jit(kernel)
-    for c in range(3):
-        single, single_info = single_kernel(keys[c], jax.tree.map(lambda x: x[c], states), batch)
-        assert_trees_all_close(jax.tree.map(lambda x: x[c], batched), single, rtol=1e-12)
-        np.testing.assert_allclose(float(info.loss[c]), float(single_info.loss), rtol=1e-12)
 
 
 def test_unknown_sampler_is_a_clear_error():

@@ -253,3 +253,49 @@ def test_checkpoints_msgpack_and_orbax_roundtrip(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not an orbax checkpoint"):
         checkpoints.load_checkpoint(tmp_path / "empty")
+
+
+def test_shipped_example_config_is_valid():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = sweep.load_sweep_config(root / "examples" / "sweep.toml")
+    assert [n for n, _ in cfg.checkpoints] == [f"checkpoints/step_{s:05d}.msgpack" for s in (100, 300, 1000, 3000)]
+    assert len(cfg.cells()) == 4 * 3 * 2
+    loss_fn, template, data = sweep.load_problem(cfg.entry, [cfg.base_dir])
+    params = checkpoints.load_checkpoint(cfg.checkpoints[-1][1], template)
+    # The last checkpoint is trained: its loss is near the teacher's noise variance 0.05^2 (summed over 2 outputs
+    # and averaged: 0.0025), far below the untrained loss.
+    assert float(loss_fn(params, data)) < 0.004 < float(loss_fn(template, data))
+
+
+def test_plot_helpers(tmp_path):
+    from degenjax._src import plots
+
+    rng = np.random.default_rng(0)
+    edges = [rng.random((4, 3)), rng.random((2, 4))]
+    w = np.sort(np.concatenate([e.ravel() for e in edges]))[::-1]
+    np.testing.assert_allclose(plots.cumulative_edge_weight(edges), np.cumsum(w) / w.sum(), rtol=1e-14)
+    with pytest.raises(ValueError, match="consecutive"):
+        plots.plot_interaction_graph([rng.random((4, 3)), rng.random((2, 5))])
+    with pytest.raises(ValueError, match="num_chains, num_draws"):
+        plots.plot_loss_traces(np.zeros(5))
+    with pytest.raises(ValueError, match="zero"):
+        plots.cumulative_edge_weight([np.zeros((2, 2))])
+    fig = plots.plot_spectra({"a": [np.array([3.0, 1.0, 0.0]), np.array([2.0])], "b": [np.array([1.0])]},
+                             path=tmp_path / "s.png")
+    assert len(fig.axes) == 2 and (tmp_path / "s.png").stat().st_size > 1000
+    rows = [{"checkpoint": c, "step_size": s, "nbeta": None, "localization": 1.0, "llc_mean": m, "llc_std": 0.1}
+            for c, s, m in (("a", 1e-4, 1.0), ("a", 1e-3, None), ("b", 1e-4, 2.0), ("b", 1e-3, 3.0))]
+    plots.plot_llc_vs_checkpoint(rows, path=tmp_path / "l.png")
+    fig = plots.plot_calibration_heatmap(rows, checkpoint="a", path=tmp_path / "h.png")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["1", "x"]  # the diverged cell (None) is marked
+
+
+def test_chain_mesh_uses_devices_that_divide_the_chains(num_devices):
+    devs = jax.devices()[:8]
+    assert sweep.chain_mesh(1, devs) is None
+    assert sweep.chain_mesh(11, devs) is None  # prime and larger than the device count: no even split but 1
+    assert sweep.chain_mesh(7, devs).shape["chains"] == 7
+    m = sweep.chain_mesh(12, devs)
+    assert m.axis_names == ("chains",) and m.shape["chains"] == 6
+    assert sweep.chain_mesh(16, devs).shape["chains"] == 8

@@ -16,6 +16,10 @@ Jacobian Gram ``M`` (``d x d``, DESIGN section 2), with ``S = U_k D_k^{1/2}`` (w
   ``J mu`` and ``Lambda_0 = mu^T M mu``. Then every kept coordinate, the constant included, has unit Jacobian
   Gram (``diag(C^+ M C^{+T}) = 1``), which makes the sum of a linear section's edges equal to the sum of Lambda.
   If ``Lambda_0`` is below the cutoff (the mean carries no interaction), ``Lambda_0 = 1`` is used instead.
+
+Truncation picks array shapes, so it needs concrete eigenvalues: under ``jax.jit`` pass static ``dims`` (e.g. from
+an eager run). The per-layer linear algebra and the streamed Gram/edge steps are compiled and cached per shape
+(``jit=True``, the convention of the Gram functions); ``jit=False`` runs them op by op.
 """
 
 from __future__ import annotations

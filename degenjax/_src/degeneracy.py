@@ -557,7 +557,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
     # h_{l+1} >= 0, so relu(h_{l+1}) = h_{l+1} and prepending a ReLU to section l + 1 leaves every activation
     # unchanged while its derivative inserts D: M'^{l+1} = E[D J^T J D]. (Inner ReLUs of the tail already carry
     # their D; D^2 = D.)
-    jgrams = jacobian_grams(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target)
+    jgrams = (jacobian_grams(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target)
+              if L > 1 else [])
     act_dtype = [jnp.result_type(s) for s in shapes]
     cdt = _count_dtype()
 

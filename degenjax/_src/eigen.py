@@ -1,7 +1,8 @@
 """Symmetric eigensolvers: dense ``eigh`` and a sharded top-k solver (DESIGN.md section 4).
 
-``eigh`` wraps LAPACK-style dense ``jax.numpy.linalg.eigh`` with the conventions used across degenjax: eigenvalues
-in descending order, eigenvectors as columns, the input symmetrised, float64 where x64 is enabled.
+``eigh`` wraps the dense ``jax.numpy.linalg.eigh`` with the conventions used across degenjax: eigenvalues in
+descending order, eigenvectors as columns, the input symmetrised, float64 where x64 is enabled. ``eigh_topk`` is
+block subspace iteration on row-sharded ``(d, b)`` blocks that never gathers the ``(d, d)`` matrix.
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
     """Dense symmetric eigendecomposition, eigenvalues in descending order.
 
     The input is symmetrised, ``(A + A^T) / 2``, and computed in float64 where x64 is enabled (float32 otherwise).
-    Repeated and zero eigenvalues are handled by the dense solver (orthonormal eigenvectors in every case). The
-    whole matrix must fit on one device: for a sharded matrix whose full spectrum does not fit, use
-    :func:`eigh_topk` for the leading eigenpairs and :func:`spectral_density` for counts of (near-)zero
-    eigenvalues.
+    Repeated and zero eigenvalues are handled by the dense solver (orthonormal eigenvectors in every case).
+
+    Size limit: the dense solver does not partition the matrix. A row-sharded input is gathered, and each device
+    then holds about ``3 d^2`` numbers (input, eigenvectors, workspace; measured with ``memory_analysis()`` in
+    benchmarks/eigen.py), e.g. 6.4 GB in float64 at ``d = 16384``. Beyond what fits, use :func:`eigh_topk` for the
+    leading eigenpairs (``~d^2 / n`` per device on ``n`` devices) and :func:`spectral_density` to count
+    (near-)zero eigenvalues.
 
     Args:
       a: symmetric matrix of shape ``(..., d, d)`` (leading batch axes allowed).
@@ -68,6 +72,9 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
         raise ValueError(f"eigh needs a square matrix of shape (..., d, d); got shape {a.shape}.")
     in_dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else jnp.dtype(jnp.float32)
     a = a.astype(_compute_dtype(a.dtype))
+    mesh = _explicit_mesh_of(a)
+    if mesh is not None:  # the dense solver needs the whole matrix: gather it (replicate) on the Explicit mesh
+        a = jax.reshard(a, NamedSharding(mesh, P()))
     if _is_concrete(a) and a.size:
         if not bool(jnp.all(jnp.isfinite(a))):
             raise ValueError("eigh input contains NaN or inf entries; check how the matrix was computed.")
@@ -116,7 +123,7 @@ def _row_spec(axes) -> P:
 def _explicit(mesh) -> bool:
     types = set(mesh.axis_types)
     if types - {AxisType.Explicit, AxisType.Auto} or len(types) > 1:
-        raise ValueError(f"eigh_topk needs a mesh whose axes are all Explicit or all Auto; got axis types "
+        raise ValueError(f"The eigensolvers need a mesh whose axes are all Explicit or all Auto; got axis types "
                          f"{mesh.axis_types}. Build it with jax.make_mesh(shape, names, axis_types=...).")
     return types == {AxisType.Explicit}
 
@@ -180,9 +187,10 @@ def _orthonormalize(ops: _BlockOps, y, key, comp):
     """Orthonormal basis of the columns of ``y`` (d, b): shifted CholeskyQR, then CholeskyQR2.
 
     After scaling the columns to unit norm, a first Cholesky QR of ``Y^T Y + s I`` (shift ``s = 100 b^2 eps``)
-    always succeeds and leaves a block of condition number <= 10 unless ``Y`` is numerically rank-deficient; then two plain Cholesky QR passes give
-    orthonormality to machine precision (Fukaya et al. 2020, shifted CholeskyQR3). If ``Y`` is rank-deficient
-    (e.g. rank A < b), the null directions are replaced by fresh random directions orthogonal to the rest.
+    always succeeds and leaves a block of condition number <= 10 unless ``Y`` is numerically rank-deficient;
+    then two plain Cholesky QR passes give orthonormality to machine precision (Fukaya et al. 2020, shifted
+    CholeskyQR3). If ``Y`` is rank-deficient (e.g. rank A < b), the directions of the first pass with squared
+    singular value below 1e-2 (of the largest) are replaced by fresh random directions orthogonal to the rest.
     """
     b = y.shape[1]
     eps, tiny = jnp.finfo(comp).eps, jnp.finfo(comp).tiny
@@ -197,24 +205,18 @@ def _orthonormalize(ops: _BlockOps, y, key, comp):
     w, u = jnp.linalg.eigh(g1, symmetrize_input=True)
     full_rank = jnp.all(jnp.isfinite(w)) & (w[0] > 1e-2 * w[-1])
 
-    def cholqr2(q1, g1, key):
-        del key
-        q2 = ops.rmul(q1, _upper_inverse(g1, 0.0))
-        return ops.rmul(q2, _upper_inverse(ops.inner(q2, q2), 0.0))
-
-    def complete(q1, g1, key):
-        del g1
+    def complete(q1, key):
         keep = jnp.isfinite(w) & (w > 1e-2 * w[-1])
         scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, w, 1.0)), 0.0)
         kept = ops.rmul(q1, u * scale[None, :])  # whitened kept directions, zero columns elsewhere
-        d = y.shape[0]
-        fresh = ops.rows(jax.random.normal(key, y.shape, comp) / np.sqrt(d)).astype(y.dtype)
+        fresh = ops.rows(jax.random.normal(key, y.shape, comp) / np.sqrt(y.shape[0])).astype(y.dtype)
         fresh = fresh - ops.rmul(kept, ops.inner(kept, fresh))
-        z = kept + fresh * jnp.where(keep, 0.0, 1.0).astype(y.dtype)[None, :]
-        z = ops.rmul(z, _upper_inverse(ops.inner(z, z), 0.0))
-        return ops.rmul(z, _upper_inverse(ops.inner(z, z), 0.0))
+        return kept + fresh * jnp.where(keep, 0.0, 1.0).astype(y.dtype)[None, :]
 
-    return jax.lax.cond(full_rank, cholqr2, complete, q1, g1, key)
+    z = jax.lax.cond(full_rank, lambda q1, key: q1, complete, q1, key)
+    for _ in range(2):  # CholeskyQR2
+        z = ops.rmul(z, _upper_inverse(ops.inner(z, z), 0.0))
+    return z
 
 
 def _rayleigh_ritz(ops: _BlockOps, q, y, k: int):

@@ -90,6 +90,7 @@ class GramState(NamedTuple):
 
     Attributes:
       shift: ``(d,)``, the mean of the first non-empty batch (set by the first ``update``); sums are taken about it.
+        Under ``shard_map`` the state is replicated (``P()``) and every device sets the same (global) shift.
       sums: `GramSums`.
       compensation: `GramSums` of Neumaier running errors; ``sums + compensation`` is the accurate total.
     """
@@ -344,6 +345,13 @@ def _reshard_batch(tree, mesh, axes):
     return jax.tree.map(lambda a: jax.reshard(a, NamedSharding(mesh, P(axes))), tree)
 
 
+def _replicate(tree, mesh):
+    """Places running sums replicated on ``mesh`` (as the sharded step returns them, so it compiles once)."""
+    if _is_traced(tree):
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
 def _finite_flag(a, axes):
     bad = jnp.logical_not(jnp.all(jnp.isfinite(a)))
     if axes is not None:
@@ -403,7 +411,8 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
 
     Memory is O(sum_l d_l^2) whatever the number of batches. Each batch is checked: dtypes equal to the first
     batch's, feature sizes accepted by the model, activations finite (checked one batch late, so the host does
-    not stall the device).
+    not stall the device; skipped when called under an outer ``jax.jit``, where values are traced). Works under
+    ``jax.jit`` with a single traced batch; to stream inside your own compiled loop use `gram_accumulator`.
 
     Args:
       model: `Sections` or a list of functions ``f_l(params, h)``.
@@ -444,6 +453,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
         mesh_i, axes_i = (mesh, axes) if mesh is not None else (_batch_mesh(batch) or (None, None))
         if mesh_i is not None:
             _check_divisible(fn, i, batch, mesh_i, axes_i)
+            states = _replicate(states, mesh_i)
         states, flags = step(states, params, batch, model=model, accum_dtype=acc_dt,
                              chunk_size=int(chunk_size), mesh=mesh_i, axes=axes_i)
         checker.finite(i, flags, "activation")
@@ -606,6 +616,11 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
         shapes = checker.check(i, batch)
         if totals is None:
             bases = []
+            for l in layers:
+                if not jnp.issubdtype(shapes[l].dtype, jnp.floating):
+                    raise ValueError(f"{fn}: node layer {l} ({model.layer_name(l)}) has dtype {shapes[l].dtype}; "
+                                     "Jacobians need floating-point node layers (e.g. one-hot inputs instead of "
+                                     "token ids), or skip that layer.")
             for l, B in zip(layers, out_bases):
                 nxt = shapes[l + 1] if target == "next" else shapes[L]
                 if not isinstance(nxt, jax.ShapeDtypeStruct) or len(nxt.shape) < 2:
@@ -618,6 +633,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
         mesh_i, axes_i = (mesh, axes) if mesh is not None else (_batch_mesh(batch) or (None, None))
         if mesh_i is not None:
             _check_divisible(fn, i, batch, mesh_i, axes_i)
+            totals = _replicate(totals, mesh_i)
         keys = None
         b = jnp.shape(jax.tree.leaves(batch)[0])[0]
         if num_sources is not None:

@@ -243,7 +243,8 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
         "PCA variance": [np.asarray(v) for v in bases["pca"].Lambda],
     }, layer_names=layer_names, path=out / plot_files["spectra"], title="Eigenvalue spectra per node layer")
     plots.plot_interaction_graph(edges["lib"], modules=modules.assignment, path=out / plot_files["interaction_graph"],
-                                 title=f"LIB interaction graph ({modules.num_modules} modules, Q = {modules.modularity:.2f})")
+                                 title=f"LIB interaction graph ({modules.num_modules} module{'s' if modules.num_modules != 1 else ''}, "
+                                       f"Q = {modules.modularity:.2f})")
     plots.plot_sparsity({"LIB": edges["lib"], "PCA": edges["pca"]}, path=out / plot_files["sparsity"],
                         title="Edge sparsity: LIB vs PCA")
 
@@ -346,7 +347,7 @@ def _markdown(r: dict, degeneracy_table: str) -> str:
     lines += ["", "![spectra](spectra.png)", "", "![LIB vs PCA sparsity](sparsity_lib_vs_pca.png)", "",
               "## Degeneracy", "", degeneracy_table,
               "## Modules", "",
-              f"{r['modules']['num_modules']} modules in the LIB interaction graph, modularity Q = "
+              f"{r['modules']['num_modules']} module(s) in the LIB interaction graph, modularity Q = "
               f"{r['modules']['modularity']:.3f} (significant against permuted graphs: {r['modules']['significant']}).",
               "", "![interaction graph](interaction_graph.png)", "",
               f"Total time {r['timings']['total_s']:.1f} s on {len(r['devices'])} device(s); parameters in "

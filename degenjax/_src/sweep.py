@@ -49,7 +49,7 @@ import numpy as np
 GRID_AXES = ("step_size", "nbeta", "localization")
 SAMPLER_KEYS = ("num_chains", "num_draws", "batch_size", "num_burnin", "sampler")
 _SAMPLER_INT_KEYS = ("num_chains", "num_draws", "batch_size", "num_burnin")
-_TOP_KEYS = ("entry", "checkpoints", "seed", "sampler", "grid", "name")
+_TOP_KEYS = ("entry", "checkpoints", "seed", "sampler", "grid")
 CSV_COLUMNS = ("checkpoint", "step_size", "nbeta", "localization", "llc_mean", "llc_std", "n_eff", "init_loss",
                "mala_acceptance", "ess", "rhat", "diverged", "seconds", "llc_per_chain", "cell")
 
