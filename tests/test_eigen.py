@@ -124,7 +124,7 @@ def _check_topk(a, result, k, *, tol):
     resid = np.linalg.norm(a @ vectors - vectors * values[None, :], axis=0)  # recomputed independently
     assert_trees_all_close(resid, result.residuals, atol=1e-12 * np.max(np.abs(w_ref)), rtol=1e-6)
     assert np.max(resid) <= tol * np.max(np.abs(w_ref)) * (1 + 1e-6), "stopping rule not met"
-    # Weyl: some eigenvalue within ||r_i|| of theta_i (with d >> k the i-th largest is that one here).
+    # Weyl-type bound: an eigenvalue lies within ||r_i|| of theta_i (for these spectra, the i-th largest).
     assert np.all(np.abs(values - w_ref[:k]) <= resid + 1e-13 * np.max(np.abs(w_ref)))
     gap = w_ref[k - 1] - w_ref[k]
     if gap > 1e-6:  # Davis-Kahan sin(theta) bound for the whole top-k subspace
@@ -234,8 +234,8 @@ def test_topk_sharded_matvec(num_devices):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda a: dj.eigh_topk(a, 16, key=jax.random.key(0)), "k"),
-    (lambda a: dj.eigh_topk(a, 0, key=jax.random.key(0)), "k"),
+    (lambda a: dj.eigh_topk(a, 16, key=jax.random.key(0)), "1 <= k < d = 16"),
+    (lambda a: dj.eigh_topk(a, 0, key=jax.random.key(0)), "1 <= k < d = 16"),
     (lambda a: dj.eigh_topk(a[:, :8], 2, key=jax.random.key(0)), "square"),
     (lambda a: dj.eigh_topk(lambda x: a @ x, 2, key=jax.random.key(0)), "dim"),
     (lambda a: dj.eigh_topk(lambda x: (a @ x)[:-1], 2, key=jax.random.key(0), dim=16), "shape"),

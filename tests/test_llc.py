@@ -73,7 +73,8 @@ def test_linear_regression_gives_half_d():
     d, n = 4, 2000
     data, w_star = _linreg(d, n, noise=0.1)
     res = dj.estimate_llc(jax.random.key(0), _lr_loss, w_star, data, num_chains=4, num_draws=2000,
-                          step_size=1e-4, batch_size=100, localization=1.0, num_burnin=300, warn=False)
+                          step_size=1e-4, batch_size=100, localization=1.0, num_burnin=300, warn=False,
+                          eval_batch_size=300)  # L_n(w*) in 6 blocks of 300 plus a remainder of 200
     # the regular model: lambda = d/2. SE over chains ~0.05; SGLD bias ~ eps * nbeta * 2 / 4 ~ 1.3%.
     assert abs(float(res.llc_mean) - d / 2) < 4 * _se(res) + 0.02 * d / 2, (res.llc_mean, _se(res))
     x, y = (np.asarray(a) for a in data)
@@ -101,7 +102,7 @@ def test_linear_regression_gives_half_d():
         ("sgnht", 3e-3, {"diffusion_factor": 1.0}, 2000, 4000, 0.06),
         # pSGLD drops the derivative of its position-dependent preconditioner, a known O(1) bias (measured +16%
         # with SE 0.07 at these settings): the check is only that the estimator runs it and lands near d/2
-        ("rmsprop_sgld", 1e-2, {}, 300, 1500, 0.30),
+        pytest.param("rmsprop_sgld", 1e-2, {}, 300, 1500, 0.30, marks=pytest.mark.slow),
     ],
 )
 def test_variants_through_the_estimator(sampler, step_size, kwargs, burnin, draws, rel_tol):
@@ -114,24 +115,27 @@ def test_variants_through_the_estimator(sampler, step_size, kwargs, burnin, draw
 
 
 @pytest.mark.parametrize(
-    "widths, rank, exact, gamma, draws",
+    "widths, rank, exact, gamma, step_size",
     [
         # two layers = reduced-rank regression, so both references apply and agree:
-        # Aoyagi (DESIGN section 5): M = (2, 2, 2), l = 2, s = 6, a = 2 -> 3 + 0 - 9/2 + 6 = 7.5... worked out:
+        # Aoyagi (DESIGN section 5): M = (2, 2, 2), S = all, l = 2, s = 6, a = 6 - (3 - 1) 2 = 2:
         #   (-4 + 2 * 8) / 2 + 2 * 0 / 8 - (2 / 4) * 9 + (1/2) * 12 = 6 + 0 - 4.5 + 6 = 7.5;
         # Aoyagi & Watanabe (2005) with M = N = H = 4, r = 2 (M + H + N + r = 14 even):
         #   (2 (H + r)(M + N) - (M - N)^2 - (H + r)^2) / 8 = (96 - 0 - 36) / 8 = 7.5.
-        ((4, 4, 4), 2, 7.5, 10.0, 4000),
-        # three layers, M = (2, 2, 2, 2): l = 3, s = 8, a = 2 -> 5/2 + 1/6 - 32/3 + 12 = 4
-        ((3, 3, 3, 3), 1, 4.0, 3.0, 8000),
+        ((4, 4, 4), 2, 7.5, 10.0, 5e-5),
+        # three layers, M = (2, 2, 2, 2), S = all, l = 3, s = 8, a = 8 - (3 - 1) 3 = 2:
+        #   (-1 + 6) / 2 + 2 * 1 / 12 - (6 / 4) (8/3)^2 + (1/2) * 24 = 5/2 + 1/6 - 32/3 + 12 = 4
+        ((3, 3, 3, 3), 1, 4.0, 3.0, 1e-4),
     ],
 )
-def test_deep_linear_network_matches_aoyagi(widths, rank, exact, gamma, draws):
+def test_deep_linear_network_matches_aoyagi(widths, rank, exact, gamma, step_size):
     data, params = _dln(widths, rank, n=10_000)
-    res = dj.estimate_llc(jax.random.key(1), _dln_loss, params, data, num_chains=4, num_draws=draws,
-                          step_size=3e-5, batch_size=100, localization=gamma, num_burnin=500, warn=False)
-    # measured SE over chains ~0.15 at these lengths, so 10% is > 2.5 SE away from the exact value
+    res = dj.estimate_llc(jax.random.key(1), _dln_loss, params, data, num_chains=4, num_draws=4000,
+                          step_size=step_size, batch_size=100, localization=gamma, num_burnin=500, warn=False)
+    # Over data/chain seeds 0-3 these settings gave -2.2%..+1.5% ([4,4,4], MALA 0.97) and -4.2%..-2.9%
+    # ([3,3,3,3], MALA 0.90) with SE over chains 0.06-0.17: the 10% goal is >= 2 SE beyond the worst seed.
     assert abs(float(res.llc_mean) / exact - 1.0) < 0.10, (float(res.llc_mean), _se(res))
+    assert 0.85 < float(res.mala_acceptance) < 1.0
 
 
 @pytest.mark.slow
@@ -140,9 +144,8 @@ def test_reduced_rank_regression_odd_case():
     # M + r <= N + H, H + r <= M + N and M + H + N + r = 13 odd, so
     # lambda = (2 (H + r)(M + N) - (M - N)^2 - (H + r)^2 + 1) / 8 = (72 - 1 - 16 + 1) / 8 = 7.
     data, params = _dln((5, 3, 4), 1, n=10_000)
-    res = dj.estimate_llc(jax.random.key(2), _dln_loss, params, data, num_chains=4, num_draws=8000,
-                          step_size=3e-5, batch_size=100, localization=3.0, num_burnin=500, warn=False)
-    # measured SE over chains ~0.16; 10% of 7 is > 4 SE
+    res = dj.estimate_llc(jax.random.key(2), _dln_loss, params, data, num_chains=8, num_draws=8000,
+                          step_size=1e-4, batch_size=100, localization=3.0, num_burnin=1000, warn=False)
     assert abs(float(res.llc_mean) / 7.0 - 1.0) < 0.10, (float(res.llc_mean), _se(res))
 
 

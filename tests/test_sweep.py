@@ -137,10 +137,14 @@ def test_resume_after_sigkill_at_several_points(tmp_path):
     # results.csv is regenerated from the jsonl: one row per cell.
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 13 and csv_lines[0].startswith("checkpoint,step_size")
-    # A rerun of a finished sweep computes nothing.
-    n_starts = _num_lines(log)
-    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=120)
-    assert _num_lines(log) == n_starts and results.read_bytes() == final
+    # A rerun of a finished sweep computes nothing (and does not even import the entry point).
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    rerun = sweep.run_sweep(sweep.load_sweep_config(tmp_path / "sweep.toml"), out, cell_fn=must_not_run,
+                            progress=False, plots=False)
+    assert [r["cell"] for r in rerun] == [c["cell"] for c in sweep.load_sweep_config(tmp_path / "sweep.toml").cells()]
+    assert results.read_bytes() == final
 
 
 def _fake_cell(rng_key, params, *, step_size, nbeta, localization):

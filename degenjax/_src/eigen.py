@@ -128,7 +128,16 @@ def _explicit(mesh) -> bool:
     return types == {AxisType.Explicit}
 
 
+def _layout(mesh, spec: P) -> Callable:
+    """Function laying an array out as ``spec`` on ``mesh`` (reshard on Explicit, sharding constraint on Auto)."""
+    sharding = NamedSharding(mesh, spec)
+    if _explicit(mesh):
+        return lambda x: jax.reshard(x, sharding)
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
 def _make_ops(operator, mesh, work, comp) -> _BlockOps:
+    """Block primitives for a dense matrix (row-sharded already when ``mesh`` is given) or a block matvec."""
     dense = not callable(operator)
 
     def local_inner(x, y):
@@ -148,11 +157,7 @@ def _make_ops(operator, mesh, work, comp) -> _BlockOps:
 
     axes = tuple(mesh.axis_names)
     rows_spec = _row_spec(axes)
-    sharding = NamedSharding(mesh, rows_spec)
-    if _explicit(mesh):
-        rows = lambda x: jax.reshard(x, sharding)  # noqa: E731
-    else:
-        rows = lambda x: jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
+    rows = _layout(mesh, rows_spec)
 
     def smap(f, in_specs, out_specs):
         return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
@@ -233,7 +238,7 @@ def _rayleigh_ritz(ops: _BlockOps, q, y, k: int):
 
 
 def _operator_info(a_or_matvec, dim, dtype, name):
-    """Validates a matrix or block matvec; returns (operator, d, work dtype, mesh inferred from an Explicit type)."""
+    """Validates a matrix or block matvec; returns (operator cast to the working dtype, d, working dtype)."""
     if callable(a_or_matvec):
         if dim is None:
             raise ValueError(f"{name} got a matvec callable, so it cannot infer the dimension: pass dim=d (the "
@@ -351,10 +356,9 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
         raise ValueError(f"eigh_topk shards the {d} rows over {mesh.size} devices of the mesh, so d must be "
                          f"divisible by {mesh.size}; pad the operator with zero rows/columns or change the mesh.")
     b = min(k + int(oversample), d)
-    ops = _make_ops(operator, mesh, work, comp)
     if mesh is not None and matvec is None:
-        operator = ops.rows(operator)
-        ops = _make_ops(operator, mesh, work, comp)
+        operator = _layout(mesh, _row_spec(tuple(mesh.axis_names)))(operator)
+    ops = _make_ops(operator, mesh, work, comp)
     key_start, key_loop = jax.random.split(key)
     if check:
         _check_operator(ops, d, b, work, key, _default_symmetry_rtol(work) if symmetry_rtol is None

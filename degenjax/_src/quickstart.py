@@ -179,7 +179,8 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
     params, train_losses = _train(module, params, jnp.asarray(x_tr), jnp.asarray(y_tr), config, progress)
     save_msgpack(out / "params.msgpack", params)
     num_params = int(sum(np.size(a) for a in jax.tree.leaves(params)))
-    acc = {split: float(np.mean(np.argmax(np.asarray(module.apply(params, jnp.asarray(xs))), -1) == ys))
+    predict = jax.jit(lambda p, xs: jnp.argmax(module.apply(p, xs), -1))
+    acc = {split: float(np.mean(np.asarray(predict(params, jnp.asarray(xs))) == ys))
            for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te))}
     timings["train_s"] = time.perf_counter() - t0
 

@@ -150,10 +150,9 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
     if mesh is not None and d % mesh.size:
         raise ValueError(f"{name} shards the {d} rows over {mesh.size} devices of the mesh, so d must be divisible "
                          f"by {mesh.size}; pad the operator with zero rows/columns or change the mesh.")
-    ops = eigen._make_ops(operator, mesh, work, comp)
     if mesh is not None and matvec is None:
-        operator = ops.rows(operator)
-        ops = eigen._make_ops(operator, mesh, work, comp)
+        operator = eigen._layout(mesh, eigen._row_spec(tuple(mesh.axis_names)))(operator)
+    ops = eigen._make_ops(operator, mesh, work, comp)
     if check:
         eigen._check_operator(ops, d, num_probes, work, key, eigen._default_symmetry_rtol(work)
                               if symmetry_rtol is None else symmetry_rtol, name, matvec)
@@ -163,9 +162,7 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
     v0 = ops.rows(signs / jnp.sqrt(jnp.asarray(d, work)))
     basis = jnp.zeros((d, m, num), work)
     if mesh is not None:
-        rows3 = jax.sharding.NamedSharding(mesh, P(tuple(mesh.axis_names), None, None))
-        basis = (jax.reshard(basis, rows3) if eigen._explicit(mesh)
-                 else jax.lax.with_sharding_constraint(basis, rows3))
+        basis = eigen._layout(mesh, P(tuple(mesh.axis_names), None, None))(basis)
     basis = store(basis, v0, 0)
     eps = float(jnp.finfo(work).eps)
 
@@ -182,6 +179,7 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
         alive = beta > 10.0 * eps * anorm
         v_next = (w.astype(comp) * jnp.where(alive, 1.0 / jnp.where(alive, beta, 1.0), 0.0)[None, :]).astype(work)
         beta = jnp.where(alive, beta, 0.0)
+        # Slot j + 1 receives v_{j+1}; the last step's store (clamped to slot m - 1) is never read again.
         basis = store(basis, v_next, jnp.minimum(j + 1, m - 1)) if m > 1 else basis
         return (basis, v_next, v, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), anorm)
 
