@@ -19,9 +19,10 @@ Noise convention (so that an update can be reproduced by hand): the key is split
 position, in ``jax.tree.leaves`` order, and leaf ``i`` gets ``jax.random.normal(keys[i], leaf.shape, leaf.dtype)``.
 
 ``info.loss`` is the minibatch loss ``L_B(w_t)`` at the position *before* the step (the value that the gradient of the
-step was computed from, as devinterp records it). With ``mala=True`` (or a true boolean array) the kernel also returns the Metropolis-adjusted
-(MALA) acceptance probability of its proposal, computed on the same minibatch potential ``U_B`` (one extra gradient
-evaluation): for a proposal ``w' = w - (eps/2) P grad U_B(w) + sqrt(eps P) xi`` with diagonal preconditioner ``P``
+step was computed from, as devinterp records it). With ``mala=True`` (or a true boolean array) the kernel also
+returns the Metropolis-adjusted (MALA) acceptance probability of its proposal, computed on the same minibatch
+potential ``U_B`` at both ends (one extra gradient evaluation; the same minibatch at both ends, so the acceptance
+measures the discretisation error of the step and not minibatch noise): for a proposal ``w' = w - (eps/2) P grad U_B(w) + sqrt(eps P) xi`` with diagonal preconditioner ``P``
 (``P = 1`` for SGLD),
 
     log q(w' | w) = -sum (w' - w + (eps/2) P grad U_B(w))^2 / (2 eps P)
