@@ -20,10 +20,10 @@ position, in ``jax.tree.leaves`` order, and leaf ``i`` gets ``jax.random.normal(
 
 ``info.loss`` is the minibatch loss ``L_B(w_t)`` at the position *before* the step (the value that the gradient of the
 step was computed from, as devinterp records it). With ``mala=True`` (or a true boolean array) the kernel also
-returns the Metropolis-adjusted (MALA) acceptance probability of its proposal, computed on the same minibatch
-potential ``U_B`` at both ends (one extra gradient evaluation; the same minibatch at both ends, so the acceptance
-measures the discretisation error of the step and not minibatch noise): for a proposal ``w' = w - (eps/2) P grad U_B(w) + sqrt(eps P) xi`` with diagonal preconditioner ``P``
-(``P = 1`` for SGLD),
+returns the Metropolis-adjusted (MALA) acceptance probability of its proposal, computed from the minibatch
+potential ``U_B`` of the step at both ends (one extra gradient evaluation; one minibatch, so the acceptance measures
+the discretisation error of the step, not minibatch noise). For a proposal
+``w' = w - (eps/2) P grad U_B(w) + sqrt(eps P) xi`` with diagonal preconditioner ``P`` (``P = 1`` for SGLD),
 
     log q(w' | w) = -sum (w' - w + (eps/2) P grad U_B(w))^2 / (2 eps P)
     a = min(1, exp(U_B(w) - U_B(w') + log q(w | w') - log q(w' | w))),
