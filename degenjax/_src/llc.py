@@ -289,24 +289,33 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
             lambda x: lax.with_sharding_constraint(x, chain_sharding), tree)
         states, perms, perm_keys, noise_keys = constrain((states, perms, perm_keys, noise_keys))
 
-    # One body for every chunk: its identity keys JAX's tracing cache, so the scan compiles once per call.
-    def body(carry, t):
-        states, perms = carry
-        j = t % steps_per_epoch
-        # all chains are at the same step, so this predicate is not batched: a real branch, not a select
-        perms = lax.cond(j == 0,
-                         lambda: jax.vmap(epoch_permutation, (0, None, None))(
-                             perm_keys, t // steps_per_epoch, n).astype(perms.dtype),
-                         lambda: perms)
-        batch = jax.vmap(take_batch, (None, 0, None, None))(data, perms, j, batch_size)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
-        # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
-        mala = (t % mala_every == 0) if mala_every > 0 else False
-        kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta, localization=localization,
-                                   mala=mala, **sampler_kwargs)
-        states, info = jax.vmap(kernel)(step_keys, states, batch)
-        states, perms = constrain((states, perms))
-        return (states, perms), (info.loss, info.mala_acceptance)
+    def run_chunk(carry, ts, ctx):
+        # Everything the scan reads is an argument (not a closed-over constant), so the data never becomes a
+        # compile-time constant and one compilation serves every chunk of this call.
+        data_, params_, perm_keys_, noise_keys_, step_size_, nbeta_, localization_ = ctx
+        def body(carry, t):
+            states, perms = carry
+            j = t % steps_per_epoch
+            # all chains are at the same step, so this predicate is not batched: a real branch, not a select
+            perms = lax.cond(j == 0,
+                             lambda: jax.vmap(epoch_permutation, (0, None, None))(
+                                 perm_keys_, t // steps_per_epoch, n).astype(perms.dtype),
+                             lambda: perms)
+            batch = jax.vmap(take_batch, (None, 0, None, None))(data_, perms, j, batch_size)
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys_, t)
+            # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
+            mala = (t % mala_every == 0) if mala_every > 0 else False
+            kernel = algo.build_kernel(loss_fn, params_, step_size=step_size_, nbeta=nbeta_,
+                                       localization=localization_, mala=mala, **sampler_kwargs)
+            states, info = jax.vmap(kernel)(step_keys, states, batch)
+            states, perms = constrain((states, perms))
+            return (states, perms), (info.loss, info.mala_acceptance)
+
+        return lax.scan(body, carry, ts)
+
+    # Compiled once per call and reused by every chunk (under the caller's jit this is inlined).
+    run_chunk = jax.jit(run_chunk)
+    ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization)
 
     bar = None
     if progress and not traced:
@@ -317,7 +326,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     try:
         for k in range(num_chunks):
             ts = np.arange(k * chunk_len, (k + 1) * chunk_len, dtype=np.int32)
-            (states, perms), (losses, accs) = lax.scan(body, (states, perms), ts)
+            (states, perms), (losses, accs) = run_chunk((states, perms), ts, ctx)
             loss_chunks.append(losses)
             acc_chunks.append(accs)
             if not traced:
