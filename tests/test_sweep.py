@@ -275,15 +275,20 @@ def test_plot_helpers(tmp_path):
     from degenjax._src import plots
 
     rng = np.random.default_rng(0)
-    edges = [rng.random((4, 3)), rng.random((2, 4))]
-    w = np.sort(np.concatenate([e.ravel() for e in edges]))[::-1]
-    np.testing.assert_allclose(plots.cumulative_edge_weight(edges), np.cumsum(w) / w.sum(), rtol=1e-14)
+    e = rng.random((4, 3))
+    w = np.sort(e[1:, 1:].ravel())[::-1]  # constant nodes (row 0, column 0) excluded
+    np.testing.assert_allclose(plots.cumulative_edge_weight(e), np.cumsum(w) / w.sum(), rtol=1e-14)
+    # the curve crosses each fraction at the count edge_sparsity reports
+    from degenjax import edge_sparsity
+    counts = np.asarray(edge_sparsity([e], (0.5, 0.9))["counts"])[0]
+    c = plots.cumulative_edge_weight(e)
+    assert [int(np.argmax(c >= f * (1 - 1e-12)) + 1) for f in (0.5, 0.9)] == list(counts)
     with pytest.raises(ValueError, match="consecutive"):
         plots.plot_interaction_graph([rng.random((4, 3)), rng.random((2, 5))])
     with pytest.raises(ValueError, match="num_chains, num_draws"):
         plots.plot_loss_traces(np.zeros(5))
     with pytest.raises(ValueError, match="zero"):
-        plots.cumulative_edge_weight([np.zeros((2, 2))])
+        plots.cumulative_edge_weight(np.zeros((3, 3)))
     fig = plots.plot_spectra({"a": [np.array([3.0, 1.0, 0.0]), np.array([2.0])], "b": [np.array([1.0])]},
                              path=tmp_path / "s.png")
     assert len(fig.axes) == 2 and (tmp_path / "s.png").stat().st_size > 1000

@@ -152,9 +152,15 @@ def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, 
     return _save(fig, path)
 
 
-def cumulative_edge_weight(edges: Sequence) -> np.ndarray:
-    """Fraction of total edge weight carried by the k strongest edges, k = 1..num_edges (all layers pooled)."""
-    w = np.concatenate([np.abs(np.asarray(e, np.float64)).ravel() for e in edges])
+def cumulative_edge_weight(edge_matrix) -> np.ndarray:
+    """Fraction of a layer's edge weight carried by its k strongest edges, k = 1..num_edges.
+
+    Row 0 and column 0 of ``edge_matrix`` (the constant nodes) are left out, as in `edge_sparsity`.
+    """
+    e = np.abs(np.asarray(edge_matrix, np.float64))
+    if e.ndim != 2 or min(e.shape) < 2:
+        raise ValueError(f"expected a (d^_{{l+1}}, d^_l) edge matrix with non-constant nodes; got shape {e.shape}.")
+    w = e[1:, 1:].ravel()
     total = w.sum()
     if not total > 0:
         raise ValueError("All edges are zero; there is no edge weight to accumulate.")
@@ -163,25 +169,30 @@ def cumulative_edge_weight(edges: Sequence) -> np.ndarray:
 
 def plot_sparsity(edge_sets: Mapping[str, Sequence], *, fractions=(0.5, 0.9, 0.99), path=None,
                   title="Edge sparsity"):
-    """Cumulative edge weight against the number of edges kept, one curve per basis (e.g. LIB vs PCA).
+    """Cumulative edge weight against the number of edges kept: one panel per layer, one curve per basis.
+
+    Constant nodes are excluded, so the curves cross the guide lines at the counts of `edge_sparsity`.
 
     Args:
-      edge_sets: ``{label: [E^0, ..., E^{L-1}]}``.
+      edge_sets: ``{label: [E^0, ..., E^{L-2}]}`` (e.g. LIB and PCA edges of the same model).
       fractions: horizontal guide lines.
       path: optional output file.
     """
-    fig, ax = _figure()
-    ax = ax[0, 0]
-    for label, edges in edge_sets.items():
-        c = cumulative_edge_weight(edges)
-        ax.semilogx(np.arange(1, c.size + 1), c, label=f"{label} ({c.size} edges)")
-    for f in fractions:
-        ax.axhline(f, color="0.6", lw=0.7, ls=":")
-    ax.set_xlabel("number of strongest edges kept")
-    ax.set_ylabel("fraction of total edge weight")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
+    num_layers = max(len(edges) for edges in edge_sets.values())
+    fig, axes = _figure(ncols=num_layers, width=4.2)
+    for l in range(num_layers):
+        ax = axes[0, l]
+        for label, edges in edge_sets.items():
+            if l < len(edges):
+                c = cumulative_edge_weight(edges[l])
+                ax.semilogx(np.arange(1, c.size + 1), c, label=f"{label} ({c.size} edges)")
+        for f in fractions:
+            ax.axhline(f, color="0.6", lw=0.7, ls=":")
+        ax.set_xlabel("number of strongest edges kept")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{title}: layer {l} -> {l + 1}", fontsize=10)
+    axes[0, 0].set_ylabel("fraction of the layer's edge weight")
     return _save(fig, path)
 
 
