@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 import degenjax as dj
 from degenjax import models
 from conftest import assert_trees_all_close
+from reference_models import hand_transformer_sections
 
 # ------------------------------------------------------------------------------------------------------------------
 # Shared models and NumPy references
@@ -216,34 +217,6 @@ def test_jacobian_grams_mlp_closed_form(mlp):
     assert_trees_all_close(m1, expect[1], rtol=1e-11, atol=1e-13)
 
 
-def _hand_transformer():
-    """Hand-written transformer sections (einsum form), independent of the linen adapter."""
-
-    def embed(v, x):
-        p = v["params"]["embed"]
-        return x @ p["W_E"] + p["W_pos"][None, : x.shape[-2]]
-
-    def attn(v, h):
-        p = v["params"]["attn"]
-        qkv = jnp.einsum("btd,dchk->btchk", h, p["qkv"]["kernel"])
-        q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        s = jnp.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
-        t = h.shape[1]
-        s = jnp.where(np.tril(np.ones((1, 1, t, t), bool)), s, -1e30)
-        z = jnp.einsum("bhqp,bphk->bqhk", jax.nn.softmax(s, -1), val)
-        return h + jnp.einsum("bqhk,hkd->bqd", z, p["out"]["kernel"])
-
-    def mlp_block(v, h):
-        p = v["params"]["mlp"]
-        z = jax.nn.relu(h @ p["fc_in"]["kernel"] + p["fc_in"]["bias"][None, None])
-        return h + z @ p["fc_out"]["kernel"] + p["fc_out"]["bias"][None, None]
-
-    def unembed(v, h):
-        return h[:, -1, :] @ v["params"]["unembed"]["W_U"]["kernel"]
-
-    return (embed, attn, mlp_block, unembed)
-
-
 def _jacfwd_reference(fns, variables, acts, bases_next, basis_out):
     """M^l for both targets from per-example jax.jacfwd of the hand-written sections.
 
@@ -276,7 +249,7 @@ def test_jacobian_grams_transformer_positions(transformer):
     basis = [rng.normal(size=(d + 1, 5)) for d in dims]  # (d + 1, k) with the constant row last
     out_basis = rng.normal(size=(5, 4))
     batches = [x[:12], x[12:]]
-    expect = _jacfwd_reference(_hand_transformer(), variables, acts, [b[:-1] for b in basis[1:]] + [out_basis],
+    expect = _jacfwd_reference(hand_transformer_sections(), variables, acts, [b[:-1] for b in basis[1:]] + [out_basis],
                                out_basis)
     got = dj.jacobian_grams(model, variables, batches, basis=basis, output_basis=out_basis)
     assert [m.shape for m in got] == [(d, d) for d in dims]

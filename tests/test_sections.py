@@ -9,6 +9,7 @@ from flax import nnx
 import degenjax as dj
 from degenjax import models
 from conftest import assert_trees_all_close
+from reference_models import hand_transformer_sections
 
 
 def _mlp_setup():
@@ -37,32 +38,6 @@ def _hand_mlp(variables):
     return dj.Sections((dense_relu("layers_0"), dense_relu("layers_1"), dense("layers_2")))
 
 
-def _hand_transformer():
-    def embed(v, x):
-        p = v["params"]["embed"]
-        return x @ p["W_E"] + p["W_pos"][None, : x.shape[-2]]
-
-    def attn(v, h):
-        p = v["params"]["attn"]
-        qkv = jnp.einsum("btd,dchk->btchk", h, p["qkv"]["kernel"])
-        q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        s = jnp.einsum("bqhk,bphk->bhqp", q, k) / np.sqrt(q.shape[-1])
-        t = h.shape[1]
-        s = jnp.where(np.tril(np.ones((1, 1, t, t), bool)), s, -1e30)
-        z = jnp.einsum("bhqp,bphk->bqhk", jax.nn.softmax(s, -1), val)
-        return h + jnp.einsum("bqhk,hkd->bqd", z, p["out"]["kernel"])
-
-    def mlp(v, h):
-        p = v["params"]["mlp"]
-        z = jax.nn.relu(h @ p["fc_in"]["kernel"] + p["fc_in"]["bias"][None, None])
-        return h + z @ p["fc_out"]["kernel"] + p["fc_out"]["bias"][None, None]
-
-    def unembed(v, h):
-        return h[:, -1, :] @ v["params"]["unembed"]["W_U"]["kernel"]
-
-    return dj.Sections((embed, attn, mlp, unembed))
-
-
 def test_forward_list_of_functions():
     fns = [lambda p, h: h * p, lambda p, h: h + p]
     out, acts = dj.forward(fns, 2.0, jnp.arange(3.0))
@@ -73,7 +48,7 @@ def test_forward_list_of_functions():
 
 @pytest.mark.parametrize("setup,sections,hand", [
     (_mlp_setup, models.mlp_sections, lambda v: _hand_mlp(v)),
-    (_transformer_setup, models.transformer_sections, lambda v: _hand_transformer()),
+    (_transformer_setup, models.transformer_sections, lambda v: dj.Sections(hand_transformer_sections())),
 ])
 def test_linen_sections_reproduce_apply(setup, sections, hand):
     module, variables, x = setup()

@@ -33,7 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from degenjax._src.eigen import eigh
-from degenjax._src.grams import activation_stats, jacobian_gram
+from degenjax._src.grams import activation_stats, as_batch_list, jacobian_gram
 from degenjax._src.sections import Sections, as_sections
 
 _KINDS = ("lib", "global", "pca", "random")
@@ -79,22 +79,6 @@ def acc_dtype():
 
 def is_concrete(x) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(x))
-
-
-def as_batch_list(batches) -> list:
-    """A single array (or dict) is one batch; a list/tuple/iterable is a sequence of batches."""
-    if isinstance(batches, (jax.Array, np.ndarray, dict)) or hasattr(batches, "shape"):
-        return [batches]
-    if isinstance(batches, (list, tuple)):
-        out = list(batches)
-    else:
-        try:
-            out = list(batches)
-        except TypeError as err:
-            raise ValueError(f"batches must be an array or an iterable of batches; got {type(batches).__name__}.") from err
-    if not out:
-        raise ValueError("batches is empty; pass at least one input batch.")
-    return out
 
 
 def check_finite_params(params, what: str = "params"):
@@ -310,7 +294,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
     if dims is not None and len(dims) != L:
         raise ValueError(f"dims has {len(dims)} entries but the model has {L} node layers.")
     check_finite_params(params)
-    batches = as_batch_list(batches)
+    batches = as_batch_list(batches, "interaction_basis")
     stats = activation_stats(model, params, batches, center=True, **{"jit": jit, **(activation_kwargs or {})})
     means = list(stats.means)
     covs = [g[:-1, :-1] for g in stats.grams]  # centred Gram = blockdiag(Cov, 1)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from degenjax._src.eigen import eigh
-from degenjax._src.grams import activation_grams, jacobian_grams
+from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.spectral import spectral_density
 
@@ -441,18 +441,6 @@ def _with_input_relu(model, relu_flags):
     return type(model)(fns, names=model.names)
 
 
-def _as_batch_list(batches) -> list:
-    if isinstance(batches, (jax.Array, np.ndarray, dict)) or hasattr(batches, "shape"):
-        return [batches]
-    try:
-        out = list(batches)
-    except TypeError as err:
-        raise ValueError(f"batches must be an array or an iterable of batches; got {type(batches).__name__}.") from err
-    if not out:
-        raise ValueError("batches is empty; pass at least one input batch.")
-    return out
-
-
 def degeneracy_report(model, params, batches, *, rtol: float | None = None,
                       param_counts: Sequence[int] | None = None, relu_layers: str | Sequence[int] = "auto",
                       sync_tol: float = 0.0, jacobian_target: str = "output", max_dense_dim: int = 4096,
@@ -505,7 +493,7 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
     L = len(model)
     if jacobian_target not in ("output", "next"):
         raise ValueError(f"jacobian_target must be 'output' or 'next'; got {jacobian_target!r}.")
-    batches = _as_batch_list(batches)
+    batches = as_batch_list(batches, "degeneracy_report")
     shapes = section_shapes(model, params, batches[0])
     dims = []
     for l, s in enumerate(shapes):

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import (InteractionBasis, acc_dtype, as_batch_list, check_basis_matches,
-                                 check_finite_params, from_hat, is_concrete, to_hat)
+from degenjax._src.basis import (InteractionBasis, acc_dtype, check_basis_matches, check_finite_params, from_hat,
+                                 is_concrete, to_hat)
+from degenjax._src.grams import as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
 
 
@@ -104,7 +105,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     model = as_sections(model)
     check_basis_matches(model, basis)
     check_finite_params(params)
-    batches = as_batch_list(batches)
+    batches = as_batch_list(batches, "interaction_edges")
     shapes = section_shapes(model, params, batches[0])
     check_basis_matches(model, basis, shapes)
     L = len(model)

@@ -230,6 +230,20 @@ def _batch_iterable(batches, fn: str):
     return batches
 
 
+def as_batch_list(batches, fn: str = "batches") -> list:
+    """Materialises ``batches`` for functions that pass over the data more than once.
+
+    A single array or dict is one batch; any other iterable is a sequence of batches.
+
+    Raises:
+      ValueError: for something that is not a batch or an iterable of batches, or for no batches at all.
+    """
+    out = list(_batch_iterable(batches, fn))
+    if not out:
+        raise ValueError(f"{fn}: `batches` is empty; pass at least one input batch.")
+    return out
+
+
 def _is_traced(tree) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
 
