@@ -17,6 +17,7 @@ and step ``t`` uses the key ``fold_in(noise_key, t)`` for its kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -186,6 +187,49 @@ def full_loss(loss_fn, params, data, eval_batch_size: int | None = None) -> jax.
 # Estimator
 
 
+def _constrain(tree, sharding):
+    if sharding is None:
+        return tree
+    return jax.tree.map(lambda x: lax.with_sharding_constraint(x, sharding), tree)
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_runner(loss_fn, algo, sampler_items, steps_per_epoch: int, n: int, batch_size: int, mala_every: int,
+                  chain_sharding):
+    """A jitted ``run_chunk(carry, ts, ctx)`` advancing all chains over the steps ``ts``.
+
+    Cached on everything that fixes the program's structure, so repeated calls (sweeps over checkpoints, step
+    sizes, nbeta, localization) reuse one compilation: data, params, keys and the hyperparameters are arguments,
+    never compile-time constants. Under the caller's ``jax.jit`` the inner jit is inlined.
+    """
+    sampler_kwargs = dict(sampler_items)
+
+    def run_chunk(carry, ts, ctx):
+        data, params, perm_keys, noise_keys, step_size, nbeta, localization = ctx
+
+        def body(carry, t):
+            states, perms = carry
+            j = t % steps_per_epoch
+            # all chains are at the same step, so this predicate is not batched: a real branch, not a select
+            perms = lax.cond(j == 0,
+                             lambda: jax.vmap(epoch_permutation, (0, None, None))(
+                                 perm_keys, t // steps_per_epoch, n).astype(perms.dtype),
+                             lambda: perms)
+            batch = jax.vmap(take_batch, (None, 0, None, None))(data, perms, j, batch_size)
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
+            # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
+            mala = (t % mala_every == 0) if mala_every > 0 else False
+            kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta,
+                                       localization=localization, mala=mala, **sampler_kwargs)
+            states, info = jax.vmap(kernel)(step_keys, states, batch)
+            states, perms = _constrain((states, perms), chain_sharding)
+            return (states, perms), (info.loss, info.mala_acceptance)
+
+        return lax.scan(body, carry, ts)
+
+    return jax.jit(run_chunk)
+
+
 def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, num_chains: int, num_draws: int,
                  step_size, batch_size: int, nbeta=None, localization=1.0, num_burnin: int = 0,
                  sampler="sgld", sampler_kwargs: dict | None = None, mala_every: int = 10,
@@ -277,7 +321,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
     perms = jnp.zeros((num_chains, n), jnp.int32)
 
-    constrain = lambda tree: tree  # noqa: E731
+    chain_sharding = None
     if mesh is not None:
         # chains are independent: a sharding constraint on the chain axis lets XLA partition the whole step with
         # no communication. Explicit axes are viewed as Auto here (same devices), since per-chain gathers from the
@@ -285,36 +329,15 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         auto_mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                                       axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         chain_sharding = jax.sharding.NamedSharding(auto_mesh, P(axis))
-        constrain = lambda tree: jax.tree.map(  # noqa: E731
-            lambda x: lax.with_sharding_constraint(x, chain_sharding), tree)
-        states, perms, perm_keys, noise_keys = constrain((states, perms, perm_keys, noise_keys))
+        states, perms, perm_keys, noise_keys = _constrain((states, perms, perm_keys, noise_keys), chain_sharding)
 
-    def run_chunk(carry, ts, ctx):
-        # Everything the scan reads is an argument (not a closed-over constant), so the data never becomes a
-        # compile-time constant and one compilation serves every chunk of this call.
-        data_, params_, perm_keys_, noise_keys_, step_size_, nbeta_, localization_ = ctx
-        def body(carry, t):
-            states, perms = carry
-            j = t % steps_per_epoch
-            # all chains are at the same step, so this predicate is not batched: a real branch, not a select
-            perms = lax.cond(j == 0,
-                             lambda: jax.vmap(epoch_permutation, (0, None, None))(
-                                 perm_keys_, t // steps_per_epoch, n).astype(perms.dtype),
-                             lambda: perms)
-            batch = jax.vmap(take_batch, (None, 0, None, None))(data_, perms, j, batch_size)
-            step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys_, t)
-            # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
-            mala = (t % mala_every == 0) if mala_every > 0 else False
-            kernel = algo.build_kernel(loss_fn, params_, step_size=step_size_, nbeta=nbeta_,
-                                       localization=localization_, mala=mala, **sampler_kwargs)
-            states, info = jax.vmap(kernel)(step_keys, states, batch)
-            states, perms = constrain((states, perms))
-            return (states, perms), (info.loss, info.mala_acceptance)
-
-        return lax.scan(body, carry, ts)
-
-    # Compiled once per call and reused by every chunk (under the caller's jit this is inlined).
-    run_chunk = jax.jit(run_chunk)
+    try:
+        sampler_items = tuple(sorted(sampler_kwargs.items()))
+        run_chunk = _chunk_runner(loss_fn, algo, sampler_items, steps_per_epoch, n, batch_size, mala_every,
+                                  chain_sharding)
+    except TypeError:  # unhashable loss_fn or sampler hyperparameters: compile for this call only
+        run_chunk = _chunk_runner.__wrapped__(loss_fn, algo, tuple(sampler_kwargs.items()), steps_per_epoch, n,
+                                              batch_size, mala_every, chain_sharding)
     ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization)
 
     bar = None
