@@ -1,32 +1,35 @@
 """degenjax: degeneracy in the loss landscape for mechanistic interpretability, in JAX."""
 
-from degenjax._src.sections import Sections as Sections
+# models as sections (DESIGN 1)
 from degenjax._src.sections import as_sections as as_sections
 from degenjax._src.sections import forward as forward
 from degenjax._src.sections import from_linen as from_linen
 from degenjax._src.sections import from_nnx as from_nnx
 from degenjax._src.sections import section_shapes as section_shapes
+from degenjax._src.sections import Sections as Sections
+
+# Gram matrices (DESIGN 2)
+from degenjax._src.grams import activation_grams as activation_grams
+from degenjax._src.grams import activation_stats as activation_stats
 from degenjax._src.grams import ActivationStats as ActivationStats
+from degenjax._src.grams import gram_accumulator as gram_accumulator
 from degenjax._src.grams import GramAccumulator as GramAccumulator
 from degenjax._src.grams import GramState as GramState
 from degenjax._src.grams import GramStats as GramStats
 from degenjax._src.grams import GramSums as GramSums
-from degenjax._src.grams import activation_grams as activation_grams
-from degenjax._src.grams import activation_stats as activation_stats
-from degenjax._src.grams import gram_accumulator as gram_accumulator
 from degenjax._src.grams import jacobian_gram as jacobian_gram
 from degenjax._src.grams import jacobian_grams as jacobian_grams
-from degenjax._src.degeneracy import DegeneracyReport as DegeneracyReport
-from degenjax._src.degeneracy import SyncAccumulator as SyncAccumulator
-from degenjax._src.degeneracy import SyncResult as SyncResult
-from degenjax._src.degeneracy import degeneracy_report as degeneracy_report
-from degenjax._src.degeneracy import sync_accumulator as sync_accumulator
-from degenjax._src.degeneracy import synchronized_neurons as synchronized_neurons
-from degenjax._src.modularity import ModuleResult as ModuleResult
-from degenjax._src.modularity import find_modules as find_modules
-from degenjax._src.modularity import plot_modules as plot_modules
-from degenjax._src.basis import InteractionBasis as InteractionBasis
+
+# eigensolvers (DESIGN 4)
+from degenjax._src.eigen import eigh as eigh
+from degenjax._src.eigen import eigh_topk as eigh_topk
+from degenjax._src.eigen import EigResult as EigResult
+from degenjax._src.spectral import spectral_density as spectral_density
+from degenjax._src.spectral import SpectralDensity as SpectralDensity
+
+# interaction basis and edges (DESIGN 3)
 from degenjax._src.basis import interaction_basis as interaction_basis
+from degenjax._src.basis import InteractionBasis as InteractionBasis
 from degenjax._src.basis import layer_basis as layer_basis
 from degenjax._src.basis import transform as transform
 from degenjax._src.edges import ablated_output as ablated_output
@@ -34,39 +37,47 @@ from degenjax._src.edges import edge_sparsity as edge_sparsity
 from degenjax._src.edges import edges_required as edges_required
 from degenjax._src.edges import interaction_edges as interaction_edges
 from degenjax._src.edges import node_ablation_curves as node_ablation_curves
-from degenjax._src.eigen import eigh as eigh
-from degenjax._src.eigen import eigh_topk as eigh_topk
-from degenjax._src.eigen import EigResult as EigResult
-from degenjax._src.spectral import spectral_density as spectral_density
-from degenjax._src.spectral import SpectralDensity as SpectralDensity
 
-from degenjax._src.llc import LLCDivergenceError as LLCDivergenceError
-from degenjax._src.llc import LLCResult as LLCResult
-from degenjax._src.llc import behavioral_loss as behavioral_loss
-from degenjax._src.llc import effective_parameter_count as effective_parameter_count
-from degenjax._src.llc import estimate_llc as estimate_llc
-from degenjax._src.numpyro_kernel import SGLDKernel as SGLDKernel
-from degenjax._src.numpyro_kernel import SGLDKernelState as SGLDKernelState
+# local learning coefficient (DESIGN 5)
+from degenjax._src.sgld import rmsprop_sgld as rmsprop_sgld
 from degenjax._src.sgld import RMSPropSGLDState as RMSPropSGLDState
+from degenjax._src.sgld import sgld as sgld
 from degenjax._src.sgld import SGLDState as SGLDState
 from degenjax._src.sgld import SGMCMCAlgorithm as SGMCMCAlgorithm
 from degenjax._src.sgld import SGMCMCInfo as SGMCMCInfo
-from degenjax._src.sgld import SGNHTState as SGNHTState
-from degenjax._src.sgld import rmsprop_sgld as rmsprop_sgld
-from degenjax._src.sgld import sgld as sgld
 from degenjax._src.sgld import sgnht as sgnht
-from degenjax._src.calibrate import Calibration as Calibration
-from degenjax._src.calibrate import CalibrationGrid as CalibrationGrid
+from degenjax._src.sgld import SGNHTState as SGNHTState
+from degenjax._src.numpyro_kernel import SGLDKernel as SGLDKernel
+from degenjax._src.numpyro_kernel import SGLDKernelState as SGLDKernelState
+from degenjax._src.llc import behavioral_loss as behavioral_loss
+from degenjax._src.llc import effective_parameter_count as effective_parameter_count
+from degenjax._src.llc import estimate_llc as estimate_llc
+from degenjax._src.llc import LLCDivergenceError as LLCDivergenceError
+from degenjax._src.llc import LLCResult as LLCResult
 from degenjax._src.calibrate import calibrate as calibrate
+from degenjax._src.calibrate import Calibration as Calibration
 from degenjax._src.calibrate import calibration_sweep as calibration_sweep
+from degenjax._src.calibrate import CalibrationGrid as CalibrationGrid
 from degenjax._src.calibrate import plot_calibration as plot_calibration
-from degenjax._src.calibrate import recommend as recommend_calibration
+from degenjax._src.calibrate import recommend as recommend
 
-from degenjax._src.checkpoints import load_checkpoint as load_checkpoint
-from degenjax._src.checkpoints import save_msgpack as save_msgpack
-from degenjax._src.sweep import SweepConfig as SweepConfig
+# degeneracy accounting and modularity (DESIGN 6)
+from degenjax._src.degeneracy import degeneracy_report as degeneracy_report
+from degenjax._src.degeneracy import DegeneracyReport as DegeneracyReport
+from degenjax._src.degeneracy import sync_accumulator as sync_accumulator
+from degenjax._src.degeneracy import SyncAccumulator as SyncAccumulator
+from degenjax._src.degeneracy import synchronized_neurons as synchronized_neurons
+from degenjax._src.degeneracy import SyncResult as SyncResult
+from degenjax._src.modularity import find_modules as find_modules
+from degenjax._src.modularity import ModuleResult as ModuleResult
+from degenjax._src.modularity import plot_modules as plot_modules
+
+# toolkit: sweeps, checkpoints, quickstart, plots
 from degenjax._src.sweep import load_sweep_config as load_sweep_config
 from degenjax._src.sweep import run_sweep as run_sweep
+from degenjax._src.sweep import SweepConfig as SweepConfig
+from degenjax._src.checkpoints import load_checkpoint as load_checkpoint
+from degenjax._src.checkpoints import save_msgpack as save_msgpack
 from degenjax._src.quickstart import QuickstartConfig as QuickstartConfig
 from degenjax._src.quickstart import run_quickstart as run_quickstart
 from degenjax._src.plots import plot_calibration_heatmap as plot_calibration_heatmap
@@ -75,17 +86,78 @@ from degenjax._src.plots import plot_llc_vs_checkpoint as plot_llc_vs_checkpoint
 from degenjax._src.plots import plot_loss_traces as plot_loss_traces
 from degenjax._src.plots import plot_sparsity as plot_sparsity
 from degenjax._src.plots import plot_spectra as plot_spectra
+
 from degenjax import models as models
 from degenjax import theory as theory
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_checkpoint",
-    "save_msgpack",
-    "SweepConfig",
+    "as_sections",
+    "forward",
+    "from_linen",
+    "from_nnx",
+    "section_shapes",
+    "Sections",
+    "activation_grams",
+    "activation_stats",
+    "ActivationStats",
+    "gram_accumulator",
+    "GramAccumulator",
+    "GramState",
+    "GramStats",
+    "GramSums",
+    "jacobian_gram",
+    "jacobian_grams",
+    "eigh",
+    "eigh_topk",
+    "EigResult",
+    "spectral_density",
+    "SpectralDensity",
+    "interaction_basis",
+    "InteractionBasis",
+    "layer_basis",
+    "transform",
+    "ablated_output",
+    "edge_sparsity",
+    "edges_required",
+    "interaction_edges",
+    "node_ablation_curves",
+    "rmsprop_sgld",
+    "RMSPropSGLDState",
+    "sgld",
+    "SGLDState",
+    "SGMCMCAlgorithm",
+    "SGMCMCInfo",
+    "sgnht",
+    "SGNHTState",
+    "SGLDKernel",
+    "SGLDKernelState",
+    "behavioral_loss",
+    "effective_parameter_count",
+    "estimate_llc",
+    "LLCDivergenceError",
+    "LLCResult",
+    "calibrate",
+    "Calibration",
+    "calibration_sweep",
+    "CalibrationGrid",
+    "plot_calibration",
+    "recommend",
+    "degeneracy_report",
+    "DegeneracyReport",
+    "sync_accumulator",
+    "SyncAccumulator",
+    "synchronized_neurons",
+    "SyncResult",
+    "find_modules",
+    "ModuleResult",
+    "plot_modules",
     "load_sweep_config",
     "run_sweep",
+    "SweepConfig",
+    "load_checkpoint",
+    "save_msgpack",
     "QuickstartConfig",
     "run_quickstart",
     "plot_calibration_heatmap",
@@ -94,66 +166,6 @@ __all__ = [
     "plot_loss_traces",
     "plot_sparsity",
     "plot_spectra",
-    "InteractionBasis",
-    "interaction_basis",
-    "layer_basis",
-    "transform",
-    "ablated_output",
-    "edge_sparsity",
-    "edges_required",
-    "interaction_edges",
-    "node_ablation_curves",
-    "eigh",
-    "eigh_topk",
-    "EigResult",
-    "spectral_density",
-    "SpectralDensity",
-    "Sections",
-    "as_sections",
-    "forward",
-    "from_linen",
-    "from_nnx",
-    "section_shapes",
-    "ActivationStats",
-    "GramAccumulator",
-    "GramState",
-    "GramStats",
-    "GramSums",
-    "activation_grams",
-    "activation_stats",
-    "gram_accumulator",
-    "jacobian_gram",
-    "jacobian_grams",
-    "DegeneracyReport",
-    "SyncAccumulator",
-    "SyncResult",
-    "degeneracy_report",
-    "sync_accumulator",
-    "synchronized_neurons",
-    "ModuleResult",
-    "find_modules",
-    "plot_modules",
-    "LLCDivergenceError",
-    "LLCResult",
-    "behavioral_loss",
-    "effective_parameter_count",
-    "estimate_llc",
-    "SGLDKernel",
-    "SGLDKernelState",
-    "RMSPropSGLDState",
-    "SGLDState",
-    "SGMCMCAlgorithm",
-    "SGMCMCInfo",
-    "SGNHTState",
-    "rmsprop_sgld",
-    "sgld",
-    "sgnht",
     "models",
     "theory",
-    "Calibration",
-    "CalibrationGrid",
-    "calibrate",
-    "calibration_sweep",
-    "plot_calibration",
-    "recommend_calibration",
 ]
