@@ -313,3 +313,29 @@ def test_behavioral_loss_zero_at_star_and_matches_numpy(kind):
 def test_behavioral_loss_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind must be 'mse' or 'kl'"):
         dj.behavioral_loss(lambda p, x: x, jnp.zeros(2), kind="l1")
+
+
+@pytest.mark.parametrize("n,batch_size", [(1000, 100), (37, 5), (2, 1), (4099, 64)])
+def test_minibatches_without_replacement_within_each_epoch(n, batch_size):
+    # The stateless epoch order is a permutation of range(n): checked with NumPy on every position of an epoch.
+    from degenjax._src.llc import epoch_positions, take_batch
+
+    key = jax.random.key(3)
+    order = jax.jit(epoch_positions, static_argnums=3)
+    orders = [np.asarray(order(key, e, jnp.arange(n, dtype=jnp.int32), n)) for e in range(3)]
+    for o in orders:
+        np.testing.assert_array_equal(np.sort(o), np.arange(n))
+    if n > 10:  # different epochs (and keys) visit the data in different orders
+        assert not np.array_equal(orders[0], orders[1])
+        other = np.asarray(order(jax.random.key(4), 0, jnp.arange(n, dtype=jnp.int32), n))
+        assert not np.array_equal(orders[0], other)
+    # the minibatches of one epoch are consecutive blocks of that order (the last n mod batch_size are skipped)
+    data = np.arange(n)
+    steps = n // batch_size
+    batches = [np.asarray(take_batch(jnp.asarray(data), key, t, n, batch_size)) for t in range(steps + 1)]
+    np.testing.assert_array_equal(np.concatenate(batches[:steps]), orders[0][: steps * batch_size])
+    np.testing.assert_array_equal(batches[steps], orders[1][:batch_size])
+    under_vmap = jax.vmap(lambda k: epoch_positions(k, 0, jnp.arange(n, dtype=jnp.int32), n))(
+        jax.random.split(key, 2))
+    for o in np.asarray(under_vmap):
+        np.testing.assert_array_equal(np.sort(o), np.arange(n))

@@ -10,9 +10,9 @@ step's gradient comes from, as in devinterp; it costs nothing extra) and ``L_n(w
 
 Randomness (shared with `SGLDKernel`, so both give identical numbers): chain ``c`` gets the key
 ``k_c = split(rng_key, num_chains)[c]`` (``rng_key`` itself when ``num_chains == 1``, as numpyro does); from
-``perm_key, noise_key = split(k_c)``, epoch ``e`` visits the data in the order ``permutation(fold_in(perm_key, e), n)``
-in consecutive minibatches of ``batch_size`` (the last ``n mod batch_size`` points of each permutation are skipped),
-and step ``t`` uses the key ``fold_in(noise_key, t)`` for its kernel.
+``perm_key, noise_key = split(k_c)``, epoch ``e`` visits the data in a keyed pseudo-random order (`epoch_positions`,
+keyed by ``fold_in(perm_key, e)``) in consecutive minibatches of ``batch_size`` (the last ``n mod batch_size``
+positions of each epoch are skipped), and step ``t`` uses the key ``fold_in(noise_key, t)`` for its kernel.
 """
 
 from __future__ import annotations
@@ -156,14 +156,60 @@ def chain_streams(chain_key):
     return keys[0], keys[1]
 
 
-def epoch_permutation(perm_key, epoch, n: int) -> jax.Array:
-    """The order in which epoch ``epoch`` visits the ``n`` data points."""
-    return jax.random.permutation(jax.random.fold_in(perm_key, epoch), n)
+_FEISTEL_ROUNDS = 4
 
 
-def take_batch(data, perm, j, batch_size: int):
-    """The ``j``-th minibatch of an epoch: rows ``perm[j * batch_size : (j + 1) * batch_size]`` of every leaf."""
-    idx = lax.dynamic_slice_in_dim(perm, j * batch_size, batch_size)
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash (the murmur3 finaliser), uint32 in and out."""
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> jnp.uint32(13))
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> jnp.uint32(16))
+
+
+def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
+    """Where positions ``0..n-1`` of epoch ``epoch`` land: a keyed pseudo-random permutation of ``range(n)``.
+
+    A balanced Feistel network on ``2 * half`` bits (``4**half >= n``) is a bijection of ``[0, 4**half)`` for any
+    round function; cycle-walking (re-applying it while the value is ``>= n``) restricts it to a bijection of
+    ``[0, n)``. Evaluating it only at the positions a minibatch needs costs O(batch) per step, with no sort and no
+    ``n``-sized state, and different keys or epochs give independent-looking orders.
+
+    Args:
+      perm_key: the chain's permutation key.
+      epoch: int scalar (may be traced).
+      positions: int array of positions in ``[0, n)``.
+      n: number of data points.
+
+    Returns:
+      int32 array like ``positions``: the data indices visited at those positions of the epoch.
+    """
+    half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+    mask = jnp.uint32((1 << half) - 1)
+    round_keys = jax.random.bits(jax.random.fold_in(perm_key, epoch), (_FEISTEL_ROUNDS,), jnp.uint32)
+
+    def encrypt(x):
+        left, right = x >> jnp.uint32(half), x & mask
+        for r in range(_FEISTEL_ROUNDS):
+            left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
+        return (left << jnp.uint32(half)) | right
+
+    bound = jnp.uint32(n)
+    y = encrypt(positions.astype(jnp.uint32))
+    y = lax.while_loop(lambda y: jnp.any(y >= bound), lambda y: jnp.where(y >= bound, encrypt(y), y), y)
+    return y.astype(jnp.int32)
+
+
+def take_batch(data, perm_key, t, n: int, batch_size: int):
+    """The minibatch of step ``t``: epoch ``e = t // (n // batch_size)`` visits the data in the order of
+    `epoch_positions` and step ``t`` takes its ``j = t mod (n // batch_size)``-th block of ``batch_size`` positions
+    (the last ``n mod batch_size`` positions of each epoch are skipped), so batches are drawn without replacement
+    within an epoch."""
+    steps_per_epoch = n // batch_size
+    epoch, j = t // steps_per_epoch, t % steps_per_epoch
+    positions = j * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
+    idx = epoch_positions(perm_key, epoch, positions, n)
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
 
 
@@ -194,8 +240,7 @@ def _constrain(tree, sharding):
 
 
 @functools.lru_cache(maxsize=32)
-def _chunk_runner(loss_fn, algo, sampler_items, steps_per_epoch: int, n: int, batch_size: int, mala_every: int,
-                  chain_sharding):
+def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding):
     """A jitted ``run_chunk(carry, ts, ctx)`` advancing all chains over the steps ``ts``.
 
     Cached on everything that fixes the program's structure, so repeated calls (sweeps over checkpoints, step
@@ -207,23 +252,16 @@ def _chunk_runner(loss_fn, algo, sampler_items, steps_per_epoch: int, n: int, ba
     def run_chunk(carry, ts, ctx):
         data, params, perm_keys, noise_keys, step_size, nbeta, localization = ctx
 
-        def body(carry, t):
-            states, perms = carry
-            j = t % steps_per_epoch
-            # all chains are at the same step, so this predicate is not batched: a real branch, not a select
-            perms = lax.cond(j == 0,
-                             lambda: jax.vmap(epoch_permutation, (0, None, None))(
-                                 perm_keys, t // steps_per_epoch, n).astype(perms.dtype),
-                             lambda: perms)
-            batch = jax.vmap(take_batch, (None, 0, None, None))(data, perms, j, batch_size)
+        def body(states, t):
+            batch = jax.vmap(take_batch, (None, 0, None, None, None))(data, perm_keys, t, n, batch_size)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
             # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
             mala = (t % mala_every == 0) if mala_every > 0 else False
             kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta,
                                        localization=localization, mala=mala, **sampler_kwargs)
             states, info = jax.vmap(kernel)(step_keys, states, batch)
-            states, perms = _constrain((states, perms), chain_sharding)
-            return (states, perms), (info.loss, info.mala_acceptance)
+            states = _constrain(states, chain_sharding)
+            return states, (info.loss, info.mala_acceptance)
 
         return lax.scan(body, carry, ts)
 
@@ -247,7 +285,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
       loss_fn: ``loss_fn(params, batch) -> scalar`` MEAN loss over the batch.
       params: the point ``w*`` (a pytree), also the localization centre and every chain's start.
       data: pytree of arrays with a common leading axis ``n``; minibatches are drawn without replacement within
-        an epoch (one permutation per epoch per chain).
+        an epoch (one pseudo-random order per epoch per chain, see `epoch_positions`).
       num_chains: number of chains.
       num_draws: recorded steps per chain (after burn-in).
       step_size: SGLD ``eps > 0``.
@@ -262,7 +300,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         0 disables it.
       num_chunks: number of pieces of the scan (default: 10, capped at the number of steps; 1 under ``jit``).
       progress: show a tqdm progress bar (updated between chunks).
-      mesh: optional `jax.sharding.Mesh`; the chain axis of every per-chain array (states, permutations, keys) is
+      mesh: optional `jax.sharding.Mesh`; the chain axis of every per-chain array (states, keys) is
         sharded over the mesh axis ``chain_axis`` (a `NamedSharding` constraint inside the scan; Explicit axes are
         used as Auto); data and ``w*`` stay replicated. Gives the same numbers as the unsharded run.
       chain_axis: mesh axis for chains (default: the mesh's first axis); ``num_chains`` must be divisible by its
@@ -287,7 +325,6 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     if nbeta is None:
         nbeta = default_nbeta(n)
     sampler_kwargs = dict(sampler_kwargs or {})
-    steps_per_epoch = n // batch_size
     total = num_burnin + num_draws
     for name, value in (("nbeta", nbeta), ("localization", localization)):
         if not _is_traced(value) and not (np.ndim(value) == 0 and np.isfinite(value) and
@@ -319,7 +356,6 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     perm_keys, noise_keys = streams[:, 0], streams[:, 1]
     state0 = algo.init(params)
     states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
-    perms = jnp.zeros((num_chains, n), jnp.int32)
 
     chain_sharding = None
     if mesh is not None:
@@ -329,15 +365,14 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         auto_mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                                       axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         chain_sharding = jax.sharding.NamedSharding(auto_mesh, P(axis))
-        states, perms, perm_keys, noise_keys = _constrain((states, perms, perm_keys, noise_keys), chain_sharding)
+        states, perm_keys, noise_keys = _constrain((states, perm_keys, noise_keys), chain_sharding)
 
     try:
         sampler_items = tuple(sorted(sampler_kwargs.items()))
-        run_chunk = _chunk_runner(loss_fn, algo, sampler_items, steps_per_epoch, n, batch_size, mala_every,
-                                  chain_sharding)
+        run_chunk = _chunk_runner(loss_fn, algo, sampler_items, n, batch_size, mala_every, chain_sharding)
     except TypeError:  # unhashable loss_fn or sampler hyperparameters: compile for this call only
-        run_chunk = _chunk_runner.__wrapped__(loss_fn, algo, tuple(sampler_kwargs.items()), steps_per_epoch, n,
-                                              batch_size, mala_every, chain_sharding)
+        run_chunk = _chunk_runner.__wrapped__(loss_fn, algo, tuple(sampler_kwargs.items()), n, batch_size,
+                                              mala_every, chain_sharding)
     ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization)
 
     bar = None
@@ -349,7 +384,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     try:
         for k in range(num_chunks):
             ts = np.arange(k * chunk_len, (k + 1) * chunk_len, dtype=np.int32)
-            (states, perms), (losses, accs) = run_chunk((states, perms), ts, ctx)
+            states, (losses, accs) = run_chunk(states, ts, ctx)
             loss_chunks.append(losses)
             acc_chunks.append(accs)
             if not traced:

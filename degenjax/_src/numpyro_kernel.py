@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from numpyro.infer.mcmc import MCMCKernel
 from numpyro.util import is_prng_key
 
@@ -27,7 +26,6 @@ class SGLDKernelState(NamedTuple):
     Attributes:
       step: int32 scalar, number of transitions taken.
       sampler_state: the sampler's state (e.g. `SGLDState`), holding the position.
-      perm: ``(n,)`` int32, the current epoch's order of the data points.
       loss: scalar minibatch loss ``L_B(w_t)`` at the position before the last transition (the sample field).
       mala_acceptance: scalar MALA acceptance probability of the last transition (NaN unless ``mala=True``).
       center: the localization centre ``w*`` (the chain's ``init_params``).
@@ -36,7 +34,6 @@ class SGLDKernelState(NamedTuple):
 
     step: jax.Array
     sampler_state: Any
-    perm: jax.Array
     loss: jax.Array
     mala_acceptance: jax.Array
     center: ArrayTree
@@ -103,26 +100,21 @@ class SGLDKernel(MCMCKernel):
         return n, n // self._batch_size, nbeta
 
     def _init_one(self, rng_key, init_params, data) -> SGLDKernelState:
-        perm = jnp.zeros((llc_lib.num_data(data),), jnp.int32)
         probe = jax.tree.map(lambda x: x[: self._batch_size], data)
         loss_aval = jax.eval_shape(self._loss_fn, init_params, probe)
         nan = jnp.full((), jnp.nan, loss_aval.dtype)
-        return SGLDKernelState(step=jnp.zeros((), jnp.int32), sampler_state=self._algo.init(init_params), perm=perm,
+        return SGLDKernelState(step=jnp.zeros((), jnp.int32), sampler_state=self._algo.init(init_params),
                                loss=nan, mala_acceptance=nan, center=init_params, rng_key=rng_key)
 
     def _sample_one(self, state: SGLDKernelState, data) -> SGLDKernelState:
-        n, steps_per_epoch, nbeta = self._hyper(data)
+        n, _, nbeta = self._hyper(data)
         perm_key, noise_key = llc_lib.chain_streams(state.rng_key)
         t = state.step
-        j = t % steps_per_epoch
-        perm = lax.cond(j == 0,
-                        lambda: llc_lib.epoch_permutation(perm_key, t // steps_per_epoch, n).astype(jnp.int32),
-                        lambda: state.perm)
-        batch = llc_lib.take_batch(data, perm, j, self._batch_size)
+        batch = llc_lib.take_batch(data, perm_key, t, n, self._batch_size)
         kernel = self._algo.build_kernel(self._loss_fn, state.center, step_size=self._step_size, nbeta=nbeta,
                                          localization=self._localization, mala=self._mala, **self._sampler_kwargs)
         sampler_state, info = kernel(jax.random.fold_in(noise_key, t), state.sampler_state, batch)
-        return SGLDKernelState(step=t + 1, sampler_state=sampler_state, perm=perm, loss=info.loss,
+        return SGLDKernelState(step=t + 1, sampler_state=sampler_state, loss=info.loss,
                                mala_acceptance=info.mala_acceptance, center=state.center, rng_key=state.rng_key)
 
     def init(self, rng_key, num_warmup, init_params, model_args, model_kwargs):
