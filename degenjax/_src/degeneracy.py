@@ -25,6 +25,7 @@ import numpy as np
 
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
+from degenjax._src.hashing import fmix32
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.spectral import spectral_density
 
@@ -37,15 +38,6 @@ def _count_dtype():
 
 
 _SEEDS = (0x9E3779B9, 0x85EBCA77)
-
-
-def _fmix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3 finaliser on uint32 (wrapping arithmetic): a well-mixed pseudo-random weight per point index."""
-    x = x ^ (x >> jnp.uint32(16))
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> jnp.uint32(13))
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> jnp.uint32(16))
 
 
 class SyncState(NamedTuple):
@@ -169,8 +161,8 @@ def sync_accumulator(num_units: int, *, tol: float = 0.0) -> SyncAccumulator:
         on = z > 0
         idx = state.num_points.astype(jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
         zero = jnp.zeros((), jnp.uint32)
-        ha = jnp.sum(jnp.where(on, _fmix32(idx ^ jnp.uint32(_SEEDS[0]))[:, None], zero), axis=0, dtype=jnp.uint32)
-        hb = jnp.sum(jnp.where(on, _fmix32(idx ^ jnp.uint32(_SEEDS[1]))[:, None], zero), axis=0, dtype=jnp.uint32)
+        ha = jnp.sum(jnp.where(on, fmix32(idx ^ jnp.uint32(_SEEDS[0]))[:, None], zero), axis=0, dtype=jnp.uint32)
+        hb = jnp.sum(jnp.where(on, fmix32(idx ^ jnp.uint32(_SEEDS[1]))[:, None], zero), axis=0, dtype=jnp.uint32)
         co = state.co_on
         if tol > 0:
             o = on.astype(cdt)

@@ -31,6 +31,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src import sgld as sgld_lib
+from degenjax._src.hashing import fmix32
 
 ArrayTree = Any
 
@@ -159,15 +160,6 @@ def chain_streams(chain_key):
 _FEISTEL_ROUNDS = 4
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """A 32-bit integer hash (the murmur3 finaliser), uint32 in and out."""
-    x = x ^ (x >> jnp.uint32(16))
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> jnp.uint32(13))
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> jnp.uint32(16))
-
-
 def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     """Where positions ``0..n-1`` of epoch ``epoch`` land: a keyed pseudo-random permutation of ``range(n)``.
 
@@ -192,7 +184,7 @@ def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     def encrypt(x):
         left, right = x >> jnp.uint32(half), x & mask
         for r in range(_FEISTEL_ROUNDS):
-            left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
+            left, right = right, left ^ (fmix32(right ^ round_keys[r]) & mask)
         return (left << jnp.uint32(half)) | right
 
     bound = jnp.uint32(n)
