@@ -29,12 +29,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_stats, as_batch_list, jacobian_gram
 from degenjax._src.sections import Sections, as_sections
+from degenjax._src.validation import check_finite_params, is_traced
 
 _KINDS = ("lib", "global", "pca", "random")
 
@@ -77,21 +77,6 @@ def acc_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-def is_concrete(x) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(x))
-
-
-def check_finite_params(params, what: str = "params"):
-    """Raises a ValueError naming the first non-finite parameter leaf (only when concrete)."""
-    if not is_concrete(params):
-        return
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = jnp.asarray(leaf)
-        if jnp.issubdtype(a.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(a))):
-            raise ValueError(f"{what} contain NaN or inf at {jax.tree_util.keystr(path)}; fix the parameters (e.g. "
-                             "a diverged training run) before computing the interaction basis.")
-
-
 def to_hat(h, C) -> jax.Array:
     """``[h, 1] @ C`` for ``h`` of shape ``(..., d)``."""
     C = C.astype(h.dtype)
@@ -128,7 +113,7 @@ def _num_kept(count, fixed: int | None, available: int, what: str) -> int:
     """Python int: ``fixed`` if given, else the count of values above the cutoff (needs a concrete count)."""
     if fixed is not None:
         return max(0, min(int(fixed), available))
-    if not is_concrete(count):
+    if is_traced(count):
         raise ValueError(f"interaction_basis under jax.jit cannot choose the {what} truncation from traced values; "
                          "pass static dims=(k_0, ..., k_{L-1}) (non-constant directions per node layer), e.g. "
                          "[d - 1 for d in basis.dims] of an eager run.")
@@ -293,12 +278,12 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
     L = len(model)
     if dims is not None and len(dims) != L:
         raise ValueError(f"dims has {len(dims)} entries but the model has {L} node layers.")
-    check_finite_params(params)
+    check_finite_params(params, "the interaction basis needs a finite network")
     batches = as_batch_list(batches, "interaction_basis")
     stats = activation_stats(model, params, batches, center=True, **{"jit": jit, **(activation_kwargs or {})})
     means = list(stats.means)
     covs = [g[:-1, :-1] for g in stats.grams]  # centred Gram = blockdiag(Cov, 1)
-    if is_concrete(covs):
+    if not is_traced(covs):
         for l in range(L):
             if not bool(jnp.all(jnp.isfinite(covs[l]))):
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check the "
@@ -319,7 +304,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
                               **jkw)
         elif kind == "global":
             M = jacobian_gram(model, params, batches, l, target="output", **jkw)
-        if M is not None and is_concrete(M) and not bool(jnp.all(jnp.isfinite(M))):
+        if M is not None and not is_traced(M) and not bool(jnp.all(jnp.isfinite(M))):
             raise ValueError(f"node layer {l} ({model.layer_name(l)}): the Jacobian Gram has NaN or inf entries; "
                              "check the params and the sections after this layer.")
         results[l] = layer_basis(covs[l], means[l], M, kind=kind, rtol=rtol, key=keys[l],

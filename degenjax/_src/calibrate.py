@@ -25,7 +25,7 @@ the larger step (faster mixing); without acceptance information, the largest sta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax

@@ -28,6 +28,7 @@ from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.hashing import fmix32
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.spectral import spectral_density
+from degenjax._src.validation import is_traced
 
 # ----------------------------------------------------------------------------------------------------------------
 # synchronized neurons
@@ -212,10 +213,6 @@ def sync_accumulator(num_units: int, *, tol: float = 0.0) -> SyncAccumulator:
     return SyncAccumulator(init, update, result)
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _as_batches(batches) -> list:
     if isinstance(batches, (jax.Array, np.ndarray)) or hasattr(batches, "__array__") or np.isscalar(batches):
         return [batches]
@@ -256,7 +253,7 @@ def synchronized_neurons(preactivations, *, tol: float = 0.0) -> SyncResult:
             raise ValueError(f"pre-activations have zero units (shape {b.shape}); a layer needs at least one unit.")
         if not jnp.issubdtype(b.dtype, jnp.floating) and not jnp.issubdtype(b.dtype, jnp.integer):
             raise ValueError(f"pre-activations must be real numbers; got dtype {b.dtype}.")
-        if _is_concrete(b) and not bool(np.all(np.isfinite(np.asarray(b)))):
+        if not is_traced(b) and not bool(np.all(np.isfinite(np.asarray(b)))):
             raise ValueError(f"pre-activations of batch {i} contain NaN or inf; synchronization patterns are "
                              "undefined. Check the model/data for divergence (e.g. jnp.isfinite) before calling.")
         if acc is None:
@@ -520,7 +517,7 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
         _, acts = forward(model, params, b)
         for l in range(1, L):
             h = jnp.asarray(acts[l])
-            if _is_concrete(h) and not bool(jnp.all(jnp.isfinite(h))):
+            if not is_traced(h) and not bool(jnp.all(jnp.isfinite(h))):
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check params "
                                  "and inputs before counting degeneracies.")
             states[l - 1] = accs[l - 1].update(states[l - 1], h)

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import (InteractionBasis, acc_dtype, check_basis_matches, check_finite_params, from_hat,
-                                 is_concrete, to_hat)
+from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, to_hat
 from degenjax._src.grams import as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
+from degenjax._src.validation import check_finite_params, is_traced
 
 
 def _section_to_hat(model, params, C_next, l):
@@ -104,7 +104,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
         raise ValueError(f"mode must be 'auto', 'jvp' or 'vjp'; got {mode!r}.")
     model = as_sections(model)
     check_basis_matches(model, basis)
-    check_finite_params(params)
+    check_finite_params(params, "edges need a finite network")
     batches = as_batch_list(batches, "interaction_edges")
     shapes = section_shapes(model, params, batches[0])
     check_basis_matches(model, basis, shapes)
@@ -122,7 +122,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
         n = jnp.shape(jax.tree.leaves(x)[0])[0]
         count = [c + n * math.prod(shapes[l].shape[1:-1]) for l, c in enumerate(count)]
     edges = [t / c for t, c in zip(totals, count)]
-    if is_concrete(edges):
+    if not is_traced(edges):
         for l, e in enumerate(edges):
             if not bool(jnp.all(jnp.isfinite(e))):
                 raise ValueError(f"edges E^{l} ({model.layer_name(l)} -> {model.layer_name(l + 1)}) are not finite; "

@@ -17,9 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+from degenjax._src.validation import is_traced
 
 
 def _compute_dtype(dtype):
@@ -75,7 +73,7 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
     mesh = _explicit_mesh_of(a)
     if mesh is not None:  # the dense solver needs the whole matrix: gather it (replicate) on the Explicit mesh
         a = jax.reshard(a, NamedSharding(mesh, P()))
-    if _is_concrete(a) and a.size:
+    if not is_traced(a) and a.size:
         if not bool(jnp.all(jnp.isfinite(a))):
             raise ValueError("eigh input contains NaN or inf entries; check how the matrix was computed.")
         scale = float(jnp.max(jnp.abs(a)))
@@ -284,7 +282,7 @@ def _check_operator(ops: _BlockOps, d, b, work, key, symmetry_rtol, name, matvec
                              "column-wise to the block (e.g. A @ X, or J^T (J X) for an implicit Gram).")
     x = ops.rows(jax.random.normal(jax.random.fold_in(key, 7), (d, b), work))
     s = ops.inner(x, ops.matmat(x))
-    if not _is_concrete(s):
+    if is_traced(s):
         return
     s = np.asarray(s)
     if not np.all(np.isfinite(s)):

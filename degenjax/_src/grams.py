@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
+from degenjax._src.validation import is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
@@ -244,10 +245,6 @@ def as_batch_list(batches, fn: str = "batches") -> list:
     return out
 
 
-def _is_traced(tree) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
-
-
 class _BatchChecker:
     """Validates batches as they stream: dtypes, feature sizes, and (lagged by one batch) finiteness."""
 
@@ -294,7 +291,7 @@ class _BatchChecker:
     def finite(self, i: int, flags, what: str):
         """Registers batch ``i``'s finiteness flags; raises for the previous batch (one host sync per batch)."""
         self.flush()
-        if not _is_traced(flags):
+        if not is_traced(flags):
             self.pending = (i, flags, what)
 
     def flush(self):
@@ -361,7 +358,7 @@ def _reshard_batch(tree, mesh, axes):
 
 def _replicate(tree, mesh):
     """Places running sums replicated on ``mesh`` (as the sharded step returns them, so it compiles once)."""
-    if _is_traced(tree):
+    if is_traced(tree):
         return tree
     return jax.device_put(tree, NamedSharding(mesh, P()))
 

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from degenjax._src import sgld as sgld_lib
 from degenjax._src.hashing import fmix32
+from degenjax._src.validation import check_finite_params, is_traced
 
 ArrayTree = Any
 
@@ -74,10 +75,6 @@ class LLCResult(NamedTuple):
 # Input checks and shared randomness
 
 
-def _is_traced(tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
 def num_data(data) -> int:
     """The common leading axis ``n`` of every array in ``data``.
 
@@ -106,7 +103,7 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 
 def _check_step_size(step_size) -> None:
-    if _is_traced(step_size):
+    if is_traced(step_size):
         return
     value = np.asarray(step_size)
     if value.ndim != 0 or not np.isfinite(value) or value <= 0:
@@ -115,15 +112,9 @@ def _check_step_size(step_size) -> None:
 
 
 def _check_params(params) -> None:
-    leaves, _ = jax.tree.flatten_with_path(params)
-    if not leaves:
+    if not jax.tree.leaves(params):
         raise ValueError("params has no arrays; pass the parameters w* as a pytree of arrays.")
-    if _is_traced(params):
-        return
-    for path, x in leaves:
-        if not np.all(np.isfinite(np.asarray(x))):
-            raise ValueError(f"params leaf {jax.tree_util.keystr(path) or '<root>'} contains NaN or inf; lambda^ is "
-                             "measured at a trained, finite w*.")
+    check_finite_params(params, "lambda^ is measured at a trained, finite w*")
 
 
 def check_inputs(params, data, *, step_size, batch_size) -> int:
@@ -319,11 +310,11 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     sampler_kwargs = dict(sampler_kwargs or {})
     total = num_burnin + num_draws
     for name, value in (("nbeta", nbeta), ("localization", localization)):
-        if not _is_traced(value) and not (np.ndim(value) == 0 and np.isfinite(value) and
+        if not is_traced(value) and not (np.ndim(value) == 0 and np.isfinite(value) and
                                           (value > 0 if name == "nbeta" else value >= 0)):
             raise ValueError(f"{name} must be a finite scalar {'> 0' if name == 'nbeta' else '>= 0'}; got {value!r}.")
     # under an outer jit every new array is a tracer, also when all inputs are concrete (e.g. closed over)
-    traced = (_is_traced((rng_key, params, data, step_size, nbeta, localization))
+    traced = (is_traced((rng_key, params, data, step_size, nbeta, localization))
               or isinstance(jnp.zeros(()), jax.core.Tracer))
 
     if traced:
