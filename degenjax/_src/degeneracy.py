@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from degenjax._src.basis import acc_dtype
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.hashing import fmix32
@@ -176,8 +177,8 @@ def sync_accumulator(num_units: int, *, tol: float = 0.0) -> SyncAccumulator:
         n = state.num_points
         c = state.on_count
         if tol > 0:
-            slack = jnp.floor(jnp.asarray(tol, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-                              * n.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)).astype(cdt)
+            fdt = acc_dtype()
+            slack = jnp.floor(jnp.asarray(tol, fdt) * n.astype(fdt)).astype(cdt)
         else:
             slack = jnp.zeros((), cdt)
         dead = c <= slack

@@ -97,7 +97,7 @@ class SGLDKernel(MCMCKernel):
     def _hyper(self, data):
         n = llc_lib.num_data(data)
         nbeta = llc_lib.default_nbeta(n) if self._nbeta is None else self._nbeta
-        return n, n // self._batch_size, nbeta
+        return n, nbeta
 
     def _init_one(self, rng_key, init_params, data) -> SGLDKernelState:
         probe = jax.tree.map(lambda x: x[: self._batch_size], data)
@@ -107,7 +107,7 @@ class SGLDKernel(MCMCKernel):
                                loss=nan, mala_acceptance=nan, center=init_params, rng_key=rng_key)
 
     def _sample_one(self, state: SGLDKernelState, data) -> SGLDKernelState:
-        n, _, nbeta = self._hyper(data)
+        n, nbeta = self._hyper(data)
         perm_key, noise_key = llc_lib.chain_streams(state.rng_key)
         t = state.step
         batch = llc_lib.take_batch(data, perm_key, t, n, self._batch_size)

@@ -151,7 +151,7 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
       The report as a dict (also written to ``out_dir/report.json``).
     """
     from degenjax._src import plots
-    from degenjax._src.basis import interaction_basis
+    from degenjax._src.basis import acc_dtype, interaction_basis
     from degenjax._src.checkpoints import save_msgpack
     from degenjax._src.degeneracy import degeneracy_report
     from degenjax._src.edges import edge_sparsity, interaction_edges
@@ -186,7 +186,7 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
 
     # -- Grams, bases, edges (float64 when enabled): DESIGN sections 2-3
     t1 = time.perf_counter()
-    fdt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    fdt = acc_dtype()
     p_an = jax.tree.map(lambda a: jnp.asarray(a, fdt), params)
     x_an = jnp.asarray(x_tr, fdt)
     batches = _batches(x_an, config.gram_batch_size)
