@@ -7,6 +7,7 @@ from degenjax._src.sections import from_linen as from_linen
 from degenjax._src.sections import from_nnx as from_nnx
 from degenjax._src.sections import section_shapes as section_shapes
 from degenjax._src.sections import Sections as Sections
+from degenjax._src.structure import structured_sections as structured_sections
 
 # Gram matrices (DESIGN 2)
 from degenjax._src.grams import activation_grams as activation_grams
@@ -99,6 +100,7 @@ __all__ = [
     "from_nnx",
     "section_shapes",
     "Sections",
+    "structured_sections",
     "activation_grams",
     "activation_stats",
     "ActivationStats",

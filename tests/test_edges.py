@@ -67,8 +67,9 @@ def test_edges_match_numpy(relu_net, kind):
     C, Cp = _np_basis_arrays(b)
     _, hs, jacs = _np_forward(p, x, acts)
     ref = _np_edges(hs, jacs, C, Cp)
-    for mode in ("jvp", "vjp"):
-        got = dj.interaction_edges(model, params, b, [x[:150], x[150:]], mode=mode, chunk_size=4)
+    for mode, structured in (("jvp", False), ("vjp", False), ("auto", True)):
+        got = dj.interaction_edges(model, params, b, [x[:150], x[150:]], mode=mode, chunk_size=4,
+                                   structured=structured)
         assert [g.shape for g in got] == [r.shape for r in ref]
         assert_trees_all_close(got, ref, rtol=1e-9, atol=1e-14)
         np.testing.assert_array_equal(np.asarray(got[0][0]), 0.0)  # the constant output node has no inputs

@@ -194,12 +194,12 @@ def test_jacobian_grams_mlp_closed_form(mlp):
     basis = [rng.normal(size=(5, 5)), rng.normal(size=(7, 4)), rng.normal(size=(7, 6))]
     out_basis = rng.normal(size=(3, 2))
 
-    got = dj.jacobian_grams(model, variables, batches)
-    assert_trees_all_close(got, [_np_jtj(j) for j in J], rtol=1e-11, atol=1e-13)
-
-    got = dj.jacobian_grams(model, variables, batches, basis=basis, output_basis=out_basis)
     expect = [_np_jtj(J[0], basis[1]), _np_jtj(J[1], basis[2][:6]), _np_jtj(J[2], out_basis)]
-    assert_trees_all_close(got, expect, rtol=1e-11, atol=1e-13)
+    for structured in (True, False):  # dense + ReLU sections: factorised W (B B^T o S) W^T, and per-example vjp/jvp
+        got = dj.jacobian_grams(model, variables, batches, structured=structured)
+        assert_trees_all_close(got, [_np_jtj(j) for j in J], rtol=1e-11, atol=1e-13)
+        got = dj.jacobian_grams(model, variables, batches, basis=basis, output_basis=out_basis, structured=structured)
+        assert_trees_all_close(got, expect, rtol=1e-11, atol=1e-13)
 
     class FakeBasis:  # anything with a .C tuple, like an InteractionBasis
         C = tuple(basis)
@@ -290,9 +290,10 @@ def test_sharded_equals_unsharded(mlp, num_devices):
     J = _np_mlp_jacobians(variables, x)
     batches = [x[:16], x[16:]]  # 2 data points per device and batch
     g = dj.activation_grams(model, p, batches, mesh=mesh)
-    m = dj.jacobian_grams(model, p, batches, mesh=mesh, batch_axis="data")
     assert_trees_all_close(g, [_np_gram(a, True) for a in h], rtol=1e-12, atol=1e-13)
-    assert_trees_all_close(m, [_np_jtj(j) for j in J], rtol=1e-11, atol=1e-13)
+    for structured in (True, False):
+        m = dj.jacobian_grams(model, p, batches, mesh=mesh, batch_axis="data", structured=structured)
+        assert_trees_all_close(m, [_np_jtj(j) for j in J], rtol=1e-11, atol=1e-13)
     # Unsharded runs of the same code path agree to rounding (the psum only reorders the sums).
     assert_trees_all_close(g, dj.activation_grams(model, p, batches), rtol=1e-12, atol=1e-13)
     # Pre-sharded batches without mesh=: picked up from the arrays' NamedSharding.

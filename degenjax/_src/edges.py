@@ -21,6 +21,7 @@ import numpy as np
 from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, to_hat
 from degenjax._src.grams import as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
+from degenjax._src.structure import affine_elementwise
 from degenjax._src.validation import check_finite_params, is_traced
 
 
@@ -61,25 +62,74 @@ def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
     return jnp.sum(jnp.reshape(flat, (-1, d_next, dh)), axis=0)
 
 
-def _edges_step(params, x, Cs, Cps, *, model, chunk_size: int, modes: tuple):
+_HIGHEST = jax.lax.Precision.HIGHEST
+_EDGE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _structured_edges(split, hh, Cp, C_next):
+    """Edge sums for a section ``phi(h @ W)``: ``sum_r (sum_k h^_rj A_jk s_rk B_ki)^2`` with ``A = C^+ W``.
+
+    ``s = phi'(h W)`` per row ``r`` (data point and position; the section acts on each position separately, so
+    the input-position sum of DESIGN section 3 has one term). One large matrix product per chunk of rows, in the
+    section's dtype at full precision; each chunk's squares are summed in that dtype (at most ``c`` positive
+    terms) and the chunks in the accumulation dtype. Returns ``(d^_{l+1}, d^_l)``.
+    """
+    dt = acc_dtype()
+    cdt = split.z.dtype
+    dk = split.slope.shape[-1]
+    A = jnp.matmul(Cp[:, :-1].astype(cdt), split.W.astype(cdt), precision=_HIGHEST)  # (d^_l, d_k)
+    B = C_next[:-1].astype(cdt)  # (d_k, d^_{l+1})
+    dh, dn = A.shape[0], B.shape[1]
+    s = jnp.reshape(split.slope, (-1, dk)).astype(cdt)
+    hr = jnp.reshape(hh, (-1, dh)).astype(cdt)
+    rows = s.shape[0]
+    c = max(1, min(rows, _EDGE_CHUNK_ELEMENTS // max(1, max(dh, dn) * dk)))
+    m, rem = divmod(rows, c)
+
+    def chunk(sc, hc):
+        if dh <= dn:  # scale the smaller factor per row
+            U = jnp.matmul(A[None] * sc[:, None, :] * hc[:, :, None], B, precision=_HIGHEST)  # (c, d^_l, d^_{l+1})
+        else:
+            U = jnp.einsum("jk,cki->cji", A, sc[:, :, None] * B[None], precision=_HIGHEST) * hc[:, :, None]
+        return jnp.sum(U * U, axis=0).T.astype(dt)
+
+    def body(total, xs):
+        return total + chunk(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((dn, dh), dt),
+                            (jnp.reshape(s[:m * c], (m, c, dk)), jnp.reshape(hr[:m * c], (m, c, dh))))
+    if rem:
+        total = total + chunk(s[m * c:], hr[m * c:])
+    return total
+
+
+def _edges_step(params, x, Cs, Cps, *, model, chunk_size: int, modes: tuple, structured: bool = False):
     """Unnormalised edge sums of every layer for one input batch."""
     _, acts = forward(model, params, x)
     out = []
     for l, m in enumerate(modes):
         h = acts[l]
+        hh = to_hat(h, Cs[l])
+        split = affine_elementwise(model.fns[l], params, h) if structured else None
+        if split is not None:
+            out.append(_structured_edges(split, hh, Cps[l], Cs[l + 1]))
+            continue
         g = _section_to_hat(model, params, Cs[l + 1], l)
-        out.append(_batch_edges(g, h, to_hat(h, Cs[l]), Cps[l], chunk_size, m))
+        out.append(_batch_edges(g, h, hh, Cps[l], chunk_size, m))
     return out
 
 
-_edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "modes"))
+_edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "modes", "structured"))
 
 
 def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
-                      mode: str = "auto", jit: bool = True) -> list[jax.Array]:
+                      mode: str = "auto", jit: bool = True, structured: bool = True) -> list[jax.Array]:
     """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
 
-    Per batch, one linearisation of section ``l`` is pushed through ``chunk_size`` basis directions at a time
+    Sections of the form ``phi(h @ W)`` (a dense layer plus an elementwise activation; see
+    `degenjax.structured_sections`) use the exact factorised Jacobian ``W diag(phi') `` in one large matrix product
+    per chunk of rows (``structured=True``, the default). For the others, per batch, one linearisation of section
+    ``l`` is pushed through ``chunk_size`` basis directions at a time
     (``vmap`` of ``jvp`` over input directions ``j``, or of ``vjp`` over output entries ``(t, i)`` when those are
     fewer), so memory is ``chunk_size x batch x positions x width``, never the whole data set's Jacobian.
 
@@ -92,6 +142,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
       mode: ``"auto"`` (cheaper of the two), ``"jvp"`` or ``"vjp"``.
       jit: compile the per-batch step (cached per model and shapes), as the Gram functions do; False runs it op
         by op. Inside the user's ``jax.jit`` either way works.
+      structured: use the factorised path where a section allows it; False always uses ``vmap`` of ``jvp``/``vjp``.
 
     Returns:
       List of ``L - 1`` arrays, ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the accumulation dtype (float64 with x64);
@@ -117,7 +168,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     totals, count = None, [0] * (L - 1)
     for x in batches:
         sums = step(params, x, tuple(basis.C), tuple(basis.C_pinv), model=model, chunk_size=int(chunk_size),
-                    modes=tuple(modes))
+                    modes=tuple(modes), structured=bool(structured))
         totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
         n = jnp.shape(jax.tree.leaves(x)[0])[0]
         count = [c + n * math.prod(shapes[l].shape[1:-1]) for l, c in enumerate(count)]

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
+from degenjax._src.structure import affine_elementwise
 from degenjax._src.validation import is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -528,9 +529,27 @@ def _per_example_rows(g, h, key, num_sources: int | None, axes=None):
     return jnp.reshape(cols.T, (n_out, -1, d))
 
 
-def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chunk_size, accum_dtype, axes):
+def _structured_jtj(split, out_basis, accum_dtype):
+    """``sum_x J^T J`` for a section ``phi(h @ W)``: ``W [(B B^T) o sum_x s s^T] W^T`` with ``s = phi'(h W)``."""
+    s = jnp.reshape(split.slope, (-1, split.slope.shape[-1])).astype(accum_dtype)
+    S = jnp.matmul(s.T, s, precision=_HIGHEST)
+    if out_basis is None:
+        K = jnp.diag(jnp.diagonal(S))
+    else:
+        Bo = out_basis.astype(accum_dtype)
+        K = jnp.matmul(Bo, Bo.T, precision=_HIGHEST) * S
+    W = split.W.astype(accum_dtype)
+    return jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+
+
+def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chunk_size, accum_dtype, axes,
+               structured=False):
     """``sum_x sum_s J_{., s}^T J_{., s}`` for node layer ``l`` over the batch ``h``, in chunks of examples."""
     fns = model.fns[l:l + 1] if target == "next" else model.fns[l:]
+    if structured and num_sources is None and len(fns) == 1:
+        split = affine_elementwise(fns[0], params, h)
+        if split is not None:
+            return _structured_jtj(split, out_basis, accum_dtype)
 
     def g(h_ex):
         y = h_ex[None]
@@ -575,13 +594,13 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
 
 
 def _jacobian_step(totals, params, x, bases, keys, *, model, layers, target, num_sources, chunk_size, accum_dtype,
-                   mesh, axes):
+                   mesh, axes, structured=False):
     def local(totals, params, x, bases, keys):
         _, acts = forward(model, params, x)
         new, flags = [], []
         for (t, c), l, B in zip(totals, layers, bases):
             inc = _layer_jtj(model, params, l, acts[l], B, keys, target=target, num_sources=num_sources,
-                             chunk_size=chunk_size, accum_dtype=accum_dtype, axes=axes)
+                             chunk_size=chunk_size, accum_dtype=accum_dtype, axes=axes, structured=structured)
             if axes is not None:
                 inc = jax.lax.psum(inc, axes)
             new.append(_neumaier_add(t, c, inc))
@@ -597,11 +616,12 @@ def _jacobian_step(totals, params, x, bases, keys, *, model, layers, target, num
 
 
 _jacobian_step_jit = jax.jit(_jacobian_step, static_argnames=("model", "layers", "target", "num_sources",
-                                                              "chunk_size", "accum_dtype", "mesh", "axes"))
+                                                              "chunk_size", "accum_dtype", "mesh", "axes",
+                                                              "structured"))
 
 
 def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_sources, key, chunk_size,
-                     accum_dtype, mesh, batch_axis, jit, fn):
+                     accum_dtype, mesh, batch_axis, jit, fn, structured=True):
     if target not in ("next", "output"):
         raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
     if num_sources is not None:
@@ -651,7 +671,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
             keys = jax.random.split(jax.random.fold_in(key, i), b)
         totals, flags = step(totals, params, batch, bases, keys, model=model, layers=tuple(layers), target=target,
                              num_sources=num_sources, chunk_size=None if chunk_size is None else int(chunk_size),
-                             accum_dtype=acc_dt, mesh=mesh_i, axes=axes_i)
+                             accum_dtype=acc_dt, mesh=mesh_i, axes=axes_i, structured=bool(structured))
         for j, l in enumerate(layers):
             counts[j] += b * math.prod(shapes[l].shape[1:-1])
         checker.finite(i, flags, what)
@@ -664,7 +684,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
 
 def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target: str = "next",
                   num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
-                  mesh=None, batch_axis=None, jit: bool = True) -> jax.Array:
+                  mesh=None, batch_axis=None, jit: bool = True, structured: bool = True) -> jax.Array:
     """Jacobian Gram ``M^l`` of one node layer, shape ``(d_l, d_l)`` (no constant coordinate).
 
     ``M^l_{jk} = (1 / (N P_l)) sum_x sum_{t,i} sum_s J_{(t,i),(s,j)} J_{(t,i),(s,k)}`` with ``J`` the Jacobian of
@@ -689,6 +709,10 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
       accum_dtype: float64 (default with x64) or float32 (compensated).
       mesh, batch_axis: split each batch over mesh devices (``jax.shard_map`` + ``psum``), as in `activation_stats`.
       jit: compile the per-batch step; False runs it op by op.
+      structured: for an exact Gram of one section of the form ``phi(h @ W)`` (``phi`` elementwise, e.g. a dense
+        layer plus activation; see `degenjax.structured_sections`), use ``W [(B B^T) o sum_x s s^T] W^T`` with
+        ``s = phi'(h W)`` instead of per-example Jacobians (same value, one ``(d_k, d_k)`` Gram per batch). False
+        always takes the per-example path.
 
     Returns:
       ``M^l``, shape ``(d_l, d_l)``.
@@ -700,12 +724,13 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
     model = as_sections(model)
     return _jacobian_driver(model, params, batches, (int(layer),), (out_basis,), target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
-                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn="jacobian_gram")[0]
+                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn="jacobian_gram",
+                            structured=structured)[0]
 
 
 def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", output_basis=None,
                    num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
-                   mesh=None, batch_axis=None, jit: bool = True) -> list[jax.Array]:
+                   mesh=None, batch_axis=None, jit: bool = True, structured: bool = True) -> list[jax.Array]:
     """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` in one pass over ``batches``.
 
     See `jacobian_gram` for the definition and the remaining arguments.
@@ -745,4 +770,4 @@ def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", 
         raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
     return _jacobian_driver(model, params, batches, tuple(range(L)), out_bases, target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
-                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn)
+                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn, structured=structured)
