@@ -6,7 +6,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
