@@ -148,40 +148,38 @@ def chain_streams(chain_key):
     return keys[0], keys[1]
 
 
-_FEISTEL_ROUNDS = 4
+_SHUFFLE_ROUNDS = 24
 
 
 def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     """Where positions ``0..n-1`` of epoch ``epoch`` land: a keyed pseudo-random permutation of ``range(n)``.
 
-    A balanced Feistel network on ``2 * half`` bits (``4**half >= n``) is a bijection of ``[0, 4**half)`` for any
-    round function; cycle-walking (re-applying it while the value is ``>= n``) restricts it to a bijection of
-    ``[0, n)``. Evaluating it only at the positions a minibatch needs costs O(batch) per step, with no sort and no
-    ``n``-sized state, and different keys or epochs give independent-looking orders.
+    A swap-or-not shuffle (Hoang, Morris and Rogaway, 2012): each round pairs ``x`` with ``K_r - x (mod n)`` and
+    swaps the pair when a keyed hash of ``max(x, K_r - x)`` is odd. Every round is an involution of ``[0, n)``, so
+    the composition is a permutation of exactly ``[0, n)`` for any ``n`` (no cycle-walking, no data-dependent loop).
+    Evaluating it only at the positions a minibatch needs costs O(batch x rounds) per step, with no sort and no
+    ``n``-sized state; different keys or epochs give independent-looking orders.
 
     Args:
       perm_key: the chain's permutation key.
       epoch: int scalar (may be traced).
       positions: int array of positions in ``[0, n)``.
-      n: number of data points.
+      n: number of data points (below 2^31).
 
     Returns:
       int32 array like ``positions``: the data indices visited at those positions of the epoch.
     """
-    half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
-    mask = jnp.uint32((1 << half) - 1)
-    round_keys = jax.random.bits(jax.random.fold_in(perm_key, epoch), (_FEISTEL_ROUNDS,), jnp.uint32)
-
-    def encrypt(x):
-        left, right = x >> jnp.uint32(half), x & mask
-        for r in range(_FEISTEL_ROUNDS):
-            left, right = right, left ^ (fmix32(right ^ round_keys[r]) & mask)
-        return (left << jnp.uint32(half)) | right
-
-    bound = jnp.uint32(n)
-    y = encrypt(positions.astype(jnp.uint32))
-    y = lax.while_loop(lambda y: jnp.any(y >= bound), lambda y: jnp.where(y >= bound, encrypt(y), y), y)
-    return y.astype(jnp.int32)
+    if not 1 <= n < 2 ** 31:
+        raise ValueError(f"the minibatch order supports 1 <= n < 2**31 data points; got n={n}.")
+    bits = jax.random.bits(jax.random.fold_in(perm_key, epoch), (2, _SHUFFLE_ROUNDS), jnp.uint32)
+    size = jnp.uint32(n)
+    offsets, salts = bits[0] % size, bits[1]
+    x = positions.astype(jnp.uint32)
+    for r in range(_SHUFFLE_ROUNDS):
+        partner = (offsets[r] + size - x) % size
+        swap = (fmix32(jnp.maximum(x, partner) ^ salts[r]) & jnp.uint32(1)) == jnp.uint32(1)
+        x = jnp.where(swap, partner, x)
+    return x.astype(jnp.int32)
 
 
 def take_batch(data, perm_key, t, n: int, batch_size: int):
