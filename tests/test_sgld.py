@@ -35,10 +35,9 @@ def _setup(seed=0):
 
 
 def _noise(key, tree):
-    """The documented convention: one split key per leaf in tree order ('a' then 'b')."""
-    k = jax.random.split(key, 2)
-    return {"a": np.asarray(jax.random.normal(k[0], (3,), jnp.float64)),
-            "b": np.asarray(jax.random.normal(k[1], (2, 2), jnp.float64))}
+    """The documented convention: one normal vector for all (float64) leaves, cut in tree order ('a' then 'b')."""
+    flat = np.asarray(jax.random.normal(key, (7,), jnp.float64))
+    return {"a": flat[:3], "b": flat[3:].reshape(2, 2)}
 
 
 def _two_chains(kernel, state, batch):
@@ -172,3 +171,23 @@ def test_unknown_sampler_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown sampler"):
         dj.estimate_llc(jax.random.key(0), _loss, {"a": jnp.zeros(3)}, jnp.zeros((4, 3)), num_chains=1,
                         num_draws=2, step_size=1e-3, batch_size=2, sampler="hmc")
+
+
+def test_noise_convention_mixed_dtypes():
+    # one key per dtype (in order of first appearance), each dtype's leaves drawn as one vector in tree order
+    from degenjax._src.sgld import normal_like
+
+    tree = {"a": jnp.zeros(3, jnp.float32), "b": jnp.zeros((2, 2), jnp.float64), "c": jnp.zeros(2, jnp.float32)}
+    key = jax.random.key(5)
+    got = jax.jit(normal_like)(key, tree)
+    k32, k64 = jax.random.split(key)
+    f32 = np.asarray(jax.random.normal(k32, (5,), jnp.float32))
+    f64 = np.asarray(jax.random.normal(k64, (4,), jnp.float64))
+    expect = {"a": f32[:3], "b": f64.reshape(2, 2), "c": f32[3:]}
+    for k in tree:
+        assert got[k].dtype == tree[k].dtype
+        np.testing.assert_array_equal(np.asarray(got[k]), expect[k])
+    # a single dtype uses the key itself
+    one = normal_like(key, {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))})
+    flat = np.asarray(jax.random.normal(key, (7,), jnp.float64))
+    np.testing.assert_array_equal(np.asarray(one["b"]), flat[3:].reshape(2, 2))

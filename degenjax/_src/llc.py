@@ -171,11 +171,12 @@ def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     """
     if not 1 <= n < 2 ** 31:
         raise ValueError(f"the minibatch order supports 1 <= n < 2**31 data points; got n={n}.")
-    bits = jax.random.bits(jax.random.fold_in(perm_key, epoch), (2, _SHUFFLE_ROUNDS), jnp.uint32)
+    rounds = max(_SHUFFLE_ROUNDS, int(n - 1).bit_length() + 8)  # every element can reach 2^rounds >> n places
+    bits = jax.random.bits(jax.random.fold_in(perm_key, epoch), (2, rounds), jnp.uint32)
     size = jnp.uint32(n)
     offsets, salts = bits[0] % size, bits[1]
     x = positions.astype(jnp.uint32)
-    for r in range(_SHUFFLE_ROUNDS):
+    for r in range(rounds):
         partner = (offsets[r] + size - x) % size
         swap = (fmix32(jnp.maximum(x, partner) ^ salts[r]) & jnp.uint32(1)) == jnp.uint32(1)
         x = jnp.where(swap, partner, x)
