@@ -325,7 +325,7 @@ def main(argv=None):
     if t_rows:
         section += ["Full LIB (stats, Jacobian Grams, bases) + all edges, float64 accumulation, warm (compiled) "
                     "times in seconds, all under `jax.jit`. `degenjax` = the default (sections of the form "
-                    "phi(h @ W), marked `s` in the `fast path` column, use the factorised Jacobian; the others "
+                    "[h +] phi(h @ W) [@ V + c], marked `s` in the `fast path` column, use the factorised Jacobian; the others "
                     "`vmap` of `jvp`/`vjp`); `per-example` = degenjax with `structured=False`; `jacrev` = the same "
                     "maths with one `jax.jacrev` per example (`lax.scan` with a running sum). Speed-up = jacrev / "
                     "degenjax. First call includes compilation. Agreement = max relative difference of Lambda and edges, degenjax vs "

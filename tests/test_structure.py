@@ -44,15 +44,17 @@ def test_recognises_dense_elementwise_sections():
     t = models.Transformer(vocab=6, seq_len=3, d_model=16, num_heads=2, d_mlp=32, num_out=5)
     xt = models.one_hot_pairs(5, np.array([[1, 2], [3, 4]]))
     vt = t.init(jax.random.key(0), xt)
-    # embed is one-hot @ W_E + positions; attention, the residual MLP and the last-position read are not.
-    assert dj.structured_sections(models.transformer_sections(t, xt), vt, xt) == (True, False, False, False)
+    # embed (one-hot @ W_E + positions), the residual MLP block and the last-position read-out; not attention
+    assert dj.structured_sections(models.transformer_sections(t, xt), vt, xt) == (True, False, True, True)
     W = jnp.ones((5, 5), jnp.float32)
     not_structured = [
-        lambda p, h: h + jax.nn.relu(h @ W),              # residual: h enters twice
+        lambda p, h: h + jax.nn.relu(h @ W),              # h added to post(z) itself (h + post(z) @ V is fine)
         lambda p, h: jax.nn.softmax(h @ W, axis=-1),      # reduction over features
         lambda p, h: jnp.reshape(h @ W, (h.shape[0], 5, 1)),  # reshape after the product
         lambda p, h: (W @ h.T).T,                          # h on the right of the product
-        lambda p, h: jax.nn.relu(h @ W) @ W,               # a second product
+        lambda p, h: jax.nn.relu(jax.nn.relu(h @ W) @ W),  # a nonlinearity after the second product
+        lambda p, h: jax.nn.relu(h @ W) @ W + h @ W,       # h in two products
+        lambda p, h: h[:, :2] @ W[:2],                     # a slice of the feature axis
         lambda p, h: jnp.cumsum(h @ W, axis=-1),
         lambda p, h: h * 2.0,                              # no product at all
     ]
@@ -139,3 +141,81 @@ def test_structured_sections_under_jit_and_sharded(num_devices):
     got = dj.jacobian_grams(model, p, [x[:8], x[8:]], mesh=mesh, batch_axis="data")
     want = dj.jacobian_grams(model, p, [x[:8], x[8:]], structured=False)
     assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def _residual_model():
+    """A residual MLP block on (batch, positions, d), a last-position read-out with tanh, and a linear head."""
+    def f_res(p, h):
+        a = jax.nn.silu(h @ p["W1"] + p["b1"][None, None, :])
+        return h + (a @ p["V1"] + p["c1"][None, None, :])
+
+    def f_sel(p, h):
+        return jnp.tanh(h[:, -1, :] @ p["W2"] + p["b2"][None, :])
+
+    def f_out(p, h):
+        return h @ p["W3"]
+
+    return dj.Sections((f_res, f_sel, f_out))
+
+
+def _residual_params(dtype, seed=6):
+    rng = np.random.default_rng(seed)
+    shapes = {"W1": (6, 9), "b1": (9,), "V1": (9, 6), "c1": (6,), "W2": (6, 5), "b2": (5,), "W3": (5, 4)}
+    return {k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0] if len(s) == 2 else 4.0), dtype)
+            for k, s in shapes.items()}
+
+
+def _general_reference(model, p, x, C):
+    """M^l and edges from full per-example jacfwd Jacobians (all output and input positions), float64 NumPy."""
+    acts, h = [], x
+    for f in model.fns:
+        acts.append(np.asarray(h))
+        h = f(p, h)
+    Ms, Es = [], []
+    for l, f in enumerate(model.fns):
+        a = acts[l]
+        J = np.asarray(jax.vmap(jax.jacfwd(lambda e, f=f: f(p, e[None])[0]))(jnp.asarray(a)))
+        n, d_in = a.shape[0], a.shape[-1]
+        P_in = int(np.prod(a.shape[1:-1]))
+        out_nd = J.ndim - a.ndim  # output axes per example (positions..., features)
+        d_out = J.shape[out_nd]
+        J = J.reshape(n, -1, d_out, P_in, d_in)  # (n, T_out, d_out, P_in, d_in)
+        B = C[l + 1][:-1] if l + 1 < len(C) else np.eye(d_out)
+        Jb = np.einsum("ntosj,ok->ntksj", J, B)
+        Ms.append(np.einsum("ntksj,ntksi->ji", Jb, Jb) / (n * P_in))
+        if l + 1 < len(C):
+            hh = (np.concatenate([a, np.ones(a.shape[:-1] + (1,))], -1) @ C[l]).reshape(n, P_in, -1)
+            Cp = np.linalg.pinv(C[l])[:, :-1]
+            Jh = np.einsum("ntksj,mj->ntksm", Jb, Cp)
+            g = np.einsum("ntksm,nsm->ntkm", Jh, hh)
+            Es.append(np.einsum("ntkm,ntkm->km", g, g) / (n * P_in))
+    return Ms, Es
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_residual_block_and_position_readout(dtype):
+    model = _residual_model()
+    p, p64 = _residual_params(dtype), _residual_params(np.float64)
+    x64 = np.random.default_rng(7).normal(size=(30, 3, 6))
+    x = jnp.asarray(x64, dtype)
+    assert dj.structured_sections(model, p, x) == (True, True, True)
+    split = affine_elementwise(model.fns[0], p, x)
+    assert split.skip and split.V is not None
+    assert affine_elementwise(model.fns[1], p, x).select(x).shape == (30, 6)
+    batches = [x[:17], x[17:]]
+    b = dj.interaction_basis(model, p, batches)
+    C = [np.asarray(c, np.float64) for c in b.C]
+    Ms, Es = _general_reference(model, p64, jnp.asarray(x64), C)
+    tol = dict(rtol=1e-10, atol=1e-13) if dtype == np.float64 else dict(rtol=2e-5, atol=1e-7)
+    norm = lambda ts, refs: ([t / np.abs(r).max() for t, r in zip(ts, refs)], [r / np.abs(r).max() for r in refs])
+    for structured in (True, False):
+        M = dj.jacobian_grams(model, p, batches, basis=b, structured=structured)
+        assert_trees_all_close(*norm(M, Ms), **tol)
+        E = dj.interaction_edges(model, p, b, batches, structured=structured)
+        assert_trees_all_close(*norm(E, Es), **tol)
+    # without an output basis (identity) the residual's cross terms are exercised with P = I
+    M0 = dj.jacobian_gram(model, p, batches, 0)
+    J = np.asarray(jax.vmap(jax.jacfwd(lambda e: model.fns[0](p64, e[None])[0]))(jnp.asarray(x64)))
+    J = J.reshape(30, 3, 6, 3, 6)
+    ref0 = np.einsum("ntosj,ntosi->ji", J, J) / 90
+    np.testing.assert_allclose(np.asarray(M0, np.float64) / np.abs(ref0).max(), ref0 / np.abs(ref0).max(), **tol)

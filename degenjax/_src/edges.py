@@ -67,21 +67,25 @@ _EDGE_CHUNK_ELEMENTS = 1 << 22
 
 
 def _structured_edges(split, hh, Cp, C_next):
-    """Edge sums for a section ``phi(h @ W)``: ``sum_r (sum_k h^_rj A_jk s_rk B_ki)^2`` with ``A = C^+ W``.
+    """Edge sums for a section ``[h +] phi(h @ W) [@ V]`` (see structure.py), one row ``r`` at a time in chunks:
+    ``sum_r (h^_rj (A0 + A diag(s_r) B)_ji)^2`` with ``A = C^+ W``, ``B = V C'``, ``A0 = C^+ C'`` (residual only).
 
-    ``s = phi'(h W)`` per row ``r`` (data point and position; the section acts on each position separately, so
-    the input-position sum of DESIGN section 3 has one term). One large matrix product per chunk of rows, in the
+    Rows are data points times (selected) positions: the section acts on each position separately, so the
+    input-position sum of DESIGN section 3 has one term. One large matrix product per chunk of rows, in the
     section's dtype at full precision; each chunk's squares are summed in that dtype (at most ``c`` positive
     terms) and the chunks in the accumulation dtype. Returns ``(d^_{l+1}, d^_l)``.
     """
     dt = acc_dtype()
     cdt = split.z.dtype
     dk = split.slope.shape[-1]
-    A = jnp.matmul(Cp[:, :-1].astype(cdt), split.W.astype(cdt), precision=_HIGHEST)  # (d^_l, d_k)
-    B = C_next[:-1].astype(cdt)  # (d_k, d^_{l+1})
+    Cp_h = Cp[:, :-1].astype(cdt)
+    Bn = C_next[:-1].astype(cdt)  # (d_out, d^_{l+1})
+    A = jnp.matmul(Cp_h, split.W.astype(cdt), precision=_HIGHEST)  # (d^_l, d_k)
+    B = Bn if split.V is None else jnp.matmul(split.V.astype(cdt), Bn, precision=_HIGHEST)  # (d_k, d^_{l+1})
+    A0 = jnp.matmul(Cp_h, Bn, precision=_HIGHEST) if split.skip else None  # (d^_l, d^_{l+1})
     dh, dn = A.shape[0], B.shape[1]
     s = jnp.reshape(split.slope, (-1, dk)).astype(cdt)
-    hr = jnp.reshape(hh, (-1, dh)).astype(cdt)
+    hr = jnp.reshape(split.select(hh), (-1, dh)).astype(cdt)
     rows = s.shape[0]
     c = max(1, min(rows, _EDGE_CHUNK_ELEMENTS // max(1, max(dh, dn) * dk)))
     m, rem = divmod(rows, c)
@@ -89,8 +93,11 @@ def _structured_edges(split, hh, Cp, C_next):
     def chunk(sc, hc):
         if dh <= dn:  # scale the smaller factor per row
             U = jnp.matmul(A[None] * sc[:, None, :] * hc[:, :, None], B, precision=_HIGHEST)  # (c, d^_l, d^_{l+1})
+            if A0 is not None:
+                U = U + hc[:, :, None] * A0[None]
         else:
-            U = jnp.einsum("jk,cki->cji", A, sc[:, :, None] * B[None], precision=_HIGHEST) * hc[:, :, None]
+            U = jnp.einsum("jk,cki->cji", A, sc[:, :, None] * B[None], precision=_HIGHEST)
+            U = (U if A0 is None else U + A0[None]) * hc[:, :, None]
         return jnp.sum(U * U, axis=0).T.astype(dt)
 
     def body(total, xs):
@@ -126,9 +133,10 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
                       mode: str = "auto", jit: bool = True, structured: bool = True) -> list[jax.Array]:
     """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
 
-    Sections of the form ``phi(h @ W)`` (a dense layer plus an elementwise activation; see
-    `degenjax.structured_sections`) use the exact factorised Jacobian ``W diag(phi') `` in one large matrix product
-    per chunk of rows (``structured=True``, the default). For the others, per batch, one linearisation of section
+    Sections of the form ``[h +] phi(h @ W) [@ V + c]`` (dense layers around an elementwise activation, with an
+    optional residual connection and position read-out; see `degenjax.structured_sections`) use the exact
+    factorised Jacobian ``[I +] W diag(phi') V`` in one large matrix product per chunk of rows
+    (``structured=True``, the default). For the others, per batch, one linearisation of section
     ``l`` is pushed through ``chunk_size`` basis directions at a time
     (``vmap`` of ``jvp`` over input directions ``j``, or of ``vjp`` over output entries ``(t, i)`` when those are
     fewer), so memory is ``chunk_size x batch x positions x width``, never the whole data set's Jacobian.

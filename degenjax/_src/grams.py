@@ -530,16 +530,28 @@ def _per_example_rows(g, h, key, num_sources: int | None, axes=None):
 
 
 def _structured_jtj(split, out_basis, accum_dtype):
-    """``sum_x J^T J`` for a section ``phi(h @ W)``: ``W [(B B^T) o sum_x s s^T] W^T`` with ``s = phi'(h W)``."""
-    s = jnp.reshape(split.slope, (-1, split.slope.shape[-1])).astype(accum_dtype)
+    """``sum_rows J^T J`` for a section ``[h +] phi(h @ W) [@ V]`` from ``s = phi'(h W)`` (see structure.py).
+
+    Per row ``J = [P +] W diag(s) Q`` with ``Q = V B`` (``B`` the target basis) and ``P = B``, so the sum is
+    ``W [(Q Q^T) o sum s s^T] W^T [+ W diag(sum s) Q P^T + transpose + rows P P^T]``.
+    """
+    dt = accum_dtype
+    s = jnp.reshape(split.slope, (-1, split.slope.shape[-1])).astype(dt)
     S = jnp.matmul(s.T, s, precision=_HIGHEST)
-    if out_basis is None:
-        K = jnp.diag(jnp.diagonal(S))
-    else:
-        Bo = out_basis.astype(accum_dtype)
-        K = jnp.matmul(Bo, Bo.T, precision=_HIGHEST) * S
-    W = split.W.astype(accum_dtype)
-    return jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+    W = split.W.astype(dt)
+    Bo = None if out_basis is None else out_basis.astype(dt)
+    V = None if split.V is None else split.V.astype(dt)
+    Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=_HIGHEST))
+    K = jnp.diag(jnp.diagonal(S)) if Q is None else jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
+    M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+    if split.skip:
+        d_out = W.shape[0]  # a residual section maps d_in -> d_in
+        P = Bo if Bo is not None else jnp.eye(d_out, dtype=dt)
+        Qm = Q if Q is not None else jnp.eye(d_out, dtype=dt)
+        cross = jnp.matmul(W * jnp.sum(s, axis=0)[None, :], jnp.matmul(Qm, P.T, precision=_HIGHEST),
+                           precision=_HIGHEST)
+        M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=_HIGHEST)
+    return M
 
 
 def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chunk_size, accum_dtype, axes,
@@ -709,10 +721,11 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
       accum_dtype: float64 (default with x64) or float32 (compensated).
       mesh, batch_axis: split each batch over mesh devices (``jax.shard_map`` + ``psum``), as in `activation_stats`.
       jit: compile the per-batch step; False runs it op by op.
-      structured: for an exact Gram of one section of the form ``phi(h @ W)`` (``phi`` elementwise, e.g. a dense
-        layer plus activation; see `degenjax.structured_sections`), use ``W [(B B^T) o sum_x s s^T] W^T`` with
-        ``s = phi'(h W)`` instead of per-example Jacobians (same value, one ``(d_k, d_k)`` Gram per batch). False
-        always takes the per-example path.
+      structured: for an exact Gram of one section of the form ``[h +] phi(h @ W) [@ V + c]`` (``phi``
+        elementwise: a dense layer plus activation, or a residual MLP block; see `degenjax.structured_sections`),
+        use ``W [(Q Q^T) o sum_x s s^T] W^T`` (``Q = V B``, ``s = phi'(h W)``, plus residual cross terms) instead of
+        per-example Jacobians (same value, one ``(d_k, d_k)`` Gram per batch). False always takes the per-example
+        path.
 
     Returns:
       ``M^l``, shape ``(d_l, d_l)``.

@@ -1,19 +1,24 @@
-"""Recognising sections of the form ``f(h) = phi(h @ W)`` with ``phi`` elementwise, for exact fast Jacobian paths.
+"""Recognising sections ``f(h) = [h_s +] phi(h_s @ W) [@ V + c]``, ``phi`` elementwise, for exact fast Jacobians.
 
 Dense layers followed by an elementwise activation (any bias, scale or pointwise nonlinearity, per unit or per
-example) are the bulk of MLPs. For them the per-example Jacobian factorises: with ``z = h @ W`` and
-``s = phi'(z)`` (elementwise), ``d f_k / d h_j = W_{jk} s_k``, so
+example), optionally followed by an output projection ``V`` and a residual connection (a transformer's MLP block),
+applied to every position or to selected positions ``h_s`` (e.g. a read-out at the last position), are the bulk of
+MLPs and transformers outside attention. For them the per-row Jacobian factorises: with ``z = h_s @ W`` and
+``s = phi'(z)`` (elementwise), ``J = [I +] W diag(s) V``, so
 
-- the Jacobian Gram to target coordinates ``f(h) @ B`` is ``M = W [(B B^T) o E(s s^T)] W^T`` (``o`` the Hadamard
-  product): one ``(d_k, d_k)`` Gram of ``s`` over the data instead of a ``(d_out, d_in)`` Jacobian per example;
-- the gradient-times-activation edges (DESIGN section 3) are ``E_ij = E[ h^_j^2 (sum_k A_jk s_k B_ki)^2 ]`` with
-  ``A = C^+ W``: one large matrix product per chunk of examples.
+- the Jacobian Gram to target coordinates ``f(h) @ B`` is ``W [(Q Q^T) o E(s s^T)] W^T`` with ``Q = V B`` (plus
+  cross terms in ``E(s)`` for a residual connection): one ``(d_k, d_k)`` Gram of ``s`` over the data instead of a
+  ``(d_out, d_in)`` Jacobian per example;
+- the gradient-times-activation edges (DESIGN section 3) are ``E_ij = E[ h^_j^2 (A0 + A diag(s) B)_ji^2 ]`` with
+  ``A = C^+ W``, ``B = V C'`` and ``A0 = C^+ C'`` (residual only): one large matrix product per chunk of rows.
 
 Both are exact (the same maths as the per-example Jacobian), not approximations. The structure is read from the
-section's jaxpr: ``h`` may only enter one ``dot_general`` that contracts its last axis with a 2-D matrix that does
-not depend on ``h``; every operation after it must be elementwise on arrays of that product's shape (constants may
-be scalars or arrays of the same shape). Anything else (residual connections, attention, reshapes, reductions over
-features) falls back to the general ``vmap``-of-``vjp``/``jvp`` path.
+section's jaxpr: ``h`` may be cast, sliced or squeezed along position axes (never features), then enter one
+``dot_general`` that contracts its last axis with a 2-D matrix not depending on ``h``; after it come elementwise
+operations on arrays of that product's shape (constants may be scalars or broadcast arrays), optionally one more such
+product with a constant matrix, constant (bias) additions, and the addition of ``h_s`` itself. Anything else
+(attention, reshapes, reductions over features, several products of ``h``) takes the general ``vmap``-of-``vjp``/
+``jvp`` path.
 """
 
 from __future__ import annotations
@@ -36,19 +41,26 @@ _CALLS = ("jit", "pjit", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_
 
 
 class AffineElementwise(NamedTuple):
-    """``f(h) = post(h @ W)`` with ``post`` elementwise.
+    """``f(h) = [h_s +] post(h_s @ W) [@ V + c]`` with ``post`` elementwise and ``h_s = select(h)``.
 
     Attributes:
-      W: ``(d_in, d_k)`` matrix contracted with the last axis of ``h``.
-      z: ``h @ W``, shape ``h.shape[:-1] + (d_k,)``.
-      post: the elementwise rest of the section, ``z -> f(h)``.
+      W: ``(d_in, d_k)`` matrix contracted with the last axis of ``h_s``.
+      z: ``h_s @ W``, shape ``h_s.shape[:-1] + (d_k,)``.
+      post: the elementwise part, ``z -> post(z)``.
       slope: ``post'(z)`` elementwise, shape of ``z`` (the diagonal of its Jacobian).
+      V: None, or the ``(d_k, d_out)`` output projection applied after ``post`` (plus a constant).
+      skip: whether ``h_s`` itself is added to the output (a residual connection; then ``d_out = d_in``).
+      select: the row selection ``h -> h_s`` (slices and squeezes of position axes; the identity for most
+        sections), applicable to any array with ``h``'s leading axes (e.g. basis coordinates of ``h``).
     """
 
     W: jax.Array
     z: jax.Array
     post: Callable[[jax.Array], jax.Array]
     slope: jax.Array
+    V: jax.Array | None = None
+    skip: bool = False
+    select: Callable[[jax.Array], jax.Array] = lambda a: a
 
 
 class _NotStructured(Exception):
@@ -130,52 +142,102 @@ def _live_eqns(jaxpr):
     return live[::-1]
 
 
+def _dot_last(eqn) -> bool:
+    """``dot_general(x, M)`` contracting the last axis of ``x`` with axis 0 of a 2-D ``M``, no batch axes."""
+    if eqn.invars[1].aval.ndim != 2 or eqn.params.get("out_sharding"):
+        return False
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    return tuple(lc) == (eqn.invars[0].aval.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
+
+
+def _selection_step(eqn, d: int):
+    """A row selection on ``h`` (positions, never features) as a function of any array with ``h``'s leading axes."""
+    name = eqn.primitive.name
+    if name == "convert_element_type":
+        return None
+    if name == "squeeze":
+        dims = tuple(eqn.params["dimensions"])
+        nd = eqn.invars[0].aval.ndim
+        if any(a % nd == nd - 1 for a in dims):
+            raise _NotStructured
+        return lambda a: jax.lax.squeeze(a, dims)
+    if name == "slice":
+        start, limit, strides = eqn.params["start_indices"], eqn.params["limit_indices"], eqn.params["strides"]
+        if start[-1] != 0 or limit[-1] != d or (strides is not None and strides[-1] != 1):
+            raise _NotStructured
+        return lambda a: jax.lax.slice(a, tuple(start[:-1]) + (0,), tuple(limit[:-1]) + (a.shape[-1],),
+                                       None if strides is None else tuple(strides))
+    raise _NotStructured
+
+
 def _split(f, params, h) -> AffineElementwise:
     closed = jax.make_jaxpr(f)(params, h)
     jaxpr = closed.jaxpr
     p_leaves = jax.tree.leaves(params)
     if len(jaxpr.invars) != len(p_leaves) + 1:
         raise _NotStructured
+    d = h.shape[-1]
     env: dict[Any, Any] = {}
-    kind: dict[Any, str] = {}  # "c": does not depend on h; "h": h (maybe cast); "z": elementwise function of h @ W
+    # kinds: "c" does not depend on h; "h" rows of h (cast, positions selected); "z" elementwise in z = h_sel @ W;
+    # "y" = a @ V + const with a a "z" value; "r" = "y" + h_sel (a residual connection)
+    kind: dict[Any, str] = {}
+    select: dict[Any, tuple] = {}  # "h" var -> the selection steps from the input
     for v, c in zip(jaxpr.constvars, closed.consts):
         env[v], kind[v] = c, "c"
     for v, a in zip(jaxpr.invars, p_leaves + [h]):
         env[v], kind[v] = a, "c"
     kind[jaxpr.invars[-1]] = "h"
-    z_var, W, post_eqns = None, None, []
+    select[jaxpr.invars[-1]] = ()
+    z_var = W = h_sel = a_var = V = None
+    skip = False
+    post_eqns = []
     for eqn in _live_eqns(jaxpr):
         ins = ["c" if isinstance(v, jcore.Literal) else kind[v] for v in eqn.invars]
         name = eqn.primitive.name
+        shape = tuple(eqn.outvars[0].aval.shape) if eqn.outvars else ()
         if all(k == "c" for k in ins):
-            out, k_out = _bind(eqn, [_read(env, v) for v in eqn.invars]), "c"
-        elif "h" in ins:
-            if name == "convert_element_type" and ins == ["h"]:
-                k_out = "h"
-            elif (name == "dot_general" and z_var is None and ins == ["h", "c"]
-                  and eqn.invars[1].aval.ndim == 2 and not eqn.params.get("out_sharding")):
-                (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-                if tuple(lc) != (eqn.invars[0].aval.ndim - 1,) or tuple(rc) != (0,) or lb or rb:
-                    raise _NotStructured
-                k_out = "z"
-            else:
-                raise _NotStructured
-            out = _bind(eqn, [_read(env, v) for v in eqn.invars])
-            if k_out == "z":
-                z_var, W = eqn.outvars[0], _read(env, eqn.invars[1])
-        else:  # z-dependent, no h: must be elementwise on z's shape
-            if z_var is None or not _elementwise_eqn(eqn, [k == "z" for k in ins], z_var.aval.shape):
+            k_out = "c"
+        elif ins == ["h"] and name in ("convert_element_type", "squeeze", "slice") and z_var is None:
+            step = _selection_step(eqn, d)
+            select[eqn.outvars[0]] = select[eqn.invars[0]] + (() if step is None else (step,))
+            k_out = "h"
+        elif name == "dot_general" and ins == ["h", "c"] and z_var is None and _dot_last(eqn):
+            z_var, W, h_sel = eqn.outvars[0], _read(env, eqn.invars[1]), eqn.invars[0]
+            k_out = "z"
+        elif name == "dot_general" and ins == ["z", "c"] and V is None and _dot_last(eqn):
+            a_var, V = eqn.invars[0], _read(env, eqn.invars[1])
+            k_out = "y"
+        elif set(ins) <= {"z", "c"}:
+            if not _elementwise_eqn(eqn, [k == "z" for k in ins], z_var.aval.shape):
                 raise _NotStructured
             post_eqns.append(eqn)
-            out, k_out = _bind(eqn, [_read(env, v) for v in eqn.invars]), "z"
+            k_out = "z"
+        elif name in ("add", "sub") and len(ins) == 2 and set(ins) in ({"y", "c"}, {"r", "c"}):
+            # a constant (bias) added to the linear output; "c - y" would flip the sign of V: not accepted
+            k_lin, const = (ins[0], eqn.invars[1]) if ins[0] != "c" else (ins[1], eqn.invars[0])
+            if (name == "sub" and ins[0] == "c") or not (const.aval.shape == () or _broadcasts(
+                    tuple(const.aval.shape), shape)) or tuple(eqn.invars[ins.index(k_lin)].aval.shape) != shape:
+                raise _NotStructured
+            k_out = k_lin
+        elif name == "add" and sorted(ins) == ["h", "y"] and not skip:
+            if eqn.invars[ins.index("h")] is not h_sel or eqn.invars[0].aval.shape != eqn.invars[1].aval.shape:
+                raise _NotStructured
+            skip, k_out = True, "r"
+        else:
+            raise _NotStructured
+        out = _bind(eqn, [_read(env, v) for v in eqn.invars])
         for o, val in zip(eqn.outvars, out):
             env[o], kind[o] = val, k_out
     if z_var is None or len(jaxpr.outvars) != 1:
         raise _NotStructured
     out_var = jaxpr.outvars[0]
-    if isinstance(out_var, jcore.Literal) or kind[out_var] != "z" or tuple(out_var.aval.shape) != tuple(
-            z_var.aval.shape):
+    if isinstance(out_var, jcore.Literal) or kind[out_var] not in ("z", "y", "r"):
         raise _NotStructured
+    if kind[out_var] == "z" and tuple(out_var.aval.shape) != tuple(z_var.aval.shape):
+        raise _NotStructured
+    if V is not None and kind[out_var] == "z":
+        raise _NotStructured
+    tail_var = a_var if V is not None else out_var
     consts = {v: val for v, val in env.items() if kind[v] == "c"}
 
     def post(z):
@@ -184,15 +246,22 @@ def _split(f, params, h) -> AffineElementwise:
         for eqn in post_eqns:
             for o, val in zip(eqn.outvars, _bind(eqn, [_read(e, v) for v in eqn.invars])):
                 e[o] = val
-        return e[out_var]
+        return e[tail_var]
+
+    steps = select[h_sel]
+
+    def rows(a):
+        for step in steps:
+            a = step(a)
+        return a
 
     z = env[z_var]
     _, slope = jax.jvp(post, (z,), (jnp.ones_like(z),))
-    return AffineElementwise(W=W, z=z, post=post, slope=slope)
+    return AffineElementwise(W=W, z=z, post=post, slope=slope, V=V, skip=skip, select=rows)
 
 
 def affine_elementwise(f, params, h) -> AffineElementwise | None:
-    """``f(params, h) = post(h @ W)`` with ``post`` elementwise, or None when the section is not of that form.
+    """The factorisation ``f(params, h) = [h_s +] post(h_s @ W) [@ V + c]`` (module docstring), or None.
 
     Works on concrete and traced ``params``/``h`` (inside ``jax.jit``, ``vmap`` or ``shard_map``); the decision
     depends only on the section's jaxpr, never on values.
@@ -203,7 +272,8 @@ def affine_elementwise(f, params, h) -> AffineElementwise | None:
       h: an input batch ``(batch, [positions...,] d_in)``; a single array.
 
     Returns:
-      `AffineElementwise` (``W``, ``z = h @ W``, ``post``, ``slope = post'(z)``), or None.
+      `AffineElementwise` (``W``, ``z = h_s @ W``, ``post``, ``slope = post'(z)``, ``V``, ``skip``, ``select``), or
+      None when the section is not of that form.
     """
     if not isinstance(h, jax.Array) or h.ndim < 1 or not jnp.issubdtype(h.dtype, jnp.floating):
         return None
@@ -217,7 +287,7 @@ def affine_elementwise(f, params, h) -> AffineElementwise | None:
 
 
 def structured_sections(model, params, x) -> tuple[bool, ...]:
-    """Which sections take the exact dense-plus-elementwise fast path in Jacobian Grams and edges.
+    """Which sections take the exact factorised fast path in Jacobian Grams and edges (module docstring).
 
     Args:
       model: `Sections` (or a list of functions).
@@ -225,7 +295,7 @@ def structured_sections(model, params, x) -> tuple[bool, ...]:
       x: an input batch.
 
     Returns:
-      One bool per section: True where the section is ``phi(h @ W)`` with ``phi`` elementwise.
+      One bool per section: True where the section is ``[h_s +] phi(h_s @ W) [@ V + c]``, ``phi`` elementwise.
     """
     from degenjax._src.sections import as_sections  # noqa: PLC0415 - avoid an import cycle
 
