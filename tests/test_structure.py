@@ -219,3 +219,24 @@ def test_residual_block_and_position_readout(dtype):
     J = J.reshape(30, 3, 6, 3, 6)
     ref0 = np.einsum("ntosj,ntosi->ji", J, J) / 90
     np.testing.assert_allclose(np.asarray(M0, np.float64) / np.abs(ref0).max(), ref0 / np.abs(ref0).max(), **tol)
+
+
+def test_residual_block_at_transformer_sizes():
+    # d_model 128, d_mlp 512, 474 rows: sizes at which an earlier form of the residual cross term was miscompiled
+    # by XLA:CPU under jit (jax 0.10.2); the jitted Gram must match per-example float64 Jacobians
+    rng = np.random.default_rng(8)
+    p = {"W1": jnp.asarray(rng.normal(size=(128, 512)) / 11.0), "b1": jnp.asarray(rng.normal(size=512)),
+         "V1": jnp.asarray(rng.normal(size=(512, 128)) / 22.0), "c1": jnp.asarray(rng.normal(size=128))}
+
+    def block(q, h):
+        return h + jax.nn.relu(h @ q["W1"] + q["b1"][None, None, :]) @ q["V1"] + q["c1"][None, None, :]
+
+    x = jnp.asarray(rng.normal(size=(158, 3, 128)))
+    B = rng.normal(size=(129, 25))
+    J = np.asarray(jax.vmap(jax.jacfwd(lambda e: block(p, e[None])[0]))(x)).reshape(158, 3, 128, 3, 128)
+    Jb = np.einsum("ntosj,ok->ntksj", J, B[:128])
+    ref = np.einsum("ntksj,ntksi->ji", Jb, Jb) / (158 * 3)
+    for jit in (True, False):
+        got = np.asarray(dj.jacobian_gram([block], p, x, 0, out_basis=B, jit=jit))
+        np.testing.assert_allclose(got / np.abs(ref).max(), ref / np.abs(ref).max(), rtol=1e-10, atol=1e-12)
+    assert dj.structured_sections([block], p, x) == (True,)
