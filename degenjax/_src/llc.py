@@ -222,6 +222,21 @@ def _constrain(tree, sharding):
 
 
 @functools.lru_cache(maxsize=32)
+def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None):
+    """A jitted ``(rng_key, params, data) -> (L_n(w*), perm_keys, noise_keys, chain states)``: one compiled
+    program (cached like `_chunk_runner`) instead of a dozen eager operations, each compiled on its first use."""
+
+    def prologue(rng_key, params, data):
+        init_loss = full_loss(loss_fn, params, data, eval_batch_size)
+        streams = jax.vmap(jax.random.split)(chain_keys(rng_key, num_chains))
+        state0 = algo.init(params)
+        states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
+        return init_loss, streams[:, 0], streams[:, 1], states
+
+    return jax.jit(prologue)
+
+
+@functools.lru_cache(maxsize=32)
 def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding):
     """A jitted ``run_chunk(carry, ts, ctx)`` advancing all chains over the steps ``ts``.
 
@@ -332,12 +347,11 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
             raise ValueError(f"num_chains={num_chains} is not divisible by the mesh axis {axis!r} of size "
                              f"{mesh.shape[axis]}; use a multiple of {mesh.shape[axis]} chains.")
 
-    init_loss = full_loss(loss_fn, params, data, eval_batch_size)
-    keys = chain_keys(rng_key, num_chains)
-    streams = jax.vmap(jax.random.split)(keys)
-    perm_keys, noise_keys = streams[:, 0], streams[:, 1]
-    state0 = algo.init(params)
-    states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
+    try:
+        prologue = _prologue_runner(loss_fn, algo, num_chains, eval_batch_size)
+    except TypeError:  # unhashable loss_fn: compile for this call only
+        prologue = _prologue_runner.__wrapped__(loss_fn, algo, num_chains, eval_batch_size)
+    init_loss, perm_keys, noise_keys, states = prologue(rng_key, params, data)
 
     chain_sharding = None
     if mesh is not None:
