@@ -87,18 +87,19 @@ def _structured_edges(split, hh, Cp, C_next):
     s = jnp.reshape(split.slope, (-1, dk)).astype(cdt)
     hr = jnp.reshape(split.select(hh), (-1, dh)).astype(cdt)
     rows = s.shape[0]
-    c = max(1, min(rows, _EDGE_CHUNK_ELEMENTS // max(1, max(dh, dn) * dk)))
+    c = max(1, min(rows, _EDGE_CHUNK_ELEMENTS // max(1, max(dh, dk) * dn)))
     m, rem = divmod(rows, c)
 
     def chunk(sc, hc):
-        if dh <= dn:  # scale the smaller factor per row
-            U = jnp.matmul(A[None] * sc[:, None, :] * hc[:, :, None], B, precision=_HIGHEST)  # (c, d^_l, d^_{l+1})
-            if A0 is not None:
-                U = U + hc[:, :, None] * A0[None]
-        else:
-            U = jnp.einsum("jk,cki->cji", A, sc[:, :, None] * B[None], precision=_HIGHEST)
-            U = (U if A0 is None else U + A0[None]) * hc[:, :, None]
-        return jnp.sum(U * U, axis=0).T.astype(dt)
+        # one wide product A @ [diag(s_1) B | ... | diag(s_c) B]: (d^_l, d_k) x (d_k, c d^_{l+1}); about twice the
+        # throughput of c products (A diag(s_r)) @ B on CPU
+        n = sc.shape[0]
+        Bs = jnp.reshape(jnp.transpose(sc[:, :, None] * B[None], (1, 0, 2)), (dk, n * dn))
+        U = jnp.reshape(jnp.matmul(A, Bs, precision=_HIGHEST), (dh, n, dn))  # U[j, r, i]
+        if A0 is not None:
+            U = U + A0[:, None, :]
+        U = U * hc.T[:, :, None]
+        return jnp.sum(U * U, axis=1).T.astype(dt)
 
     def body(total, xs):
         return total + chunk(*xs), None
