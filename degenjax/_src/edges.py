@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, to_hat
-from degenjax._src.grams import as_batch_list
+from degenjax._src.grams import _HIGHEST, as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.structure import affine_elementwise
 from degenjax._src.validation import check_finite_params, is_traced
@@ -62,7 +62,6 @@ def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
     return jnp.sum(jnp.reshape(flat, (-1, d_next, dh)), axis=0)
 
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _EDGE_CHUNK_ELEMENTS = 1 << 22
 
 

@@ -544,14 +544,12 @@ def _structured_jtj(split, out_basis, accum_dtype):
     Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=_HIGHEST))
     K = jnp.diag(jnp.diagonal(S)) if Q is None else jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
     M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
-    if split.skip:
-        d_out = W.shape[0]  # a residual section maps d_in -> d_in
-        P = Bo if Bo is not None else jnp.eye(d_out, dtype=dt)
-        Qm = Q if Q is not None else jnp.eye(d_out, dtype=dt)
+    if split.skip:  # a residual section (always with V, so Q is set) maps d_in -> d_in: P = B or the identity
+        P = Bo if Bo is not None else jnp.eye(W.shape[0], dtype=dt)
         # W diag(sum s) Q P^T, with the diagonal applied to (Q P^T): the form (W * sum_s[None]) @ (Q P^T) is
         # miscompiled by XLA:CPU under jit in jax 0.10.2 (a fused reduce + broadcast multiply + two dots gave
         # entries off by O(1); tests/test_structure.py::test_residual_block_at_transformer_sizes guards this)
-        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * jnp.matmul(Qm, P.T, precision=_HIGHEST),
+        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * jnp.matmul(Q, P.T, precision=_HIGHEST),
                            precision=_HIGHEST)
         M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=_HIGHEST)
     return M

@@ -221,6 +221,15 @@ def _constrain(tree, sharding):
     return jax.tree.map(lambda x: lax.with_sharding_constraint(x, sharding), tree)
 
 
+def _runner(factory, *args):
+    """``factory(*args)`` from its cache, or built for this call only when an argument is unhashable (a loss
+    function or sampler hyperparameter that cannot be a cache key)."""
+    try:
+        return factory(*args)
+    except TypeError:
+        return factory.__wrapped__(*args)
+
+
 @functools.lru_cache(maxsize=32)
 def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None):
     """A jitted ``(rng_key, params, data) -> (L_n(w*), perm_keys, noise_keys, chain states)``: one compiled
@@ -228,10 +237,10 @@ def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None
 
     def prologue(rng_key, params, data):
         init_loss = full_loss(loss_fn, params, data, eval_batch_size)
-        streams = jax.vmap(jax.random.split)(chain_keys(rng_key, num_chains))
+        perm_keys, noise_keys = jax.vmap(chain_streams)(chain_keys(rng_key, num_chains))
         state0 = algo.init(params)
         states = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains,) + jnp.shape(x)), state0)
-        return init_loss, streams[:, 0], streams[:, 1], states
+        return init_loss, perm_keys, noise_keys, states
 
     return jax.jit(prologue)
 
@@ -347,10 +356,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
             raise ValueError(f"num_chains={num_chains} is not divisible by the mesh axis {axis!r} of size "
                              f"{mesh.shape[axis]}; use a multiple of {mesh.shape[axis]} chains.")
 
-    try:
-        prologue = _prologue_runner(loss_fn, algo, num_chains, eval_batch_size)
-    except TypeError:  # unhashable loss_fn: compile for this call only
-        prologue = _prologue_runner.__wrapped__(loss_fn, algo, num_chains, eval_batch_size)
+    prologue = _runner(_prologue_runner, loss_fn, algo, num_chains, eval_batch_size)
     init_loss, perm_keys, noise_keys, states = prologue(rng_key, params, data)
 
     chain_sharding = None
@@ -363,12 +369,8 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         chain_sharding = jax.sharding.NamedSharding(auto_mesh, P(axis))
         states, perm_keys, noise_keys = _constrain((states, perm_keys, noise_keys), chain_sharding)
 
-    try:
-        sampler_items = tuple(sorted(sampler_kwargs.items()))
-        run_chunk = _chunk_runner(loss_fn, algo, sampler_items, n, batch_size, mala_every, chain_sharding)
-    except TypeError:  # unhashable loss_fn or sampler hyperparameters: compile for this call only
-        run_chunk = _chunk_runner.__wrapped__(loss_fn, algo, tuple(sampler_kwargs.items()), n, batch_size,
-                                              mala_every, chain_sharding)
+    run_chunk = _runner(_chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n, batch_size,
+                        mala_every, chain_sharding)
     ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization)
 
     bar = None

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from degenjax._src.sections import as_sections
+
 _ELEMENTWISE = frozenset({
     "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil",
     "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq", "erf", "erf_inv", "erfc", "exp",
@@ -111,7 +113,7 @@ def _elementwise_eqn(eqn, ins: list[bool], shape) -> bool:
         if s == shape or (not z and (s == () or _broadcasts(s, shape))):
             continue
         return False
-    if any(tuple(o.aval.shape) != tuple(shape) for o in eqn.outvars):
+    if any(tuple(o.aval.shape) != shape for o in eqn.outvars):
         return False
     name = eqn.primitive.name
     if name in _ELEMENTWISE:
@@ -297,8 +299,6 @@ def structured_sections(model, params, x) -> tuple[bool, ...]:
     Returns:
       One bool per section: True where the section is ``[h_s +] phi(h_s @ W) [@ V + c]``, ``phi`` elementwise.
     """
-    from degenjax._src.sections import as_sections  # noqa: PLC0415 - avoid an import cycle
-
     model = as_sections(model)
     flags = []
     h = x
