@@ -272,6 +272,8 @@ def main(argv=None):
     ap.add_argument("--skip-sparsity", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                    help="markdown file the results section is appended to")
     args = ap.parse_args(argv)
 
     sp_rows, t_rows, notes = [], [], []
@@ -335,8 +337,7 @@ def main(argv=None):
     text = "\n".join(section) + "\n"
     print(text)
     if not args.no_results:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
+        with open(args.results, "a") as f:
             f.write(text)
 
 

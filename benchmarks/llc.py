@@ -143,12 +143,23 @@ def part_dln(args, rows):
     exact = float(dln_learning_coefficient(widths, args.rank))
     ws, x, y = _dln_problem(widths, args.rank, args.n, args.noise, args.seed)
     nbeta = args.n / np.log(args.n)
+    name = "DLN " + "-".join(map(str, widths)) + f" r={args.rank}"
+    if args.skip_degenjax:  # devinterp alone (e.g. on another torch device, in a second process beside a full run)
+        h = x.astype(np.float64)
+        for w in ws:
+            h = h @ w.T.astype(np.float64)
+        init_loss = float(np.mean(np.square(h - y)))
+        wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, init_loss)
+        print(f"[dln] devinterp on {args.device}: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} "
+              f"(exact {exact:g})", flush=True)
+        rows.append((f"{name}: devinterp 1.3.2 on torch device {args.device}, wall", f"{wall_d:.2f} s"))
+        rows.append(("  devinterp lambda^ (mean +- std over chains) vs exact", f"{llc_d:.2f} +- {std_d:.2f} vs {exact:g}"))
+        return
     j = run_degenjax(ws, x, y, args, nbeta)
     print(f"[dln] degenjax eager: {j['cold']:.2f} s (first call, with compile), {j['warm']:.2f} s (second call); "
           f"under jax.jit: {j['jit_cold']:.2f} s (with compile), {j['jit_warm']:.2f} s (compiled); lambda^ = "
           f"{j['llc']:.2f} +- {j['std']:.2f} (jit, same key: {j['llc_jit']:.2f}; exact {exact:g}), MALA acceptance "
           f"{j['acc']:.3f}", flush=True)
-    name = "DLN " + "-".join(map(str, widths)) + f" r={args.rank}"
     rows.append((f"{name}: degenjax estimate_llc, eager call: first (incl. compile) / second",
                  f"{j['cold']:.2f} s / {j['warm']:.2f} s"))
     rows.append(("  degenjax estimate_llc under jax.jit: first call (incl. compile) / compiled",
@@ -229,29 +240,91 @@ def part_mlp(args, rows):
     # and input grads 2 B sum over the layers after the first.
     mats = [a * b for a, b in zip(widths[:-1], widths[1:])]
     flops = 2 * batch * (2 * sum(mats) + sum(mats[1:]))
-    peak = _matmul_peak(args.matmul_size, args.repeats)
-    print(f"[mlp] measured f32 matmul peak ({args.matmul_size}^3, default precision): {peak:.1f} GFLOP/s", flush=True)
-    rows.append((f"measured f32 matmul peak ({args.matmul_size}^3, jnp default precision)", f"{peak:.1f} GFLOP/s"))
     rows.append((f"MLP 784-1024-1024-10, batch {batch}: matmul GFLOP per SGLD step per chain (fwd + bwd, analytic)",
                  f"{flops / 1e9:.2f}"))
-    for chains in [int(c) for c in args.mlp_chains.split(",")]:
-        def run(key, params, data, chains=chains):
-            return degenjax.estimate_llc(key, _mlp_loss, params, data, num_chains=chains, num_draws=steps,
-                                         step_size=1e-6, batch_size=batch, nbeta=100.0, mala_every=0).llc_mean
 
-        compiled = jax.jit(run).lower(jax.random.key(0), params, (x, labels)).compile()
-        compiled(jax.random.key(0), params, (x, labels)).block_until_ready()
+    def best_time(compiled, make_key):
+        jax.block_until_ready(compiled(make_key(0), params, (x, labels)))
         best = float("inf")
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            compiled(jax.random.key(r + 1), params, (x, labels)).block_until_ready()
+            jax.block_until_ready(compiled(make_key(r + 1), params, (x, labels)))
             best = min(best, time.perf_counter() - t0)
-        per_step = best / steps
+        return best / steps
+
+    def row(label, per_step, chains, peak, bold=True):
         achieved = chains * flops / per_step / 1e9
-        print(f"[mlp] {chains} chain(s): SGLD step {per_step * 1e3:.3f} ms; {achieved:.1f} GFLOP/s = "
-              f"{100 * achieved / peak:.0f}% of matmul peak", flush=True)
-        rows.append((f"  {chains} chain(s): time per SGLD step (all chains); achieved GFLOP/s / peak",
-                     f"{per_step * 1e3:.3f} ms; {achieved:.1f} / {peak:.1f} = **{100 * achieved / peak:.0f}%**"))
+        pct = f"{100 * achieved / peak:.0f}%"
+        print(f"[mlp] {label}: {per_step * 1e3:.3f} ms per step; {achieved:.1f} GFLOP/s = {pct} of matmul peak",
+              flush=True)
+        rows.append((f"  {label}: time per step (all chains); achieved GFLOP/s / peak",
+                     f"{per_step * 1e3:.3f} ms; {achieved:.1f} / {peak:.1f} = " + (f"**{pct}**" if bold else pct)))
+
+    chain_counts = [int(c) for c in args.mlp_chains.split(",")]
+    for precision in args.mlp_precision.split(","):
+        # the peak and the steps are traced under the same jax.default_matmul_precision (on GPUs "default" lets
+        # float32 matmuls use TF32 tensor cores, "highest" keeps them in float32)
+        with jax.default_matmul_precision(None if precision == "default" else precision):
+            peak = _matmul_peak(args.matmul_size, args.repeats)
+            print(f"[mlp] measured f32 matmul peak ({args.matmul_size}^3, precision {precision}): {peak:.1f} GFLOP/s",
+                  flush=True)
+            rows.append((f"measured f32 matmul peak ({args.matmul_size}^3, matmul precision `{precision}`)",
+                         f"{peak:.1f} GFLOP/s"))
+            for impl in args.mlp_prng.split(","):
+                def make_key(seed, impl=impl):
+                    return jax.random.key(seed, impl=impl)
+
+                key_label = "" if impl == "threefry2x32" else f", `jax.random.key(seed, impl=\"{impl}\")`"
+                for chains in chain_counts:
+                    def run(key, params, data, chains=chains):
+                        return degenjax.estimate_llc(key, _mlp_loss, params, data, num_chains=chains,
+                                                     num_draws=steps, step_size=1e-6, batch_size=batch, nbeta=100.0,
+                                                     mala_every=0).llc_mean
+
+                    compiled = jax.jit(run).lower(make_key(0), params, (x, labels)).compile()
+                    row(f"SGLD, {chains} chain(s){key_label}", best_time(compiled, make_key), chains, peak)
+            if not args.mlp_grad_only:
+                continue
+            # Reference: the same scan doing only what the matmul count covers (minibatch gather, loss and gradient
+            # per chain, a plain gradient step; no noise, no localization): the ceiling of an SGLD step here.
+            for chains in chain_counts:
+                def grad_only(key, params, data, chains=chains):
+                    stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (chains, *p.shape)), params)
+                    xs, ys = data
+
+                    def body(ps, t):
+                        idx = (jnp.arange(chains)[:, None] * batch + t * 7 + jnp.arange(batch)[None]) % n
+                        l, g = jax.vmap(jax.value_and_grad(_mlp_loss))(ps, (xs[idx], ys[idx]))
+                        return jax.tree.map(lambda p, gg: p - 1e-6 * gg, ps, g), l
+
+                    return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
+
+                compiled = jax.jit(grad_only).lower(jax.random.key(0), params, (x, labels)).compile()
+                row(f"reference, loss + gradient + plain gradient step only (no noise), {chains} chain(s)",
+                    best_time(compiled, jax.random.key), chains, peak, bold=False)
+
+                # Reference: the step's matrix products alone (a linear network with the same shapes and a linear
+                # loss, fixed inputs: no gather, ReLU or softmax), the ceiling set by the GEMMs at these shapes.
+                def matmuls_only(key, params, data, chains=chains):
+                    stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (chains, *p.shape)), params)
+                    xs = jnp.broadcast_to(data[0][:batch], (chains, batch, widths[0]))
+                    r = jnp.broadcast_to(data[0][:batch, :widths[-1]], (chains, batch, widths[-1]))
+
+                    def linear_loss(ps, xb, rb):
+                        h = xb
+                        for layer in ps:
+                            h = h @ layer["w"]
+                        return jnp.sum(h * rb)
+
+                    def body(ps, t):
+                        l, g = jax.vmap(jax.value_and_grad(linear_loss))(ps, xs, r)
+                        return jax.tree.map(lambda p, gg: p - 1e-9 * gg, ps, g), l
+
+                    return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
+
+                compiled = jax.jit(matmuls_only).lower(jax.random.key(0), params, (x, labels)).compile()
+                row(f"reference, the step's matrix products alone (linear net, no gather), {chains} chain(s)",
+                    best_time(compiled, jax.random.key), chains, peak, bold=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,11 +407,18 @@ def main(argv=None):
     p.add_argument("--burnin", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-devinterp", action="store_true")
+    p.add_argument("--skip-degenjax", action="store_true", help="dln part: run devinterp only")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--mlp-batch", type=int, default=512)
     p.add_argument("--device", default="cpu", help="torch device for devinterp (cpu or cuda)")
     p.add_argument("--mlp-steps", type=int, default=50)
     p.add_argument("--mlp-chains", default="1,4", help="comma-separated chain counts for the throughput part")
+    p.add_argument("--mlp-prng", default="threefry2x32",
+                   help="comma-separated jax.random key implementations for the throughput part (e.g. unsafe_rbg)")
+    p.add_argument("--mlp-precision", default="default",
+                   help="comma-separated jax.default_matmul_precision values for the throughput part (default, highest)")
+    p.add_argument("--mlp-grad-only", action="store_true",
+                   help="also time a loss + gradient-only scan (the ceiling of an SGLD step)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-chains", type=int, default=4)

@@ -154,15 +154,27 @@ def _tree_size(tree: ArrayTree) -> int:
 
 
 def _potential_value_and_grad(loss_fn: LossFn, center: ArrayTree, nbeta, localization):
-    """``(U_B(w), L_B(w)), grad U_B(w)`` for ``U_B = nbeta L_B + (gamma/2) ||w - w*||^2``."""
+    """``(L_B(w), grad U_B(w))`` with ``grad U_B = nbeta grad L_B + gamma (w - w*)``.
 
-    def potential(position, batch):
-        loss = loss_fn(position, batch)
-        sq = _tree_sum(jax.tree.map(lambda w, c: jnp.square(w - c.astype(w.dtype)), position, center))
-        u = _scalar(nbeta, loss) * loss + _scalar(0.5 * localization, loss) * sq.astype(jnp.result_type(loss))
-        return u, loss
+    The localization term is added leaf by leaf rather than differentiated through ``||w - w*||^2``, and ``U_B``
+    itself is not formed (only MALA needs it: `_potential`). A step then reads ``w`` and ``w*`` once, in the same
+    fused elementwise pass as the update: on a GPU that pass, not the matrix products, bounds large-chain steps.
+    """
+    loss_and_grad = jax.value_and_grad(loss_fn)
 
-    return jax.value_and_grad(potential, has_aux=True)
+    def value_and_grad(position, batch):
+        loss, grad_loss = loss_and_grad(position, batch)
+        grad = jax.tree.map(lambda g, w, c: _scalar(nbeta, g) * g + _scalar(localization, w) * (w - c.astype(w.dtype)),
+                            grad_loss, position, center)
+        return loss, grad
+
+    return value_and_grad
+
+
+def _potential(loss, position: ArrayTree, center: ArrayTree, nbeta, localization) -> jax.Array:
+    """``U_B(w) = nbeta L_B(w) + (gamma / 2) ||w - w*||^2`` from the minibatch loss ``L_B(w)``."""
+    sq = _tree_sum(jax.tree.map(lambda w, c: jnp.square(w - c.astype(w.dtype)), position, center))
+    return _scalar(nbeta, loss) * loss + _scalar(0.5 * localization, loss) * sq.astype(jnp.result_type(loss))
 
 
 def _mala_acceptance(u_old, u_new, grad_old, grad_new, old, new, step_size, precond=None) -> jax.Array:
@@ -220,7 +232,7 @@ def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, 
 
     def kernel(rng_key, state: SGLDState, batch) -> tuple[SGLDState, SGMCMCInfo]:
         w = state.position
-        (u, loss), grad = value_and_grad(w, batch)
+        loss, grad = value_and_grad(w, batch)
         noise = normal_like(rng_key, w)
 
         def update(x, g, z):
@@ -228,8 +240,10 @@ def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, 
             return x - 0.5 * eps * g + jnp.sqrt(eps) * z
 
         new = jax.tree.map(update, w, grad, noise)
+
         def acceptance():
-            (u_new, _), grad_new = value_and_grad(new, batch)
+            loss_new, grad_new = value_and_grad(new, batch)
+            u, u_new = (_potential(v, x, center, nbeta, localization) for v, x in ((loss, w), (loss_new, new)))
             return _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size)
 
         acc = _maybe(mala, acceptance, loss)
@@ -279,7 +293,7 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
 
     def kernel(rng_key, state: RMSPropSGLDState, batch):
         w = state.position
-        (u, loss), grad = value_and_grad(w, batch)
+        loss, grad = value_and_grad(w, batch)
         count = state.count + 1
         square_avg = jax.tree.map(lambda v, g: _scalar(alpha, v) * v + _scalar(1.0 - alpha, v) * jnp.square(g),
                                   state.square_avg, grad)
@@ -296,8 +310,10 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
             return x - 0.5 * h * pi * g + jnp.sqrt(h * pi) * z
 
         new = jax.tree.map(update, w, grad, p, noise)
+
         def acceptance():
-            (u_new, _), grad_new = value_and_grad(new, batch)
+            loss_new, grad_new = value_and_grad(new, batch)
+            u, u_new = (_potential(v, x, center, nbeta, localization) for v, x in ((loss, w), (loss_new, new)))
             return _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size, precond=p)
 
         acc = _maybe(mala, acceptance, loss)
@@ -349,7 +365,7 @@ def _sgnht_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta,
 
     def kernel(rng_key, state: SGNHTState, batch):
         w = state.position
-        (_, loss), grad = value_and_grad(w, batch)
+        loss, grad = value_and_grad(w, batch)
         noise = normal_like(rng_key, w)
         xi = state.thermostat
 
