@@ -447,10 +447,12 @@ def main(argv=None):
     section = [f"\n## LLC: estimate_llc vs devinterp, SGLD throughput, memory ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n",
                f"- machine: `{platform.platform()}`, {os.cpu_count()} CPUs; jax {jax.__version__} devices: {devices}",
                f"- command: `{command.strip()}`",
-               f"- DLN settings: widths {args.widths}, rank {args.rank}, n={args.n}, batch {args.batch}, "
-               f"eps={args.step_size:g}, gamma={args.gamma:g}, nbeta=n/log n, {args.chains} chains x {args.draws} "
-               f"draws (burn-in {args.burnin}); devinterp runs chains sequentially (cores=1), float32 both\n",
-               "| measurement | value |", "| --- | --- |"]
+               *([] if "dln" not in parts else [
+                   f"- DLN settings: widths {args.widths}, rank {args.rank}, n={args.n}, batch {args.batch}, "
+                   f"eps={args.step_size:g}, gamma={args.gamma:g}, nbeta=n/log n, {args.chains} chains x "
+                   f"{args.draws} draws (burn-in {args.burnin}); devinterp runs chains sequentially (cores=1), "
+                   "float32 both"]),
+               "", "| measurement | value |", "| --- | --- |"]
     section += [f"| {k} | {v} |" for k, v in rows]
     text = "\n".join(section) + "\n"
     with open(args.results, "a") as f:

@@ -177,22 +177,34 @@ def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     offsets, salts = bits[0] % size, bits[1]
     x = positions.astype(jnp.uint32)
     for r in range(rounds):
-        partner = (offsets[r] + size - x) % size
+        # (K_r - x) mod n without an integer division (scalar on CPUs: it dominated the step of small models):
+        # K_r + n - x lies in (0, 2n) and n < 2^31, so one conditional subtraction is exact in uint32
+        partner = offsets[r] + size - x
+        partner = jnp.where(partner >= size, partner - size, partner)
         swap = (fmix32(jnp.maximum(x, partner) ^ salts[r]) & jnp.uint32(1)) == jnp.uint32(1)
         x = jnp.where(swap, partner, x)
     return x.astype(jnp.int32)
 
 
-def take_batch(data, perm_key, t, n: int, batch_size: int):
-    """The minibatch of step ``t``: epoch ``e = t // (n // batch_size)`` visits the data in the order of
-    `epoch_positions` and step ``t`` takes its ``j = t mod (n // batch_size)``-th block of ``batch_size`` positions
-    (the last ``n mod batch_size`` positions of each epoch are skipped), so batches are drawn without replacement
-    within an epoch."""
+def batch_indices(perm_key, t, n: int, batch_size: int) -> jax.Array:
+    """The data indices ``(batch_size,)`` int32 of step ``t``'s minibatch: epoch ``e = t // (n // batch_size)``
+    visits the data in the order of `epoch_positions` and step ``t`` takes its ``j = t mod (n // batch_size)``-th
+    block of ``batch_size`` positions (the last ``n mod batch_size`` positions of each epoch are skipped), so batches
+    are drawn without replacement within an epoch."""
     steps_per_epoch = n // batch_size
     epoch, j = t // steps_per_epoch, t % steps_per_epoch
     positions = j * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
-    idx = epoch_positions(perm_key, epoch, positions, n)
+    return epoch_positions(perm_key, epoch, positions, n)
+
+
+def gather_batch(data, idx: jax.Array):
+    """``data`` at the indices ``idx`` along the leading axis of every leaf."""
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+
+
+def take_batch(data, perm_key, t, n: int, batch_size: int):
+    """The minibatch of step ``t``: ``data`` at `batch_indices` ``(perm_key, t, n, batch_size)``."""
+    return gather_batch(data, batch_indices(perm_key, t, n, batch_size))
 
 
 def full_loss(loss_fn, params, data, eval_batch_size: int | None = None) -> jax.Array:
@@ -258,8 +270,14 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
     def run_chunk(carry, ts, ctx):
         data, params, perm_keys, noise_keys, step_size, nbeta, localization = ctx
 
-        def body(states, t):
-            batch = jax.vmap(take_batch, (None, 0, None, None, None))(data, perm_keys, t, n, batch_size)
+        indices = jax.vmap(batch_indices, (0, None, None, None))
+
+        # Step t's minibatch indices are computed in step t - 1 and carried: a gather reading a loop-carried buffer
+        # cannot have the shuffle fused into it (XLA otherwise recomputes the shuffle rounds for every gathered
+        # element of every data leaf, most of the step of a small model).
+        def body(carry, t):
+            states, idx = carry
+            batch = jax.vmap(gather_batch, (None, 0))(data, idx)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
             # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
             mala = (t % mala_every == 0) if mala_every > 0 else False
@@ -267,9 +285,11 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
                                        localization=localization, mala=mala, **sampler_kwargs)
             states, info = jax.vmap(kernel)(step_keys, states, batch)
             states = _constrain(states, chain_sharding)
-            return states, (info.loss, info.mala_acceptance)
+            next_idx = _constrain(indices(perm_keys, t + 1, n, batch_size), chain_sharding)
+            return (states, next_idx), (info.loss, info.mala_acceptance)
 
-        return lax.scan(body, carry, ts)
+        (states, _), trace = lax.scan(body, (carry, indices(perm_keys, ts[0], n, batch_size)), ts)
+        return states, trace
 
     return jax.jit(run_chunk)
 
