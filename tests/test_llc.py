@@ -315,37 +315,43 @@ def test_behavioral_loss_rejects_unknown_kind():
         dj.behavioral_loss(lambda p, x: x, jnp.zeros(2), kind="l1")
 
 
-def _swap_or_not_reference(bits, positions, n):
-    """The swap-or-not rounds of DESIGN.md's minibatch order in NumPy uint64 (modulo by division, murmur3 fmix32)."""
+def _fmix32(h):
     mask = np.uint64(0xFFFFFFFF)
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & mask
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & mask
+    return h ^ (h >> np.uint64(16))
 
-    def fmix32(h):
-        h = h ^ (h >> np.uint64(16))
-        h = (h * np.uint64(0x85EBCA6B)) & mask
-        h = h ^ (h >> np.uint64(13))
-        h = (h * np.uint64(0xC2B2AE35)) & mask
-        return h ^ (h >> np.uint64(16))
 
-    offsets, salts = bits[0].astype(np.uint64) % np.uint64(n), bits[1].astype(np.uint64)
+def _swap_or_not_reference(key_words, epoch, positions, n):
+    """The minibatch order of DESIGN.md in NumPy uint64: round words from murmur3's fmix32 keyed by the key data and
+    the epoch, then the swap-or-not rounds with a true modulo."""
+    rounds = max(24, int(n - 1).bit_length() + 8)
+    mask = np.uint64(0xFFFFFFFF)
+    count = (np.uint64(epoch) * np.uint64(2 * rounds) + np.arange(2 * rounds, dtype=np.uint64)) & mask
+    h = _fmix32(count ^ np.uint64(0x9E3779B9))
+    for w in key_words:
+        h = _fmix32(h ^ np.uint64(w))
+    offsets, salts = h[:rounds] % np.uint64(n), h[rounds:]
     x = positions.astype(np.uint64)
     for k, salt in zip(offsets, salts):
         partner = (k + np.uint64(n) - x) % np.uint64(n)
-        swap = (fmix32(np.maximum(x, partner) ^ salt) & np.uint64(1)) == 1
+        swap = (_fmix32(np.maximum(x, partner) ^ salt) & np.uint64(1)) == 1
         x = np.where(swap, partner, x)
     return x.astype(np.int64)
 
 
 @pytest.mark.parametrize("n", [2, 37, 4099, 100_000, 2**31 - 1])
 def test_epoch_positions_match_a_numpy_swap_or_not(n):
-    # Independent reference of the round function (with a true modulo) for the bits the key gives.
-    from degenjax._src.llc import _SHUFFLE_ROUNDS, epoch_positions
+    # An independent reference of the whole order (round words and rounds) for the key's data.
+    from degenjax._src.llc import epoch_positions
 
     key, epoch = jax.random.key(11), 5
-    rounds = max(_SHUFFLE_ROUNDS, int(n - 1).bit_length() + 8)
-    bits = np.asarray(jax.random.bits(jax.random.fold_in(key, epoch), (2, rounds), jnp.uint32))
+    words = np.asarray(jax.random.key_data(key)).ravel()
     positions = np.unique(np.concatenate([np.arange(min(n, 64)), n - 1 - np.arange(min(n, 64))]))
     got = jax.jit(epoch_positions, static_argnums=3)(key, epoch, jnp.asarray(positions, jnp.int32), n)
-    np.testing.assert_array_equal(np.asarray(got), _swap_or_not_reference(bits, positions, n))
+    np.testing.assert_array_equal(np.asarray(got), _swap_or_not_reference(words, epoch, positions, n))
 
 
 @pytest.mark.parametrize("n,batch_size", [(1000, 100), (37, 5), (2, 1), (4099, 64)])

@@ -11,7 +11,7 @@ step's gradient comes from, as in devinterp; it costs nothing extra) and ``L_n(w
 Randomness (shared with `SGLDKernel`, so both give identical numbers): chain ``c`` gets the key
 ``k_c = split(rng_key, num_chains)[c]`` (``rng_key`` itself when ``num_chains == 1``, as numpyro does); from
 ``perm_key, noise_key = split(k_c)``, epoch ``e`` visits the data in a keyed pseudo-random order (`epoch_positions`,
-keyed by ``fold_in(perm_key, e)``) in consecutive minibatches of ``batch_size`` (the last ``n mod batch_size``
+keyed by ``perm_key``'s key data and ``e``) in consecutive minibatches of ``batch_size`` (the last ``n mod batch_size``
 positions of each epoch are skipped), and step ``t`` uses the key ``fold_in(noise_key, t)`` for its kernel.
 """
 
@@ -151,6 +151,22 @@ def chain_streams(chain_key):
 _SHUFFLE_ROUNDS = 24
 
 
+def round_keys(perm_key, epoch, rounds: int) -> jax.Array:
+    """The ``2 * rounds`` uint32 round words of one epoch's shuffle (offsets first, then salts).
+
+    Word ``i`` is ``h_i = fmix32(... fmix32(fmix32(c_i ^ 0x9E3779B9) ^ k_0) ... ^ k_m)`` with the counter
+    ``c_i = epoch * 2 * rounds + i`` (uint32, wrapping) and ``k_0..k_m`` the words of ``jax.random.key_data(perm_key)``:
+    a keyed bijection of the counter, so words differ within and across epochs. It replaces two threefry calls per
+    step (``fold_in`` and ``bits``), which on CPUs JAX runs as loops of many small operations.
+    """
+    words = jnp.ravel(jax.random.key_data(perm_key)).astype(jnp.uint32)
+    count = jnp.asarray(epoch).astype(jnp.uint32) * jnp.uint32(2 * rounds) + jnp.arange(2 * rounds, dtype=jnp.uint32)
+    h = fmix32(count ^ jnp.uint32(0x9E3779B9))
+    for k in range(words.shape[0]):
+        h = fmix32(h ^ words[k])
+    return h
+
+
 def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     """Where positions ``0..n-1`` of epoch ``epoch`` land: a keyed pseudo-random permutation of ``range(n)``.
 
@@ -172,9 +188,9 @@ def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     if not 1 <= n < 2 ** 31:
         raise ValueError(f"the minibatch order supports 1 <= n < 2**31 data points; got n={n}.")
     rounds = max(_SHUFFLE_ROUNDS, int(n - 1).bit_length() + 8)  # every element can reach 2^rounds >> n places
-    bits = jax.random.bits(jax.random.fold_in(perm_key, epoch), (2, rounds), jnp.uint32)
     size = jnp.uint32(n)
-    offsets, salts = bits[0] % size, bits[1]
+    words = round_keys(perm_key, epoch, rounds)
+    offsets, salts = words[:rounds] % size, words[rounds:]
     x = positions.astype(jnp.uint32)
     for r in range(rounds):
         # (K_r - x) mod n without an integer division (scalar on CPUs: it dominated the step of small models):
