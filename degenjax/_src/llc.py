@@ -191,14 +191,18 @@ def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     size = jnp.uint32(n)
     words = round_keys(perm_key, epoch, rounds)
     offsets, salts = words[:rounds] % size, words[rounds:]
-    x = positions.astype(jnp.uint32)
-    for r in range(rounds):
-        # (K_r - x) mod n without an integer division (scalar on CPUs: it dominated the step of small models):
-        # K_r + n - x lies in (0, 2n) and n < 2^31, so one conditional subtraction is exact in uint32
-        partner = offsets[r] + size - x
+
+    def one_round(r, x):
+        # (K_r - x) mod n without an integer division (scalar on CPUs): K_r + n - x lies in (0, 2n) and n < 2^31,
+        # so one conditional subtraction is exact in uint32
+        partner = lax.dynamic_index_in_dim(offsets, r, keepdims=False) + size - x
         partner = jnp.where(partner >= size, partner - size, partner)
-        swap = (fmix32(jnp.maximum(x, partner) ^ salts[r]) & jnp.uint32(1)) == jnp.uint32(1)
-        x = jnp.where(swap, partner, x)
+        salt = lax.dynamic_index_in_dim(salts, r, keepdims=False)
+        swap = (fmix32(jnp.maximum(x, partner) ^ salt) & jnp.uint32(1)) == jnp.uint32(1)
+        return jnp.where(swap, partner, x)
+
+    # traced once and unrolled (a loop of one trip that XLA removes: no device loop, a fraction of the tracing)
+    x = lax.fori_loop(0, rounds, one_round, positions.astype(jnp.uint32), unroll=True)
     return x.astype(jnp.int32)
 
 
