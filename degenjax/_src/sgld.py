@@ -157,8 +157,7 @@ def _potential_value_and_grad(loss_fn: LossFn, center: ArrayTree, nbeta, localiz
     """``(L_B(w), grad U_B(w))`` with ``grad U_B = nbeta grad L_B + gamma (w - w*)``.
 
     The localization term is added leaf by leaf rather than differentiated through ``||w - w*||^2``, and ``U_B``
-    itself is not formed (only MALA needs it: `_potential`). A step then reads ``w`` and ``w*`` once, in the same
-    fused elementwise pass as the update: on a GPU that pass, not the matrix products, bounds large-chain steps.
+    itself is not formed (only MALA needs it: `_potential`), so a step skips that reduction over all parameters.
     """
     loss_and_grad = jax.value_and_grad(loss_fn)
 
