@@ -440,7 +440,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     result = _summarize(xp, losses.T, accs, xp.asarray(init_loss), nbeta)
     if not traced:
         ess, rhat = _ess_rhat(np.asarray(result.loss_trace))
-        result = jax.tree.map(jnp.asarray, result._replace(ess=ess, rhat=rhat))
+        result = jax.tree.map(jax.device_put, result._replace(ess=ess, rhat=rhat))  # no per-shape compilation
     if warn and not traced:
         _warn(result, step_size)
     return result
