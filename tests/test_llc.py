@@ -357,7 +357,7 @@ def test_epoch_positions_match_a_numpy_swap_or_not(n):
 @pytest.mark.parametrize("n,batch_size", [(1000, 100), (37, 5), (2, 1), (4099, 64)])
 def test_minibatches_without_replacement_within_each_epoch(n, batch_size):
     # The stateless epoch order is a permutation of range(n): checked with NumPy on every position of an epoch.
-    from degenjax._src.llc import epoch_positions, take_batch
+    from degenjax._src.llc import batch_indices, epoch_positions, gather_batch
 
     key = jax.random.key(3)
     order = jax.jit(epoch_positions, static_argnums=3)
@@ -371,7 +371,8 @@ def test_minibatches_without_replacement_within_each_epoch(n, batch_size):
     # the minibatches of one epoch are consecutive blocks of that order (the last n mod batch_size are skipped)
     data = np.arange(n)
     steps = n // batch_size
-    batches = [np.asarray(take_batch(jnp.asarray(data), key, t, n, batch_size)) for t in range(steps + 1)]
+    batches = [np.asarray(gather_batch(jnp.asarray(data), batch_indices(key, t, n, batch_size)))
+               for t in range(steps + 1)]
     np.testing.assert_array_equal(np.concatenate(batches[:steps]), orders[0][: steps * batch_size])
     np.testing.assert_array_equal(batches[steps], orders[1][:batch_size])
     under_vmap = jax.vmap(lambda k: epoch_positions(k, 0, jnp.arange(n, dtype=jnp.int32), n))(

@@ -222,11 +222,6 @@ def gather_batch(data, idx: jax.Array):
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
 
 
-def take_batch(data, perm_key, t, n: int, batch_size: int):
-    """The minibatch of step ``t``: ``data`` at `batch_indices` ``(perm_key, t, n, batch_size)``."""
-    return gather_batch(data, batch_indices(perm_key, t, n, batch_size))
-
-
 def full_loss(loss_fn, params, data, eval_batch_size: int | None = None) -> jax.Array:
     """``L_n(params)``: one call on all of ``data``, or the size-weighted mean over blocks of ``eval_batch_size``
     (exact for a per-example mean loss; bounds memory for large data)."""

@@ -30,6 +30,8 @@ class SGLDKernelState(NamedTuple):
       mala_acceptance: scalar MALA acceptance probability of the last transition (NaN unless ``mala=True``).
       center: the localization centre ``w*`` (the chain's ``init_params``).
       rng_key: the chain's key; every transition derives its keys from it and ``step`` (see `degenjax.estimate_llc`).
+      batch_idx: int32 ``(batch_size,)``, the data indices of the next transition's minibatch (computed one
+        transition ahead, as `degenjax.estimate_llc` does, so the shuffle is not fused into the gather).
     """
 
     step: jax.Array
@@ -38,6 +40,7 @@ class SGLDKernelState(NamedTuple):
     mala_acceptance: jax.Array
     center: ArrayTree
     rng_key: jax.Array
+    batch_idx: jax.Array
 
 
 class SGLDKernel(MCMCKernel):
@@ -103,19 +106,22 @@ class SGLDKernel(MCMCKernel):
         probe = jax.tree.map(lambda x: x[: self._batch_size], data)
         loss_aval = jax.eval_shape(self._loss_fn, init_params, probe)
         nan = jnp.full((), jnp.nan, loss_aval.dtype)
+        perm_key, _ = llc_lib.chain_streams(rng_key)
+        idx = llc_lib.batch_indices(perm_key, 0, llc_lib.num_data(data), self._batch_size)
         return SGLDKernelState(step=jnp.zeros((), jnp.int32), sampler_state=self._algo.init(init_params),
-                               loss=nan, mala_acceptance=nan, center=init_params, rng_key=rng_key)
+                               loss=nan, mala_acceptance=nan, center=init_params, rng_key=rng_key, batch_idx=idx)
 
     def _sample_one(self, state: SGLDKernelState, data) -> SGLDKernelState:
         n, nbeta = self._hyper(data)
         perm_key, noise_key = llc_lib.chain_streams(state.rng_key)
         t = state.step
-        batch = llc_lib.take_batch(data, perm_key, t, n, self._batch_size)
+        batch = llc_lib.gather_batch(data, state.batch_idx)
         kernel = self._algo.build_kernel(self._loss_fn, state.center, step_size=self._step_size, nbeta=nbeta,
                                          localization=self._localization, mala=self._mala, **self._sampler_kwargs)
         sampler_state, info = kernel(jax.random.fold_in(noise_key, t), state.sampler_state, batch)
         return SGLDKernelState(step=t + 1, sampler_state=sampler_state, loss=info.loss,
-                               mala_acceptance=info.mala_acceptance, center=state.center, rng_key=state.rng_key)
+                               mala_acceptance=info.mala_acceptance, center=state.center, rng_key=state.rng_key,
+                               batch_idx=llc_lib.batch_indices(perm_key, t + 1, n, self._batch_size))
 
     def init(self, rng_key, num_warmup, init_params, model_args, model_kwargs):
         """Initial state (one chain, or a batch of chains when ``rng_key`` is a batch of keys, as numpyro's
