@@ -124,16 +124,23 @@ def run_degenjax(ws, x, y, args, nbeta):
                                     nbeta=nbeta, localization=args.gamma)
         return res.llc_mean, res.llc_std
 
-    jitted = jax.jit(estimate)
+    # the first call in stages (what a first jitted call does), to show where its time goes
+    stamps = [time.perf_counter()]
+    traced = jax.jit(estimate).trace(jax.random.key(args.seed), params, data)
+    stamps.append(time.perf_counter())
+    lowered = traced.lower()
+    stamps.append(time.perf_counter())
+    compiled = lowered.compile()
+    stamps.append(time.perf_counter())
+    llc_jit = float(jax.block_until_ready(compiled(jax.random.key(args.seed), params, data))[0])
+    stamps.append(time.perf_counter())
+    stages = np.diff(stamps)
     t0 = time.perf_counter()
-    llc_jit = float(jax.block_until_ready(jitted(jax.random.key(args.seed), params, data))[0])
-    jit_cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(jitted(jax.random.key(args.seed + 1), params, data))
+    jax.block_until_ready(compiled(jax.random.key(args.seed + 1), params, data))
     jit_warm = time.perf_counter() - t0
-    return dict(cold=cold, warm=warm, jit_cold=jit_cold, jit_warm=jit_warm, llc=float(res.llc_mean),
-                std=float(res.llc_std), acc=float(res.mala_acceptance), init_loss=float(res.init_loss),
-                llc_jit=llc_jit)
+    return dict(cold=cold, warm=warm, jit_cold=float(stages.sum()), jit_warm=jit_warm, stages=stages,
+                llc=float(res.llc_mean), std=float(res.llc_std), acc=float(res.mala_acceptance),
+                init_loss=float(res.init_loss), llc_jit=llc_jit)
 
 
 def part_dln(args, rows):
@@ -159,11 +166,14 @@ def part_dln(args, rows):
     print(f"[dln] degenjax eager: {j['cold']:.2f} s (first call, with compile), {j['warm']:.2f} s (second call); "
           f"under jax.jit: {j['jit_cold']:.2f} s (with compile), {j['jit_warm']:.2f} s (compiled); lambda^ = "
           f"{j['llc']:.2f} +- {j['std']:.2f} (jit, same key: {j['llc_jit']:.2f}; exact {exact:g}), MALA acceptance "
-          f"{j['acc']:.3f}", flush=True)
+          f"{j['acc']:.3f}; first jitted call: trace / lower / compile / run = "
+          + " / ".join(f"{v:.2f}" for v in j["stages"]) + " s", flush=True)
     rows.append((f"{name}: degenjax estimate_llc, eager call: first (incl. compile) / second",
                  f"{j['cold']:.2f} s / {j['warm']:.2f} s"))
     rows.append(("  degenjax estimate_llc under jax.jit: first call (incl. compile) / compiled",
                  f"{j['jit_cold']:.2f} s / {j['jit_warm']:.2f} s"))
+    rows.append(("  first call under jax.jit: trace / lower / XLA compile / first run",
+                 " / ".join(f"{v:.2f}" for v in j["stages"]) + " s"))
     rows.append(("  degenjax lambda^ (mean +- std over chains) vs exact", f"{j['llc']:.2f} +- {j['std']:.2f} vs {exact:g}"))
     if args.skip_devinterp:
         return
