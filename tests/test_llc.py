@@ -190,6 +190,34 @@ def test_sharded_chains_equal_unsharded(small, num_devices):
     assert_trees_all_close(sharded.llc_per_chain, res.llc_per_chain, rtol=1e-10)
 
 
+def test_data_parallel_minibatches_equal_unsharded(small, num_devices):
+    # each chain's minibatch split over a "data" axis (XLA sums the partial losses and gradients): the same numbers
+    # up to the order of the sums, with chains over a second axis or replicated
+    data, w_star, _ = small
+    kw = {**SMALL, "batch_size": 32}
+    ref = dj.estimate_llc(jax.random.key(7), _lr_loss, w_star, data, **kw)
+    mesh2 = jax.make_mesh((2, num_devices // 2), ("chains", "data"), axis_types=(AxisType.Explicit,) * 2)
+    mesh1 = jax.make_mesh((num_devices,), ("data",), axis_types=(AxisType.Auto,))
+    for mesh in (mesh2, mesh1):
+        got = dj.estimate_llc(jax.random.key(7), _lr_loss, w_star, data, mesh=mesh, data_axis="data", **kw)
+        assert_trees_all_close(got.loss_trace, ref.loss_trace, rtol=1e-9)
+        assert_trees_all_close(got.llc_per_chain, ref.llc_per_chain, rtol=1e-9)
+
+    def run(key, w):
+        return dj.estimate_llc(key, _lr_loss, w, data, mesh=mesh2, data_axis="data", **kw).loss_trace
+
+    compiled = jax.jit(run).lower(jax.random.key(7), w_star).compile()
+    assert "all-reduce" in compiled.as_text()  # the gradient of each chain is summed over its data shards
+    assert_trees_all_close(compiled(jax.random.key(7), w_star), ref.loss_trace, rtol=1e-9)
+    with pytest.raises(ValueError, match="batch_size=30 is not divisible by the mesh axis 'data'"):
+        dj.estimate_llc(jax.random.key(7), _lr_loss, w_star, data, mesh=mesh2, data_axis="data", **SMALL)
+    with pytest.raises(ValueError, match="chain_axis and data_axis are both 'data'"):
+        dj.estimate_llc(jax.random.key(7), _lr_loss, w_star, data, mesh=mesh1, chain_axis="data",
+                        data_axis="data", **kw)
+    with pytest.raises(ValueError, match="pass mesh="):
+        dj.estimate_llc(jax.random.key(7), _lr_loss, w_star, data, data_axis="data", **kw)
+
+
 def _numpyro_losses(data, w_star, num_chains, chain_method):
     kernel = dj.SGLDKernel(_lr_loss, step_size=SMALL["step_size"], batch_size=SMALL["batch_size"])
     mcmc = numpyro.infer.MCMC(kernel, num_warmup=SMALL["num_burnin"], num_samples=SMALL["num_draws"],

@@ -273,7 +273,8 @@ def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None
 
 
 @functools.lru_cache(maxsize=32)
-def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding):
+def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding,
+                  batch_sharding=None):
     """A jitted ``run_chunk(carry, ts, ctx)`` advancing all chains over the steps ``ts``.
 
     Cached on everything that fixes the program's structure, so repeated calls (sweeps over checkpoints, step
@@ -292,7 +293,7 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
         # element of every data leaf, most of the step of a small model).
         def body(carry, t):
             states, idx = carry
-            batch = jax.vmap(gather_batch, (None, 0))(data, idx)
+            batch = _constrain(jax.vmap(gather_batch, (None, 0))(data, idx), batch_sharding)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
             # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
             mala = (t % mala_every == 0) if mala_every > 0 else False
@@ -300,7 +301,7 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
                                        localization=localization, mala=mala, **sampler_kwargs)
             states, info = jax.vmap(kernel)(step_keys, states, batch)
             states = _constrain(states, chain_sharding)
-            next_idx = _constrain(indices(perm_keys, t + 1, n, batch_size), chain_sharding)
+            next_idx = _constrain(indices(perm_keys, t + 1, n, batch_size), batch_sharding or chain_sharding)
             return (states, next_idx), (info.loss, info.mala_acceptance)
 
         (states, _), trace = lax.scan(body, (carry, indices(perm_keys, ts[0], n, batch_size)), ts)
@@ -313,6 +314,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
                  step_size, batch_size: int, nbeta=None, localization=1.0, num_burnin: int = 0,
                  sampler="sgld", sampler_kwargs: dict | None = None, mala_every: int = 10,
                  num_chunks: int | None = None, progress: bool = False, mesh=None, chain_axis: str | None = None,
+                 data_axis: str | None = None,
                  eval_batch_size: int | None = None, warn: bool = True) -> LLCResult:
     """Estimates the local learning coefficient lambda^ at ``params`` (DESIGN.md section 5).
 
@@ -344,8 +346,12 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
       mesh: optional `jax.sharding.Mesh`; the chain axis of every per-chain array (states, keys) is
         sharded over the mesh axis ``chain_axis`` (a `NamedSharding` constraint inside the scan; Explicit axes are
         used as Auto); data and ``w*`` stay replicated. Gives the same numbers as the unsharded run.
-      chain_axis: mesh axis for chains (default: the mesh's first axis); ``num_chains`` must be divisible by its
-        size.
+      chain_axis: mesh axis for chains (default: the mesh's first axis other than ``data_axis``, none if there is
+        no other); ``num_chains`` must be divisible by its size.
+      data_axis: optional mesh axis over which each chain's minibatch is split (data-parallel gradients: every
+        device on that axis evaluates ``batch_size / size`` examples and XLA sums the partial losses and
+        gradients); ``batch_size`` must be divisible by its size. The same numbers as the unsharded run up to the
+        order of the floating-point sums.
       eval_batch_size: block size for the full-data loss ``L_n(w*)`` (default: one call on all data).
       warn: emit warnings for negative lambda^ and MALA acceptance outside [0.6, 0.99].
 
@@ -383,18 +389,30 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         num_chunks = min(_check_positive_int("num_chunks", num_chunks), total)
     chunk_len = -(-total // num_chunks)
 
+    if mesh is None and (chain_axis is not None or data_axis is not None):
+        raise ValueError("chain_axis and data_axis name axes of a mesh; pass mesh=jax.make_mesh(...) as well.")
+    axis = None
     if mesh is not None:
-        axis = chain_axis if chain_axis is not None else mesh.axis_names[0]
-        if axis not in mesh.axis_names:
+        if data_axis is not None:
+            if data_axis not in mesh.axis_names:
+                raise ValueError(f"data_axis={data_axis!r} is not an axis of the mesh {mesh.axis_names}.")
+            if batch_size % mesh.shape[data_axis] != 0:
+                raise ValueError(f"batch_size={batch_size} is not divisible by the mesh axis {data_axis!r} of size "
+                                 f"{mesh.shape[data_axis]}; use a multiple of {mesh.shape[data_axis]}.")
+        others = [a for a in mesh.axis_names if a != data_axis]
+        axis = chain_axis if chain_axis is not None else (others[0] if others else None)
+        if axis is not None and axis not in mesh.axis_names:
             raise ValueError(f"chain_axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
-        if num_chains % mesh.shape[axis] != 0:
+        if axis is not None and axis == data_axis:
+            raise ValueError(f"chain_axis and data_axis are both {axis!r}; use two different mesh axes.")
+        if axis is not None and num_chains % mesh.shape[axis] != 0:
             raise ValueError(f"num_chains={num_chains} is not divisible by the mesh axis {axis!r} of size "
                              f"{mesh.shape[axis]}; use a multiple of {mesh.shape[axis]} chains.")
 
     prologue = _runner(_prologue_runner, loss_fn, algo, num_chains, eval_batch_size)
     init_loss, perm_keys, noise_keys, states = prologue(rng_key, params, data)
 
-    chain_sharding = None
+    chain_sharding = batch_sharding = None
     if mesh is not None:
         # chains are independent: a sharding constraint on the chain axis lets XLA partition the whole step with
         # no communication. Explicit axes are viewed as Auto here (same devices), since per-chain gathers from the
@@ -402,10 +420,12 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         auto_mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                                       axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         chain_sharding = jax.sharding.NamedSharding(auto_mesh, P(axis))
+        if data_axis is not None:  # minibatches (chains, batch, ...): chains over `axis`, examples over data_axis
+            batch_sharding = jax.sharding.NamedSharding(auto_mesh, P(axis, data_axis))
         states, perm_keys, noise_keys = _constrain((states, perm_keys, noise_keys), chain_sharding)
 
     run_chunk = _runner(_chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n, batch_size,
-                        mala_every, chain_sharding)
+                        mala_every, chain_sharding, batch_sharding)
     ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization)
 
     bar = None
