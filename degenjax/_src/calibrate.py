@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from degenjax._src import llc as llc_lib
+from degenjax._src.validation import is_traced
 
 ArrayTree = Any
 
@@ -214,7 +215,7 @@ def recommend(grid: CalibrationGrid, *, default_nbeta: float | None = None, flat
     Raises:
       ValueError: for a traced grid or inconsistent tolerances.
     """
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(grid)):
+    if is_traced(grid):
         raise ValueError("recommend needs concrete arrays: call it outside jax.jit on the grid returned by "
                          "calibration_sweep.")
     low, high = acceptance_range
@@ -306,7 +307,7 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
       ValueError: for bad inputs (see `calibration_sweep` and `estimate_llc`); never for an unstable grid (then
         ``recommended`` is ``None`` and ``message`` says what to change).
     """
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((rng_key, params, data))):
+    if is_traced((rng_key, params, data)):
         raise ValueError("calibrate returns a Python table and cannot run under jax.jit; jit calibration_sweep "
                          "instead and pass its result to recommend.")
     grid = calibration_sweep(rng_key, loss_fn, params, data, batch_size=batch_size, step_sizes=step_sizes,

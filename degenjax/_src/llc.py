@@ -401,13 +401,14 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
                                  f"{mesh.shape[data_axis]}; use a multiple of {mesh.shape[data_axis]}.")
         others = [a for a in mesh.axis_names if a != data_axis]
         axis = chain_axis if chain_axis is not None else (others[0] if others else None)
-        if axis is not None and axis not in mesh.axis_names:
-            raise ValueError(f"chain_axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
-        if axis is not None and axis == data_axis:
-            raise ValueError(f"chain_axis and data_axis are both {axis!r}; use two different mesh axes.")
-        if axis is not None and num_chains % mesh.shape[axis] != 0:
-            raise ValueError(f"num_chains={num_chains} is not divisible by the mesh axis {axis!r} of size "
-                             f"{mesh.shape[axis]}; use a multiple of {mesh.shape[axis]} chains.")
+        if axis is not None:
+            if axis not in mesh.axis_names:
+                raise ValueError(f"chain_axis={axis!r} is not an axis of the mesh {mesh.axis_names}.")
+            if axis == data_axis:
+                raise ValueError(f"chain_axis and data_axis are both {axis!r}; use two different mesh axes.")
+            if num_chains % mesh.shape[axis] != 0:
+                raise ValueError(f"num_chains={num_chains} is not divisible by the mesh axis {axis!r} of size "
+                                 f"{mesh.shape[axis]}; use a multiple of {mesh.shape[axis]} chains.")
 
     prologue = _runner(_prologue_runner, loss_fn, algo, num_chains, eval_batch_size)
     init_loss, perm_keys, noise_keys, states = prologue(rng_key, params, data)
