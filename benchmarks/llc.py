@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -91,6 +92,8 @@ def run_devinterp(ws, x, y, args, nbeta, init_loss):
 
 
 def run_degenjax(ws, x, y, args, nbeta):
+    """One mode (``args.dln_mode``, ``eager`` or ``jit``) of degenjax on the DLN; called first in a fresh process, so
+    the first call pays everything a user's first call pays (tracing, XLA compile and autotuning, kernel loading)."""
     import jax
     import jax.numpy as jnp
 
@@ -98,6 +101,7 @@ def run_degenjax(ws, x, y, args, nbeta):
 
     params = [jnp.asarray(w) for w in ws]
     data = (jnp.asarray(x), jnp.asarray(y))
+    jax.block_until_ready((params, data))
 
     def loss_fn(params, batch):
         xb, yb = batch
@@ -106,18 +110,21 @@ def run_degenjax(ws, x, y, args, nbeta):
             h = h @ w.T
         return jnp.mean(jnp.square(h - yb))  # = torch.nn.functional.mse_loss (mean over batch and outputs)
 
-    def once(seed):
-        t0 = time.perf_counter()
-        res = degenjax.estimate_llc(jax.random.key(seed), loss_fn, params, data, num_chains=args.chains,
-                                    num_draws=args.draws, num_burnin=args.burnin, step_size=args.step_size,
-                                    batch_size=args.batch, nbeta=nbeta, localization=args.gamma, warn=False)
-        res.llc_mean.block_until_ready()
-        return time.perf_counter() - t0, res
+    if args.dln_mode == "eager":
+        def once(seed):
+            t0 = time.perf_counter()
+            res = degenjax.estimate_llc(jax.random.key(seed), loss_fn, params, data, num_chains=args.chains,
+                                        num_draws=args.draws, num_burnin=args.burnin, step_size=args.step_size,
+                                        batch_size=args.batch, nbeta=nbeta, localization=args.gamma, warn=False)
+            res.llc_mean.block_until_ready()
+            return time.perf_counter() - t0, res
 
-    cold, res = once(args.seed)
-    warm, _ = once(args.seed + 1)
+        cold, res = once(args.seed)
+        warm, _ = once(args.seed + 1)
+        return dict(cold=cold, warm=warm, llc=float(res.llc_mean), std=float(res.llc_std),
+                    acc=float(res.mala_acceptance), init_loss=float(res.init_loss))
 
-    # The same estimator inside the caller's jax.jit (how it composes in a jitted pipeline): one compiled program.
+    # The estimator inside the caller's jax.jit (how it composes in a jitted pipeline): one compiled program.
     def estimate(key, params, data):
         res = degenjax.estimate_llc(key, loss_fn, params, data, num_chains=args.chains, num_draws=args.draws,
                                     num_burnin=args.burnin, step_size=args.step_size, batch_size=args.batch,
@@ -126,21 +133,44 @@ def run_degenjax(ws, x, y, args, nbeta):
 
     # the first call in stages (what a first jitted call does), to show where its time goes
     stamps = [time.perf_counter()]
-    traced = jax.jit(estimate).trace(jax.random.key(args.seed), params, data)
+    traced = jax.jit(estimate, compiler_options=args.compiler_options).trace(jax.random.key(args.seed), params, data)
     stamps.append(time.perf_counter())
     lowered = traced.lower()
     stamps.append(time.perf_counter())
     compiled = lowered.compile()
     stamps.append(time.perf_counter())
-    llc_jit = float(jax.block_until_ready(compiled(jax.random.key(args.seed), params, data))[0])
+    llc, std = jax.block_until_ready(compiled(jax.random.key(args.seed), params, data))
     stamps.append(time.perf_counter())
     stages = np.diff(stamps)
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(jax.random.key(args.seed + 1), params, data))
     jit_warm = time.perf_counter() - t0
-    return dict(cold=cold, warm=warm, jit_cold=float(stages.sum()), jit_warm=jit_warm, stages=stages,
-                llc=float(res.llc_mean), std=float(res.llc_std), acc=float(res.mala_acceptance),
-                init_loss=float(res.init_loss), llc_jit=llc_jit)
+    return dict(jit_cold=float(stages.sum()), jit_warm=jit_warm, stages=[float(v) for v in stages],
+                llc=float(llc), std=float(std))
+
+
+def _dln_flags(args):
+    """The DLN problem and sampler flags, to run a part of it in a child process."""
+    return ["--widths", args.widths, "--rank", str(args.rank), "--n", str(args.n), "--noise", str(args.noise),
+            "--batch", str(args.batch), "--step-size", repr(args.step_size), "--gamma", repr(args.gamma),
+            "--chains", str(args.chains), "--draws", str(args.draws), "--burnin", str(args.burnin),
+            "--seed", str(args.seed)]
+
+
+def _degenjax_child(args, mode):
+    """Run one degenjax mode of the DLN part in a fresh interpreter; returns its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--parts", "dln-child", "--dln-mode", mode, *_dln_flags(args),
+           "--compiler-options", json.dumps(args.compiler_options or {})]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"degenjax {mode} child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def part_dln_child(args):
+    widths = [int(v) for v in args.widths.split(",")]
+    ws, x, y = _dln_problem(widths, args.rank, args.n, args.noise, args.seed)
+    print(json.dumps(run_degenjax(ws, x, y, args, args.n / np.log(args.n))), flush=True)
 
 
 def part_dln(args, rows):
@@ -151,40 +181,73 @@ def part_dln(args, rows):
     ws, x, y = _dln_problem(widths, args.rank, args.n, args.noise, args.seed)
     nbeta = args.n / np.log(args.n)
     name = "DLN " + "-".join(map(str, widths)) + f" r={args.rank}"
+    h = x.astype(np.float64)  # L_n(w*) on the full data, in float64, given to devinterp as its init_loss
+    for w in ws:
+        h = h @ w.T.astype(np.float64)
+    init_loss = float(np.mean(np.square(h - y)))
     if args.skip_degenjax:  # devinterp alone (e.g. on another torch device, in a second process beside a full run)
-        h = x.astype(np.float64)
-        for w in ws:
-            h = h @ w.T.astype(np.float64)
-        init_loss = float(np.mean(np.square(h - y)))
         wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, init_loss)
+        if args.json:
+            print(json.dumps(dict(wall=wall_d, llc=llc_d, std=std_d)), flush=True)
+            return
         print(f"[dln] devinterp on {args.device}: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} "
               f"(exact {exact:g})", flush=True)
         rows.append((f"{name}: devinterp 1.3.2 on torch device {args.device}, wall", f"{wall_d:.2f} s"))
         rows.append(("  devinterp lambda^ (mean +- std over chains) vs exact", f"{llc_d:.2f} +- {std_d:.2f} vs {exact:g}"))
         return
-    j = run_degenjax(ws, x, y, args, nbeta)
-    print(f"[dln] degenjax eager: {j['cold']:.2f} s (first call, with compile), {j['warm']:.2f} s (second call); "
-          f"under jax.jit: {j['jit_cold']:.2f} s (with compile), {j['jit_warm']:.2f} s (compiled); lambda^ = "
-          f"{j['llc']:.2f} +- {j['std']:.2f} (jit, same key: {j['llc_jit']:.2f}; exact {exact:g}), MALA acceptance "
-          f"{j['acc']:.3f}; first jitted call: trace / lower / compile / run = "
-          + " / ".join(f"{v:.2f}" for v in j["stages"]) + " s", flush=True)
-    rows.append((f"{name}: degenjax estimate_llc, eager call: first (incl. compile) / second",
-                 f"{j['cold']:.2f} s / {j['warm']:.2f} s"))
-    rows.append(("  degenjax estimate_llc under jax.jit: first call (incl. compile) / compiled",
-                 f"{j['jit_cold']:.2f} s / {j['jit_warm']:.2f} s"))
-    rows.append(("  first call under jax.jit: trace / lower / XLA compile / first run",
-                 " / ".join(f"{v:.2f}" for v in j["stages"]) + " s"))
-    rows.append(("  degenjax lambda^ (mean +- std over chains) vs exact", f"{j['llc']:.2f} +- {j['std']:.2f} vs {exact:g}"))
+    beside = None
+    if args.devinterp_beside and not args.skip_devinterp:
+        # devinterp on the host CPU in its own process (JAX kept off the accelerator), while degenjax runs on it
+        cmd = [sys.executable, os.path.abspath(__file__), *_dln_flags(args), "--parts", "dln", "--skip-degenjax",
+               "--json", "--device", args.device, "--torch-threads", str(args.torch_threads)]
+        beside = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    opts = f" (jax.jit compiler_options {json.dumps(args.compiler_options)})" if args.compiler_options else ""
+    runs = {"eager": [], "jit": []}
+    for mode in args.dln_mode.split(","):
+        j = _degenjax_child(args, mode)
+        runs[mode].append(j)
+        if mode == "eager":
+            print(f"[dln] degenjax eager, fresh process: {j['cold']:.2f} s (first call, with compile), "
+                  f"{j['warm']:.2f} s (second call); lambda^ = {j['llc']:.2f} +- {j['std']:.2f} (exact {exact:g}), "
+                  f"MALA acceptance {j['acc']:.3f}", flush=True)
+            rows.append((f"{name}: degenjax estimate_llc eager, fresh process: first call (incl. compile) / second",
+                         f"{j['cold']:.2f} s / {j['warm']:.2f} s"))
+        else:
+            print(f"[dln] degenjax under jax.jit{opts}, fresh process: {j['jit_cold']:.2f} s (first call, with "
+                  f"compile), {j['jit_warm']:.2f} s (compiled); lambda^ = {j['llc']:.2f} +- {j['std']:.2f} (exact "
+                  f"{exact:g}); first call: trace / lower / compile / run = "
+                  + " / ".join(f"{v:.2f}" for v in j["stages"]) + " s", flush=True)
+            rows.append((f"{name}: degenjax estimate_llc under jax.jit{opts}, fresh process: first call "
+                         "(incl. compile) / compiled", f"{j['jit_cold']:.2f} s / {j['jit_warm']:.2f} s"))
+            rows.append(("  first call under jax.jit: trace / lower / XLA compile / first run",
+                         " / ".join(f"{v:.2f}" for v in j["stages"]) + " s"))
+        rows.append(("  degenjax lambda^ (mean +- std over chains) vs exact",
+                     f"{j['llc']:.2f} +- {j['std']:.2f} vs {exact:g}"))
     if args.skip_devinterp:
         return
-    wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, j["init_loss"])
-    print(f"[dln] devinterp: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} (exact {exact:g})", flush=True)
-    ratios = {k: wall_d / j[k] for k in ("cold", "warm", "jit_cold", "jit_warm")}
-    print("[dln] speed-up devinterp wall / degenjax wall: eager first call {cold:.1f}x, eager second {warm:.1f}x, "
-          "jit incl. compile {jit_cold:.1f}x, jit compiled {jit_warm:.1f}x".format(**ratios), flush=True)
-    rows.append(("  devinterp 1.3.2 estimate_learning_coeff_with_summary wall", f"{wall_d:.2f} s"))
+    if beside is not None:
+        out, err = beside.communicate()
+        if beside.returncode != 0:
+            raise RuntimeError(f"devinterp child failed:\n{err[-4000:]}")
+        d = json.loads(out.strip().splitlines()[-1])
+        wall_d, llc_d, std_d = d["wall"], d["llc"], d["std"]
+        where = f"on {args.device}, in a process beside degenjax's"
+    else:
+        wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, init_loss)
+        where = f"on {args.device}"
+    print(f"[dln] devinterp {where}: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} (exact {exact:g})",
+          flush=True)
+    # medians over the fresh processes of each mode
+    med = {k: float(np.median([r[k] for r in runs[mode]])) if runs[mode] else float("nan")
+           for mode, keys in (("eager", ("cold", "warm")), ("jit", ("jit_cold", "jit_warm"))) for k in keys}
+    ratios = {k: wall_d / v for k, v in med.items()}
+    counts = f"medians of {len(runs['eager'])} eager / {len(runs['jit'])} jit fresh processes"
+    print("[dln] speed-up devinterp wall / degenjax wall (" + counts + "): eager first call {cold:.1f}x, eager second "
+          "{warm:.1f}x, jit incl. compile {jit_cold:.1f}x, jit compiled {jit_warm:.1f}x".format(**ratios), flush=True)
+    rows.append((f"  devinterp 1.3.2 estimate_learning_coeff_with_summary {where}, wall", f"{wall_d:.2f} s"))
     rows.append(("  devinterp lambda^ (mean +- std over chains) vs exact", f"{llc_d:.2f} +- {std_d:.2f} vs {exact:g}"))
-    rows.append(("  **speed-up devinterp / degenjax, incl. compile: eager / under jit**",
+    rows.append((f"  **speed-up devinterp / degenjax, incl. compile: eager / under jit** ({counts})",
                  f"**{ratios['cold']:.1f}x / {ratios['jit_cold']:.1f}x**"))
     rows.append(("  speed-up devinterp / degenjax, compiled: eager second call / under jit",
                  f"{ratios['warm']:.1f}x / {ratios['jit_warm']:.1f}x"))
@@ -223,7 +286,7 @@ def _matmul_peak(size, repeats):
 
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+    f = jax.jit(lambda a, b: a @ b)  # the peak with XLA's defaults
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -291,7 +354,7 @@ def part_mlp(args, rows):
                                                      num_draws=steps, step_size=1e-6, batch_size=batch, nbeta=100.0,
                                                      mala_every=0).llc_mean
 
-                    compiled = jax.jit(run).lower(make_key(0), params, (x, labels)).compile()
+                    compiled = jax.jit(run, compiler_options=args.compiler_options).lower(make_key(0), params, (x, labels)).compile()
                     row(f"SGLD, {chains} chain(s){key_label}", best_time(compiled, make_key), chains, peak)
             if not args.mlp_grad_only:
                 continue
@@ -309,7 +372,7 @@ def part_mlp(args, rows):
 
                     return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
 
-                compiled = jax.jit(grad_only).lower(jax.random.key(0), params, (x, labels)).compile()
+                compiled = jax.jit(grad_only, compiler_options=args.compiler_options).lower(jax.random.key(0), params, (x, labels)).compile()
                 row(f"reference, loss + gradient + plain gradient step only (no noise), {chains} chain(s)",
                     best_time(compiled, jax.random.key), chains, peak, bold=False)
 
@@ -332,7 +395,7 @@ def part_mlp(args, rows):
 
                     return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
 
-                compiled = jax.jit(matmuls_only).lower(jax.random.key(0), params, (x, labels)).compile()
+                compiled = jax.jit(matmuls_only, compiler_options=args.compiler_options).lower(jax.random.key(0), params, (x, labels)).compile()
                 row(f"reference, the step's matrix products alone (linear net, no gather), {chains} chain(s)",
                     best_time(compiled, jax.random.key), chains, peak, bold=False)
 
@@ -417,7 +480,17 @@ def main(argv=None):
     p.add_argument("--burnin", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-devinterp", action="store_true")
+    p.add_argument("--dln-mode", default="eager,jit",
+                   help="comma-separated degenjax modes for the dln part, each timed in a fresh process: eager, jit "
+                        "(repeat one to time more processes: ratios use the median)")
+    p.add_argument("--compiler-options", default="{}",
+                   help='JSON dict passed as jax.jit(..., compiler_options=...) to the jitted degenjax programs, '
+                        'e.g. \'{"xla_gpu_autotune_level": 0}\'')
     p.add_argument("--skip-degenjax", action="store_true", help="dln part: run devinterp only")
+    p.add_argument("--json", action="store_true", help="with --skip-degenjax: print devinterp's result as JSON only")
+    p.add_argument("--devinterp-beside", action="store_true",
+                   help="dln part: run devinterp in a second process while degenjax runs (for an accelerator machine, "
+                        "with devinterp on the host CPU)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--mlp-batch", type=int, default=512)
     p.add_argument("--device", default="cpu", help="torch device for devinterp (cpu or cuda)")
@@ -437,8 +510,12 @@ def main(argv=None):
     p.add_argument("--results", default=RESULTS, help="markdown file the results section is appended to")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
+    args.compiler_options = json.loads(args.compiler_options) or None
     if parts == ["memory-child"]:
         part_memory_child(args)
+        return
+    if parts == ["dln-child"]:
+        part_dln_child(args)
         return
 
     import jax
@@ -452,11 +529,13 @@ def main(argv=None):
         part_memory(args, rows)
     if args.no_results or not rows:
         return
-    command = "python benchmarks/llc.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/llc.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
     section = [f"\n## LLC: estimate_llc vs devinterp, SGLD throughput, memory ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)\n",
                f"- machine: `{platform.platform()}`, {os.cpu_count()} CPUs; jax {jax.__version__} devices: {devices}",
                f"- command: `{command.strip()}`",
+               *([f"- jitted degenjax programs compiled with `compiler_options={json.dumps(args.compiler_options)}`"]
+                 if args.compiler_options else []),
                *([] if "dln" not in parts else [
                    f"- DLN settings: widths {args.widths}, rank {args.rank}, n={args.n}, batch {args.batch}, "
                    f"eps={args.step_size:g}, gamma={args.gamma:g}, nbeta=n/log n, {args.chains} chains x "
