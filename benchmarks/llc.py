@@ -8,6 +8,8 @@ Three parts (``--parts``):
   compilation; lambda^ is compared with the exact value ``degenjax.theory.dln_learning_coefficient``. devinterp is
   given the full-data ``L_n(w*)`` as ``init_loss`` (its default averages a few minibatches, which at nbeta ~ 1e4
   shifts lambda^ by the minibatch noise); everything else is devinterp's default path.
+* ``dln-step``: where one compiled step of that DLN estimator goes: the whole step against its loss + gradient, its
+  minibatch shuffle and its Gaussian noise, each alone in a scan of the same length.
 * ``mlp``: an MLP 784-1024-1024-10 (cross-entropy), batch 512: achieved GFLOP/s of one SGLD step (inside
   ``estimate_llc``, compiled, MALA off) against the measured float32 matmul peak of the same device.
 * ``memory``: a 10M-parameter MLP; peak memory of ``estimate_llc`` (XLA's compiled memory analysis and the peak RSS
@@ -253,6 +255,81 @@ def part_dln(args, rows):
                  f"{ratios['warm']:.1f}x / {ratios['jit_warm']:.1f}x"))
 
 
+def part_dln_step(args, rows):
+    """Where one compiled step of the DLN estimator goes: the whole step against its pieces, each alone in a scan
+    of the same length (loss + gradient of every chain, the minibatch shuffle, the Gaussian noise)."""
+    import jax
+    import jax.numpy as jnp
+
+    import degenjax
+    from degenjax._src.llc import batch_indices
+
+    widths = [int(v) for v in args.widths.split(",")]
+    ws, x, y = _dln_problem(widths, args.rank, args.n, args.noise, args.seed)
+    params = [jnp.asarray(w) for w in ws]
+    data = (jnp.asarray(x), jnp.asarray(y))
+    n, batch, chains, steps = args.n, args.batch, args.chains, args.draws
+    dim = sum(w.size for w in ws)
+
+    def loss_fn(params, b):
+        h = b[0]
+        for w in params:
+            h = h @ w.T
+        return jnp.mean(jnp.square(h - b[1]))
+
+    def estimator(mala_every):
+        def run(key, params, data):
+            return degenjax.estimate_llc(key, loss_fn, params, data, num_chains=chains, num_draws=steps,
+                                         step_size=args.step_size, batch_size=batch, nbeta=n / np.log(n),
+                                         mala_every=mala_every).llc_mean
+        return run
+
+    def grad_only(key, params, data):
+        stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (chains, *p.shape)), params)
+
+        def body(ps, t):
+            idx = (jnp.arange(chains)[:, None] * batch + t * batch + jnp.arange(batch)[None]) % n
+            loss, g = jax.vmap(jax.value_and_grad(loss_fn))(ps, (data[0][idx], data[1][idx]))
+            return jax.tree.map(lambda p, gg: p - 1e-9 * gg, ps, g), loss
+
+        return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
+
+    def shuffle_only(key, params, data):
+        keys = jax.random.split(key, chains)
+
+        def body(c, t):
+            return c + jax.vmap(batch_indices, (0, None, None, None))(keys, t, n, batch).sum(), None
+
+        return jax.lax.scan(body, 0, jnp.arange(steps))[0]
+
+    def noise_only(key, params, data):
+        keys = jax.random.split(key, chains)
+
+        def body(c, t):
+            k = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
+            return c + jax.vmap(lambda kk: jax.random.normal(kk, (dim,)))(k).sum(), None
+
+        return jax.lax.scan(body, 0.0, jnp.arange(steps))[0]
+
+    pieces = [("whole SGLD step (estimate_llc under jit, MALA every 10th step)", estimator(10)),
+              ("whole SGLD step, MALA off (mala_every=0)", estimator(0)),
+              ("loss + gradient of every chain, with a plain gradient step", grad_only),
+              ("minibatch indices (swap-or-not shuffle) of every chain", shuffle_only),
+              ("Gaussian noise of every chain (fold_in + normal)", noise_only)]
+    rows.append((f"DLN {args.widths}, {chains} chains, batch {batch}: one compiled step (best of {args.repeats} runs of "
+                 f"{steps} steps)", ""))
+    for label, fn in pieces:
+        compiled = jax.jit(fn).lower(jax.random.key(0), params, data).compile()
+        jax.block_until_ready(compiled(jax.random.key(0), params, data))
+        best = float("inf")
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(jax.random.key(r + 1), params, data))
+            best = min(best, time.perf_counter() - t0)
+        print(f"[dln-step] {label}: {best / steps * 1e6:.1f} us per step", flush=True)
+        rows.append((f"  {label}", f"{best / steps * 1e6:.1f} us per step"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Part 2: MLP SGLD-step throughput vs matmul peak
 
@@ -467,7 +544,8 @@ def part_memory(args, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="dln,mlp,memory", help="comma-separated: dln, mlp, memory")
+    p.add_argument("--parts", default="dln,mlp,memory",
+                   help="comma-separated: dln, dln-step (where one step of the DLN estimator goes), mlp, memory")
     p.add_argument("--widths", default="10,20,20,10")
     p.add_argument("--rank", type=int, default=5)
     p.add_argument("--n", type=int, default=100_000)
@@ -523,6 +601,8 @@ def main(argv=None):
     rows = []
     if "dln" in parts:
         part_dln(args, rows)
+    if "dln-step" in parts:
+        part_dln_step(args, rows)
     if "mlp" in parts:
         part_mlp(args, rows)
     if "memory" in parts:
@@ -536,7 +616,7 @@ def main(argv=None):
                f"- command: `{command.strip()}`",
                *([f"- jitted degenjax programs compiled with `compiler_options={json.dumps(args.compiler_options)}`"]
                  if args.compiler_options else []),
-               *([] if "dln" not in parts else [
+               *([] if not {"dln", "dln-step"} & set(parts) else [
                    f"- DLN settings: widths {args.widths}, rank {args.rank}, n={args.n}, batch {args.batch}, "
                    f"eps={args.step_size:g}, gamma={args.gamma:g}, nbeta=n/log n, {args.chains} chains x "
                    f"{args.draws} draws (burn-in {args.burnin}); devinterp runs chains sequentially (cores=1), "

@@ -56,6 +56,23 @@ def _user_errors(fn):
     return wrapper
 
 
+@app.callback()
+def _options(
+    compile_cache: Optional[pathlib.Path] = typer.Option(
+        None, "--compile-cache", envvar="DEGENJAX_COMPILE_CACHE",
+        help="Folder for JAX's persistent compilation cache (or set DEGENJAX_COMPILE_CACHE): a rerun with the same "
+             "shapes (a resumed sweep, the same model again) loads its compiled programs instead of compiling them. "
+             "Placed before the command: degenjax --compile-cache DIR llc ..."),
+):
+    if compile_cache is not None:
+        import jax
+
+        compile_cache.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(compile_cache))
+        # JAX's default keeps only programs that took >= 1 s to compile; an estimator's programs often take less
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def _search_dirs(*extra) -> list[str]:
     return [str(pathlib.Path.cwd()), *[str(e) for e in extra if e is not None]]
 

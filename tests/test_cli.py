@@ -101,6 +101,21 @@ def test_installed_entry_point_errors_without_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
 
 
+def test_compile_cache_is_reused_by_a_rerun(workdir):
+    # The second run finds every program in the cache (no new entries) and prints the same estimate.
+    exe = pathlib.Path(sys.executable).with_name("degenjax")
+    cmd = [str(exe), "--compile-cache", str(workdir / "cache"), "llc", "cli_problem:make", "--num-draws", "50",
+           "--batch-size", "40", "--no-progress"]
+    outputs, entries = [], []
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+        entries.append(sorted(p.name for p in (workdir / "cache").iterdir()))
+    assert entries[0] and entries[1] == entries[0]
+    assert outputs[1] == outputs[0] and "LLC =" in outputs[0]
+
+
 def test_llc_command_with_checkpoint(workdir):
     # Parameters away from the entry point's: L_n(w*) must be the loss at the checkpoint's parameters.
     w = np.array([[0.9], [-2.1], [7.0]])
