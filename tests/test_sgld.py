@@ -191,3 +191,45 @@ def test_noise_convention_mixed_dtypes():
     one = normal_like(key, {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))})
     flat = np.asarray(jax.random.normal(key, (7,), jnp.float64))
     np.testing.assert_array_equal(np.asarray(one["b"]), flat[3:].reshape(2, 2))
+
+
+def test_noise_groups_for_large_models():
+    # Above NOISE_GROUP_SIZE numbers per dtype, consecutive leaves are packed into groups of at most
+    # max(2^20, largest leaf), one split key and one normal vector per group.
+    from degenjax._src.sgld import NOISE_GROUP_SIZE, _noise_groups, normal_like
+
+    assert NOISE_GROUP_SIZE == 2 ** 20
+    assert _noise_groups([3, 4, 5]) == [[0, 1, 2]]
+    assert _noise_groups([700_000, 3, 600_000]) == [[0, 1], [2]]
+    assert _noise_groups([5, 3_000_000, 2, 2_999_999, 1]) == [[0], [1], [2], [3, 4]]
+    tree = {"a": jnp.zeros(700_000, jnp.float32), "b": jnp.zeros(3, jnp.float32), "c": jnp.zeros((600, 1000), jnp.float32)}
+    key = jax.random.key(9)
+    got = jax.jit(normal_like)(key, tree)
+    k0, k1 = jax.random.split(key)
+    first = np.asarray(jax.random.normal(k0, (700_003,), jnp.float32))
+    second = np.asarray(jax.random.normal(k1, (600_000,), jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got["a"]), first[:700_000])
+    np.testing.assert_array_equal(np.asarray(got["b"]), first[700_000:])
+    np.testing.assert_array_equal(np.asarray(got["c"]), second.reshape(600, 1000))
+
+
+def test_estimator_memory_per_chain_stays_a_few_parameter_copies():
+    # XLA's compiled temporary memory grows by at most 5.5 parameter copies per extra chain (position, its update,
+    # gradient, noise and the generator's temporaries; one normal draw for all parameters and a MALA branch holding
+    # the old gradient had made it 6.6).
+    params = {"w1": jnp.zeros((256, 1024), jnp.float32), "w2": jnp.zeros((1024, 1024), jnp.float32),
+              "w3": jnp.zeros((1024, 10), jnp.float32), "b": jnp.zeros(1024, jnp.float32)}
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    data = (jnp.zeros((512, 256), jnp.float32), jnp.zeros((512,), jnp.int32))
+
+    def loss(p, b):
+        h = jax.nn.relu(jax.nn.relu(b[0] @ p["w1"] + p["b"][None, :]) @ p["w2"]) @ p["w3"]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(h), b[1][:, None], 1))
+
+    def temp_copies(chains):
+        run = jax.jit(lambda k, p, d: dj.estimate_llc(k, loss, p, d, num_chains=chains, num_draws=5, step_size=1e-6,
+                                                      batch_size=64, nbeta=10.0).llc_mean)
+        mem = run.lower(jax.random.key(0), params, data).compile().memory_analysis()
+        return mem.temp_size_in_bytes / (4 * num_params)
+
+    assert (temp_copies(3) - temp_copies(1)) / 2 <= 5.5

@@ -18,7 +18,11 @@ and nothing is jitted here: kernels run under the caller's ``jax.jit``, ``jax.vm
 Noise convention (so that an update can be reproduced by hand): the leaves of the position, in ``jax.tree.leaves``
 order, are drawn together as one ``jax.random.normal(key, (total_size,), dtype)`` vector, cut in that order and
 reshaped. With leaves of several dtypes, the key is first split into one key per dtype (dtypes in order of first
-appearance) and each dtype's leaves are drawn together in the same way.
+appearance) and each dtype's leaves are drawn together in the same way. A large model's leaves are drawn in groups
+instead, to bound the memory of the random-number generation: when a dtype's leaves hold more than
+``NOISE_GROUP_SIZE`` (2^20) numbers, they are packed in order into groups of consecutive leaves of at most
+``max(2^20, largest leaf)`` numbers each, that dtype's key is split into one key per group, and each group is one
+``jax.random.normal`` vector cut in the same way.
 
 ``info.loss`` is the minibatch loss ``L_B(w_t)`` at the position *before* the step (the value that the gradient of the
 step was computed from, as devinterp records it). With ``mala=True`` (or a true boolean array) the kernel also
@@ -115,11 +119,30 @@ class SGMCMCInfo(NamedTuple):
 # Helpers
 
 
-def normal_like(rng_key, tree: ArrayTree) -> ArrayTree:
-    """Standard normal noise shaped like ``tree``, one draw per dtype (see the noise convention above).
+NOISE_GROUP_SIZE = 2 ** 20
 
-    One ``jax.random.normal`` call per dtype rather than per leaf: the same distribution, and a single random-bits
-    program to compile and launch per step (per-leaf calls made the sampler's compilation several times slower).
+
+def _noise_groups(sizes: list[int]) -> list[list[int]]:
+    """Positions in ``sizes`` packed in order into groups of at most ``max(NOISE_GROUP_SIZE, max(sizes))`` numbers
+    (one group when they all fit in ``NOISE_GROUP_SIZE``)."""
+    cap = max(NOISE_GROUP_SIZE, max(sizes))
+    groups, total = [[]], 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and total + size > cap:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def normal_like(rng_key, tree: ArrayTree) -> ArrayTree:
+    """Standard normal noise shaped like ``tree`` (see the noise convention above).
+
+    One ``jax.random.normal`` call per dtype (per group of leaves for a large model) rather than per leaf: the same
+    distribution, and few random-bits programs to compile per step (per-leaf calls made the sampler's compilation
+    several times slower). Groups bound the generator's temporaries to about the largest leaf: one draw for all of a
+    10M-parameter MLP held 2 more parameter copies per chain, on CPU.
     """
     leaves, treedef = jax.tree.flatten(tree)
     dtypes = list(dict.fromkeys(jnp.result_type(x) for x in leaves))  # first appearance in leaf order
@@ -128,11 +151,14 @@ def normal_like(rng_key, tree: ArrayTree) -> ArrayTree:
     for key, dt in zip(keys, dtypes):
         idx = [i for i, x in enumerate(leaves) if jnp.result_type(x) == dt]
         sizes = [math.prod(jnp.shape(leaves[i])) for i in idx]
-        flat = jax.random.normal(key, (sum(sizes),), dt)
-        start = 0
-        for i, size in zip(idx, sizes):
-            noise[i] = jnp.reshape(flat[start:start + size], jnp.shape(leaves[i]))
-            start += size
+        groups = _noise_groups(sizes)
+        group_keys = [key] if len(groups) == 1 else list(jax.random.split(key, len(groups)))
+        for group_key, group in zip(group_keys, groups):
+            flat = jax.random.normal(group_key, (sum(sizes[j] for j in group),), dt)
+            start = 0
+            for j in group:
+                noise[idx[j]] = jnp.reshape(flat[start:start + sizes[j]], jnp.shape(leaves[idx[j]]))
+                start += sizes[j]
     return jax.tree.unflatten(treedef, noise)
 
 
@@ -176,20 +202,31 @@ def _potential(loss, position: ArrayTree, center: ArrayTree, nbeta, localization
     return _scalar(nbeta, loss) * loss + _scalar(0.5 * localization, loss) * sq.astype(jnp.result_type(loss))
 
 
-def _mala_acceptance(u_old, u_new, grad_old, grad_new, old, new, step_size, precond=None) -> jax.Array:
-    """MALA acceptance probability of the move ``old -> new`` (module docstring; ``precond`` diagonal or None)."""
+def _mala_acceptance(u_old, u_new, grad_new, old, new, step_size, noise_sq, precond=None) -> jax.Array:
+    """MALA acceptance probability of the move ``old -> new`` (module docstring; ``precond`` diagonal or None).
+
+    The forward term needs no gradient: the proposal makes ``new - old + (eps/2) P grad U_B(old) = sqrt(eps P) xi``,
+    so ``log q(new | old) = -||xi||^2 / 2`` with ``noise_sq = ||xi||^2`` (the old gradient need not stay alive).
+    """
     if precond is None:
         precond = jax.tree.map(jnp.ones_like, old)
 
-    def log_q(to, frm, grad):
-        def leaf(t, f, g, p):
-            eps = _scalar(step_size, t)
-            return jnp.sum(jnp.square(t - f + 0.5 * eps * p * g) / (2.0 * eps * p))
+    def leaf(t, f, g, p):
+        eps = _scalar(step_size, t)
+        return jnp.sum(jnp.square(t - f + 0.5 * eps * p * g) / (2.0 * eps * p))
 
-        return -_tree_sum(jax.tree.map(leaf, to, frm, grad, precond))
-
-    log_ratio = (u_old - u_new) + (log_q(old, new, grad_new) - log_q(new, old, grad_old)).astype(u_old.dtype)
+    log_q_backward = -_tree_sum(jax.tree.map(leaf, old, new, grad_new, precond))
+    log_q_forward = -0.5 * noise_sq
+    log_ratio = (u_old - u_new) + (log_q_backward - log_q_forward).astype(u_old.dtype)
     return jnp.exp(jnp.minimum(log_ratio, jnp.zeros_like(log_ratio)))
+
+
+def _noise_sq(mala, noise) -> jax.Array | None:
+    """``||xi||^2`` for MALA's forward term, reduced right after the draw so the noise can be freed (None when MALA
+    is off for good)."""
+    if isinstance(mala, (bool, np.bool_)) and not mala:
+        return None
+    return _tree_sum(jax.tree.map(jnp.square, noise))
 
 
 def _nan_like(x) -> jax.Array:
@@ -239,11 +276,12 @@ def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, 
             return x - 0.5 * eps * g + jnp.sqrt(eps) * z
 
         new = jax.tree.map(update, w, grad, noise)
+        noise_sq = _noise_sq(mala, noise)
 
         def acceptance():
             loss_new, grad_new = value_and_grad(new, batch)
             u, u_new = (_potential(v, x, center, nbeta, localization) for v, x in ((loss, w), (loss_new, new)))
-            return _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size)
+            return _mala_acceptance(u, u_new, grad_new, w, new, step_size, noise_sq)
 
         acc = _maybe(mala, acceptance, loss)
         return SGLDState(position=new), SGMCMCInfo(loss=loss, mala_acceptance=acc)
@@ -309,11 +347,12 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
             return x - 0.5 * h * pi * g + jnp.sqrt(h * pi) * z
 
         new = jax.tree.map(update, w, grad, p, noise)
+        noise_sq = _noise_sq(mala, noise)
 
         def acceptance():
             loss_new, grad_new = value_and_grad(new, batch)
             u, u_new = (_potential(v, x, center, nbeta, localization) for v, x in ((loss, w), (loss_new, new)))
-            return _mala_acceptance(u, u_new, grad, grad_new, w, new, step_size, precond=p)
+            return _mala_acceptance(u, u_new, grad_new, w, new, step_size, noise_sq, precond=p)
 
         acc = _maybe(mala, acceptance, loss)
         return RMSPropSGLDState(new, square_avg, count), SGMCMCInfo(loss=loss, mala_acceptance=acc)
