@@ -82,7 +82,8 @@ def main(argv=None):
     jax.block_until_ready(compiled(jax.random.key(1), params, data))
     warm_s = time.perf_counter() - t0
     print(f"devices {jax.devices()}; compiler_options {options}; mala_every {args.mala_every}; threefry kernel "
-          f"{args.threefry_kernel}; eval_batch_size {args.eval_batch_size}: XLA compile {compile_s:.2f} s, first run {run_s:.2f} s, second {warm_s:.2f} s, "
+          f"{args.threefry_kernel}; eval_batch_size {args.eval_batch_size}: XLA compile {compile_s:.2f} s, first run "
+          f"{run_s:.2f} s, second {warm_s:.2f} s, "
           f"lambda^ {llc:.2f}")
 
     events = json.load(gzip.open(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),

@@ -316,8 +316,8 @@ def part_dln_step(args, rows):
               ("loss + gradient of every chain, with a plain gradient step", grad_only),
               ("minibatch indices (swap-or-not shuffle) of every chain", shuffle_only),
               ("Gaussian noise of every chain (fold_in + normal)", noise_only)]
-    rows.append((f"DLN {args.widths}, {chains} chains, batch {batch}: one compiled step (best of {args.repeats} runs of "
-                 f"{steps} steps)", ""))
+    rows.append((f"DLN {args.widths}, {chains} chains, batch {batch}: one compiled step (best of {args.repeats} "
+                 f"runs of {steps} steps)", ""))
     for label, fn in pieces:
         compiled = jax.jit(fn).lower(jax.random.key(0), params, data).compile()
         jax.block_until_ready(compiled(jax.random.key(0), params, data))
@@ -431,7 +431,8 @@ def part_mlp(args, rows):
                                                      num_draws=steps, step_size=1e-6, batch_size=batch, nbeta=100.0,
                                                      mala_every=0).llc_mean
 
-                    compiled = jax.jit(run, compiler_options=args.compiler_options).lower(make_key(0), params, (x, labels)).compile()
+                    compiled = jax.jit(run, compiler_options=args.compiler_options).lower(
+                        make_key(0), params, (x, labels)).compile()
                     row(f"SGLD, {chains} chain(s){key_label}", best_time(compiled, make_key), chains, peak)
             if not args.mlp_grad_only:
                 continue
@@ -449,7 +450,8 @@ def part_mlp(args, rows):
 
                     return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
 
-                compiled = jax.jit(grad_only, compiler_options=args.compiler_options).lower(jax.random.key(0), params, (x, labels)).compile()
+                compiled = jax.jit(grad_only, compiler_options=args.compiler_options).lower(
+                    jax.random.key(0), params, (x, labels)).compile()
                 row(f"reference, loss + gradient + plain gradient step only (no noise), {chains} chain(s)",
                     best_time(compiled, jax.random.key), chains, peak, bold=False)
 
@@ -472,7 +474,8 @@ def part_mlp(args, rows):
 
                     return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
 
-                compiled = jax.jit(matmuls_only, compiler_options=args.compiler_options).lower(jax.random.key(0), params, (x, labels)).compile()
+                compiled = jax.jit(matmuls_only, compiler_options=args.compiler_options).lower(
+                    jax.random.key(0), params, (x, labels)).compile()
                 row(f"reference, the step's matrix products alone (linear net, no gather), {chains} chain(s)",
                     best_time(compiled, jax.random.key), chains, peak, bold=False)
 

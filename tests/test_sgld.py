@@ -202,7 +202,8 @@ def test_noise_groups_for_large_models():
     assert _noise_groups([3, 4, 5]) == [[0, 1, 2]]
     assert _noise_groups([700_000, 3, 600_000]) == [[0, 1], [2]]
     assert _noise_groups([5, 3_000_000, 2, 2_999_999, 1]) == [[0], [1], [2], [3, 4]]
-    tree = {"a": jnp.zeros(700_000, jnp.float32), "b": jnp.zeros(3, jnp.float32), "c": jnp.zeros((600, 1000), jnp.float32)}
+    tree = {"a": jnp.zeros(700_000, jnp.float32), "b": jnp.zeros(3, jnp.float32),
+            "c": jnp.zeros((600, 1000), jnp.float32)}
     key = jax.random.key(9)
     got = jax.jit(normal_like)(key, tree)
     k0, k1 = jax.random.split(key)

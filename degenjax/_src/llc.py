@@ -171,8 +171,9 @@ def epoch_positions(perm_key, epoch, positions: jax.Array, n: int) -> jax.Array:
     """Where positions ``0..n-1`` of epoch ``epoch`` land: a keyed pseudo-random permutation of ``range(n)``.
 
     A swap-or-not shuffle (Hoang, Morris and Rogaway, 2012): each round pairs ``x`` with ``K_r - x (mod n)`` and
-    swaps the pair when the top bit of a keyed hash of ``max(x, K_r - x)`` is set. Every round is an involution of ``[0, n)``, so
-    the composition is a permutation of exactly ``[0, n)`` for any ``n`` (no cycle-walking, no data-dependent loop).
+    swaps the pair when the top bit of a keyed hash of ``max(x, K_r - x)`` is set. Every round is an involution of
+    ``[0, n)``, so the composition is a permutation of exactly ``[0, n)`` for any ``n`` (no cycle-walking, no
+    data-dependent loop).
     Evaluating it only at the positions a minibatch needs costs O(batch x rounds) per step, with no sort and no
     ``n``-sized state; different keys or epochs give independent-looking orders.
 
