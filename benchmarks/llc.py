@@ -402,6 +402,9 @@ def part_mlp(args, rows):
             best = min(best, time.perf_counter() - t0)
         return best / steps
 
+    def compile_for(fn, key):
+        return jax.jit(fn, compiler_options=args.compiler_options).lower(key, params, (x, labels)).compile()
+
     def row(label, per_step, chains, peak, bold=True):
         achieved = chains * flops / per_step / 1e9
         pct = f"{100 * achieved / peak:.0f}%"
@@ -431,8 +434,7 @@ def part_mlp(args, rows):
                                                      num_draws=steps, step_size=1e-6, batch_size=batch, nbeta=100.0,
                                                      mala_every=0).llc_mean
 
-                    compiled = jax.jit(run, compiler_options=args.compiler_options).lower(
-                        make_key(0), params, (x, labels)).compile()
+                    compiled = compile_for(run, make_key(0))
                     row(f"SGLD, {chains} chain(s){key_label}", best_time(compiled, make_key), chains, peak)
             if not args.mlp_grad_only:
                 continue
@@ -450,8 +452,7 @@ def part_mlp(args, rows):
 
                     return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
 
-                compiled = jax.jit(grad_only, compiler_options=args.compiler_options).lower(
-                    jax.random.key(0), params, (x, labels)).compile()
+                compiled = compile_for(grad_only, jax.random.key(0))
                 row(f"reference, loss + gradient + plain gradient step only (no noise), {chains} chain(s)",
                     best_time(compiled, jax.random.key), chains, peak, bold=False)
 
@@ -474,8 +475,7 @@ def part_mlp(args, rows):
 
                     return jax.lax.scan(body, stacked, jnp.arange(steps))[1].mean()
 
-                compiled = jax.jit(matmuls_only, compiler_options=args.compiler_options).lower(
-                    jax.random.key(0), params, (x, labels)).compile()
+                compiled = compile_for(matmuls_only, jax.random.key(0))
                 row(f"reference, the step's matrix products alone (linear net, no gather), {chains} chain(s)",
                     best_time(compiled, jax.random.key), chains, peak, bold=False)
 
