@@ -50,6 +50,8 @@ from degenjax._src.sgld import sgnht as sgnht
 from degenjax._src.sgld import SGNHTState as SGNHTState
 from degenjax._src.numpyro_kernel import SGLDKernel as SGLDKernel
 from degenjax._src.numpyro_kernel import SGLDKernelState as SGLDKernelState
+from degenjax._src.diagnostics import convergence as convergence
+from degenjax._src.diagnostics import Convergence as Convergence
 from degenjax._src.llc import behavioral_loss as behavioral_loss
 from degenjax._src.llc import effective_parameter_count as effective_parameter_count
 from degenjax._src.llc import estimate_llc as estimate_llc
@@ -135,6 +137,8 @@ __all__ = [
     "SGNHTState",
     "SGLDKernel",
     "SGLDKernelState",
+    "convergence",
+    "Convergence",
     "behavioral_loss",
     "effective_parameter_count",
     "estimate_llc",

@@ -167,18 +167,19 @@ def llc(
         if not np.all(np.isfinite(np.asarray(res.loss_trace))):
             raise FloatingPointError(f"SGLD diverged (non-finite loss) with step_size={step_size:g}; use a smaller "
                                      "--step-size or a larger --localization.")
-        from degenjax._src.sweep import _ess_rhat
-
-        ess, rhat = _ess_rhat(np.asarray(res.loss_trace, np.float64))
-        res = res._replace(ess=np.asarray(ess), rhat=np.asarray(rhat))
     res = jax.device_get(res)
+    from degenjax._src.diagnostics import convergence
+
+    conv = convergence(res.loss_trace)  # the same numbers with and without --progress
+    res = res._replace(ess=np.asarray(conv.ess), rhat=np.asarray(conv.rhat),
+                       llc_mcse=np.asarray(float(res.nbeta) * conv.mcse))
     result = {
         "target": target, "checkpoint": None if checkpoint is None else str(checkpoint),
         "llc": float(res.llc_mean), "llc_std": float(res.llc_std),
         "llc_per_chain": np.asarray(res.llc_per_chain).tolist(),
         "n_eff": float(effective_parameter_count(res.llc_mean)), "init_loss": float(res.init_loss),
         "mala_acceptance": float(res.mala_acceptance), "ess": float(res.ess), "rhat": float(res.rhat),
-        "nbeta": float(res.nbeta),
+        "llc_mcse": float(res.llc_mcse), "converged": conv.converged, "nbeta": float(res.nbeta),
         "settings": {"step_size": step_size, "nbeta": nbeta, "localization": localization,
                      "num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
                      "batch_size": batch_size, "sampler": sampler.value, "seed": seed},
@@ -186,6 +187,8 @@ def llc(
     typer.echo(f"LLC = {result['llc']:.5g} +- {result['llc_std']:.3g} (N_eff = {result['n_eff']:.4g}), "
                f"L_n(w*) = {result['init_loss']:.5g}, MALA acceptance = {result['mala_acceptance']:.2f}, "
                f"ESS = {result['ess']:.1f}, R-hat = {result['rhat']:.3f}")
+    if not conv.converged:
+        typer.echo(f"Warning: {conv.message}.")
     if out is not None:
         _write_json(out, result)
     if plot is not None:

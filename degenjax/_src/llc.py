@@ -31,6 +31,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src import sgld as sgld_lib
+from degenjax._src.diagnostics import convergence
 from degenjax._src.hashing import fmix32
 from degenjax._src.validation import check_finite_params, is_traced
 
@@ -57,6 +58,8 @@ class LLCResult(NamedTuple):
         ``jax.jit``).
       rhat: scalar split R-hat of ``loss_trace`` (``numpyro.diagnostics.split_gelman_rubin``; NaN under ``jax.jit``).
       nbeta: scalar ``n * beta`` used.
+      llc_mcse: scalar Monte Carlo standard error of ``llc_mean`` (``nbeta * sd(loss_trace) / sqrt(ess)``; NaN
+        under ``jax.jit``). `degenjax.convergence` computes all three from a trace after a jitted run.
     """
 
     llc_mean: jax.Array
@@ -69,6 +72,7 @@ class LLCResult(NamedTuple):
     ess: jax.Array
     rhat: jax.Array
     nbeta: jax.Array
+    llc_mcse: jax.Array = float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,8 +465,15 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     accs = xp.concatenate([xp.asarray(c) for c in acc_chunks], axis=0)[num_burnin:total]
     result = _summarize(xp, losses.T, accs, xp.asarray(init_loss), nbeta)
     if not traced:
-        ess, rhat = _ess_rhat(np.asarray(result.loss_trace))
-        result = jax.tree.map(jax.device_put, result._replace(ess=ess, rhat=rhat))  # no per-shape compilation
+        conv = convergence(result.loss_trace)
+        dtype = result.loss_trace.dtype
+        result = result._replace(ess=np.asarray(conv.ess, dtype), rhat=np.asarray(conv.rhat, dtype),
+                                 llc_mcse=np.asarray(float(result.nbeta) * conv.mcse, dtype))
+        result = jax.tree.map(jax.device_put, result)  # no per-shape compilation
+        if warn and not conv.converged:
+            warnings.warn(f"LLC estimate {float(result.llc_mean):.4g}: {conv.message}.", RuntimeWarning, stacklevel=2)
+    else:
+        result = result._replace(llc_mcse=jnp.full((), jnp.nan, result.loss_trace.dtype))
     if warn and not traced:
         _warn(result, step_size)
     return result
@@ -486,7 +497,7 @@ def _summarize(xp, loss_trace, accs, init_loss, nbeta) -> LLCResult:
     mala_per_chain = xp.where(count > 0, xp.sum(acc_sum, axis=0) / xp.maximum(count, 1), nan)
     return LLCResult(llc_mean=xp.mean(llc_per_chain), llc_std=llc_std, llc_per_chain=llc_per_chain,
                      loss_trace=loss_trace, init_loss=init_loss, mala_acceptance=mala, mala_per_chain=mala_per_chain,
-                     ess=nan, rhat=nan, nbeta=nbeta)
+                     ess=nan, rhat=nan, nbeta=nbeta, llc_mcse=nan)
 
 
 def _check_finite(losses: np.ndarray, t0: int, total: int, step_size) -> None:
@@ -501,22 +512,6 @@ def _check_finite(losses: np.ndarray, t0: int, total: int, step_size) -> None:
         f"SGLD diverged: chain {int(chain)} has a non-finite loss ({valid[step, chain]}) at step {t0 + int(step)} "
         f"with step_size={eps:g}. Use a smaller step size (e.g. {eps / 10:g}), a larger localization, or check "
         "that params is a trained minimum.")
-
-
-def _ess_rhat(loss_trace: np.ndarray):
-    """ESS and split R-hat of a ``(chains, draws)`` trace with numpyro.diagnostics (NaN when too short)."""
-    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
-
-    x = np.asarray(loss_trace, np.float64)
-    out = []
-    for fn, min_draws in ((effective_sample_size, 2), (split_gelman_rubin, 4)):
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                out.append(float(fn(x)) if x.shape[1] >= min_draws else float("nan"))
-            except (ValueError, AssertionError, FloatingPointError, ZeroDivisionError):
-                out.append(float("nan"))
-    return tuple(np.asarray(v, loss_trace.dtype) for v in out)
 
 
 def _warn(result: LLCResult, step_size) -> None:

@@ -222,11 +222,11 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
         llc = jax.jit(lambda k, p, d: estimate_llc(k, loss_fn, p, d, **llc_kw))(jax.random.key(config.seed + 1),
                                                                                 params, data)
     llc = jax.device_get(llc)
-    if not np.isfinite(float(llc.ess)):
-        from degenjax._src.sweep import _ess_rhat
+    from degenjax._src.diagnostics import convergence
 
-        ess, rhat = _ess_rhat(np.asarray(llc.loss_trace, np.float64))
-        llc = llc._replace(ess=np.asarray(ess), rhat=np.asarray(rhat))
+    conv = convergence(llc.loss_trace)  # the same numbers whether or not the run was jitted
+    llc = llc._replace(ess=np.asarray(conv.ess), rhat=np.asarray(conv.rhat),
+                       llc_mcse=np.asarray(float(llc.nbeta) * conv.mcse))
     timings["llc_s"] = time.perf_counter() - t3
 
     np.savez(out / "edges.npz", **{f"{kind}_{l}": np.asarray(e) for kind, es in edges.items() for l, e in enumerate(es)},
@@ -278,7 +278,8 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
         "llc": float(llc.llc_mean), "llc_std": float(llc.llc_std), "llc_per_chain": _host(llc.llc_per_chain),
         "n_eff": n_eff_mean, "n_eff_std": float(2.0 * llc.llc_std), "init_loss": float(llc.init_loss),
         "nbeta": float(llc.nbeta), "mala_acceptance": float(llc.mala_acceptance), "ess": float(llc.ess),
-        "rhat": float(llc.rhat),
+        "rhat": float(llc.rhat), "llc_mcse": float(llc.llc_mcse), "converged": conv.converged,
+        "convergence_message": conv.message,
         "layers": layers,
         "edges": edge_report,
         "degeneracy": {"totals": degen.totals(),
@@ -326,7 +327,10 @@ def _markdown(r: dict, degeneracy_table: str) -> str:
         f"- LLC = **{_fmt(r['llc'])}** +- {_fmt(r['llc_std'], '.3g')} (std over {len(r['llc_per_chain'])} chains); "
         f"N_eff = 2 LLC = **{_fmt(r['n_eff'])}** of {m['num_params']} parameters.",
         f"- nbeta = {_fmt(r['nbeta'])}, L_n(w*) = {_fmt(r['init_loss'])}, MALA acceptance = "
-        f"{_fmt(r['mala_acceptance'], '.3f')}, ESS = {_fmt(r['ess'], '.1f')}, R-hat = {_fmt(r['rhat'], '.3f')}.",
+        f"{_fmt(r['mala_acceptance'], '.3f')}, ESS = {_fmt(r['ess'], '.1f')}, R-hat = {_fmt(r['rhat'], '.3f')}, "
+        f"MCSE of the LLC = {_fmt(r['llc_mcse'], '.3g')}.",
+        "- " + ("Converged (R-hat <= 1.05, ESS >= 100)." if r["converged"]
+                else f"**Warning: {r['convergence_message']}.**"),
         "",
         "![LLC loss traces](llc_traces.png)",
         "",

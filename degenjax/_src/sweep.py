@@ -46,12 +46,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from degenjax._src.diagnostics import convergence
+
 GRID_AXES = ("step_size", "nbeta", "localization")
 SAMPLER_KEYS = ("num_chains", "num_draws", "batch_size", "num_burnin", "sampler")
 _SAMPLER_INT_KEYS = ("num_chains", "num_draws", "batch_size", "num_burnin")
 _TOP_KEYS = ("entry", "checkpoints", "seed", "sampler", "grid")
 CSV_COLUMNS = ("checkpoint", "step_size", "nbeta", "localization", "llc_mean", "llc_std", "n_eff", "init_loss",
-               "mala_acceptance", "ess", "rhat", "diverged", "seconds", "llc_per_chain", "cell")
+               "mala_acceptance", "ess", "rhat", "llc_mcse", "converged", "diverged", "seconds", "llc_per_chain",
+               "cell")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +389,8 @@ def make_llc_cell(loss_fn: Callable, data, sampler: dict, *, mesh="auto") -> Cal
 
     Returns:
       ``cell(rng_key, params, *, step_size, nbeta, localization) -> dict`` with ``llc_mean``, ``llc_std``,
-      ``llc_per_chain``, ``init_loss``, ``mala_acceptance``, ``n_eff``, ``ess``, ``rhat``, ``diverged``.
+      ``llc_per_chain``, ``init_loss``, ``mala_acceptance``, ``n_eff``, ``ess``, ``rhat``, ``llc_mcse``,
+      ``converged`` (`degenjax.convergence`), ``diverged``.
     """
     from degenjax._src.llc import effective_parameter_count, estimate_llc
 
@@ -415,23 +419,12 @@ def make_llc_cell(loss_fn: Callable, data, sampler: dict, *, mesh="auto") -> Cal
         out = jax.device_get(out)
         trace = np.asarray(out.pop("loss_trace"), np.float64)
         out["diverged"] = bool(not np.all(np.isfinite(trace)))
-        out["ess"], out["rhat"] = _ess_rhat(trace)
+        conv = convergence(trace)
+        out["ess"], out["rhat"], out["converged"] = conv.ess, conv.rhat, conv.converged
+        out["llc_mcse"] = float(out["nbeta_used"]) * conv.mcse
         return out
 
     return cell
-
-
-def _ess_rhat(trace: np.ndarray) -> tuple[float, float]:
-    """ESS and split R-hat of a ``(chains, draws)`` loss trace (numpyro.diagnostics); NaN when undefined."""
-    import warnings
-
-    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
-
-    if not np.all(np.isfinite(trace)) or trace.shape[1] < 4:
-        return float("nan"), float("nan")
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(effective_sample_size(trace)), float(split_gelman_rubin(trace))
 
 
 # ---------------------------------------------------------------------------------------------------------------
