@@ -153,7 +153,7 @@ def write_reference() -> None:
         names = pages[page]
         links = ", ".join(f"[`{n}`][degenjax.{n}]" for n in names) or "(none)"
         overview.append(f"| [{title}]({page}.md) | {links} |")
-        lines = [f"# {title}\n", intro + "\n"]
+        lines = [f"# {title} {{#api-{page}}}\n", intro + "\n"]  # "api-": unique anchors across pages
         if not names:
             lines.append("No public names in this area.\n")
         lines += [_object_block(n) for n in names]
@@ -190,7 +190,7 @@ def write_cli() -> None:
     for name, command in commands.items():
         sub = click.Context(command, info_name=name, parent=ctx, terminal_width=width, max_content_width=width)
         summary = (command.get_short_help_str(limit=200) or "").strip()
-        lines += [f"## degenjax {name} {{#{name}}}\n"]
+        lines += [f"## degenjax {name} {{#cli-{name}}}\n"]  # "cli-" keeps anchors unique across pages
         if summary:
             lines.append(summary + "\n")
         lines += ["```text", f"$ degenjax {name} --help", _help(command, sub), "```\n"]

@@ -21,8 +21,8 @@ import degenjax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "mkdocs.yml"
 
-# Anchors that docstrings and notebooks link to (maths.md#NAME, conventions.md#NAME): renaming one breaks those
-# links, so the set is fixed here. Add freely; remove only together with every link to it.
+# Anchors that docstrings and notebooks link to (`[text][NAME]` in a docstring, maths.md#NAME from a page): renaming
+# one breaks those links, so the set is fixed here. Add freely; remove only together with every link to it.
 MATHS_ANCHORS = {
     "notation", "sections", "grams", "activation-gram", "jacobian-gram", "random-sources", "streaming",
     "interaction-basis", "basis-steps", "truncation", "constant-direction", "basis-invariants", "baselines",
@@ -100,6 +100,12 @@ def test_every_public_name_is_in_the_reference(site):
 def test_maths_and_conventions_anchors(site):
     assert not MATHS_ANCHORS - _ids(site / "maths" / "index.html")
     assert not CONVENTIONS_ANCHORS - _ids(site / "conventions" / "index.html")
+    # Docstrings link to these headings as `[text][anchor]` (mkdocs-autorefs resolves them from any page), which
+    # needs each anchor on one page only.
+    pages = {page: _ids(page) for page in site.rglob("index.html")}
+    for anchor in MATHS_ANCHORS | CONVENTIONS_ANCHORS:
+        holders = [str(page.relative_to(site)) for page, ids in pages.items() if anchor in ids]
+        assert len(holders) == 1, (anchor, holders)
 
 
 def test_cli_page_is_the_help_of_every_command(site):
@@ -112,7 +118,7 @@ def test_cli_page_is_the_help_of_every_command(site):
     assert commands
     for name in commands:
         assert f"Usage: degenjax {name} [OPTIONS]" in text, name
-        assert f'id="{name}"' in text, name
+        assert f'id="cli-{name}"' in text, name
 
 
 def test_example_page_is_the_readme_example(site):
