@@ -1,11 +1,12 @@
 # The two README commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# `make docs` builds the documentation site into site/ (offline, strict: any warning fails the build).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +27,12 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/degenjax quickstart --out demo-report
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/grams.py && $(PY) benchmarks/eigen.py && $(PY) benchmarks/basis.py && $(PY) benchmarks/llc.py
 
 clean:
-	rm -rf $(VENV) demo-report
+	rm -rf $(VENV) demo-report site
