@@ -270,9 +270,10 @@ def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None
 
 @functools.lru_cache(maxsize=32)
 def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding,
-                  batch_sharding=None, metrics_fn=None, metrics_every: int = 1):
+                  batch_sharding=None, metrics_fn=None, metrics_every: int = 1, control_variate: bool = False):
     """A jitted ``run_chunk(carry, ts, ctx) -> (carry, (losses, accs, metrics))`` advancing all chains over the
     steps ``ts``; ``carry = (states, loss_sum, count)`` (the sums of recorded losses, for ``running_llc``).
+    With ``control_variate`` the recorded loss is ``L_B(w_t) - L_B(w*) + L_n(w*)`` (one more forward pass per step).
 
     Cached on everything that fixes the program's structure, so repeated calls (sweeps over checkpoints, step
     sizes, nbeta, localization, the recipe's ladder) reuse one compilation: data, params, keys, the mask and the
@@ -301,6 +302,9 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
                                        localization=localization, mala=mala, **extra)
             new_states, info = jax.vmap(kernel)(step_keys, states, batch)
             new_states = _constrain(new_states, chain_sharding)
+            if control_variate:  # L_B(w_t) - L_B(w*) + L_n(w*): the same mean, without the minibatch's own noise
+                at_star = jax.vmap(loss_fn, (None, 0))(params, batch).astype(info.loss.dtype)
+                info = info._replace(loss=info.loss - at_star + init_loss.astype(info.loss.dtype))
             recorded = t >= num_burnin
             loss_sum = loss_sum + jnp.where(recorded, info.loss, jnp.zeros_like(info.loss))
             count = count + recorded.astype(count.dtype)
@@ -360,7 +364,8 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
                  num_chunks: int | None = None, progress: bool = False, mesh=None, chain_axis: str | None = None,
                  data_axis: str | None = None, eval_batch_size: int | None = None, warn: bool = True,
                  mask=None, data_subset=None, metrics_fn: Callable | None = None, metrics_every: int = 1,
-                 on_divergence: str = "raise", recipe_kwargs: dict | None = None) -> LLCResult:
+                 on_divergence: str = "raise", control_variate: bool = False,
+                 recipe_kwargs: dict | None = None) -> LLCResult:
     """Estimates the local learning coefficient lambda^ at ``params`` (arXiv 2405.10927 section 2).
 
     All chains advance together (``vmap`` over chains inside one ``lax.scan``); the scan is split into
@@ -412,6 +417,10 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
       on_divergence: ``"raise"`` (`LLCDivergenceError` at the first non-finite loss), ``"drop"`` (finish, and
         summarize only the finite chains; ``diverged`` marks the others) or ``"flag"`` (finish; the summary
         includes the diverged chains, so it is NaN, and ``diverged`` marks them).
+      control_variate: record ``L_B(w_t) - L_B(w*) + L_n(w*)`` instead of ``L_B(w_t)``: the same expectation (the
+        minibatches are uniform over each epoch), without the minibatch's own sampling noise, which at a large
+        ``nbeta`` dominates the draw-to-draw variance of the trace (one more forward pass per step; default off, as
+        devinterp). ``step_size="auto"`` uses it.
       recipe_kwargs: options of the recipe with ``step_size="auto"`` (see `degenjax._src.recipe.llc_recipe`).
 
     Returns:
@@ -478,7 +487,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     states, perm_keys, noise_keys = _constrain((states, perm_keys, noise_keys), chain_sharding)
 
     run_chunk = _runner(_chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n, batch_size,
-                        mala_every, chain_sharding, batch_sharding, metrics_fn, metrics_every)
+                        mala_every, chain_sharding, batch_sharding, metrics_fn, metrics_every, bool(control_variate))
     dtype = jnp.result_type(init_loss)
     ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization, mask, init_loss,
            jnp.asarray(num_burnin, jnp.int32))
