@@ -300,19 +300,50 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             return _fail(f"every first rung diverged (steps {_steps(tried)})", tried,
                          h_max, init_loss, nbeta, num_chains, dtype, t_start, used, on_divergence, warn, n)
     cost_factor = sum(ratio ** k for k in range(num_rungs))
+    previous = None
     while True:
         row, _ = stats(rung)
         rel = row["llc_se"] / max(abs(row["llc_mean"]), 1e-12)
+        # drift: this window [T/2, T] against the previous one [T/4, T/2] (disjoint, so independent errors)
+        drift_ok = previous is not None and abs(row["llc_mean"] - previous["llc_mean"]) <= max(
+            3.0 * math.hypot(row["llc_se"], previous["llc_se"]), target_rel * abs(row["llc_mean"]))
         say(f"rung 0: step {eps0:.3g}, {rung.steps} steps: lambda^ {row['llc_mean']:.4g} +- {row['llc_se']:.2g}, "
             f"R-hat {row['rhat']:.3f}, ESS {row['ess']:.0f}")
-        good = row["converged"] and row["ess"] >= min_ess and rel <= target_rel / 2
-        next_total = used + rung.steps + rung.steps * (cost_factor - 1) * 2
+        good = row["converged"] and row["ess"] >= min_ess and rel <= target_rel / 2 and drift_ok
+        next_total = used + rung.steps * (1 + 2 * (cost_factor - 1))
         if good or next_total > max_steps:
+            first_rung_settled = good
             break
+        previous = row
         ok = rung.extend(rung.steps)
         used += rung.steps // 2
         if not ok:
+            first_rung_settled = False
             break
+    # The curvature where the chains are, not only at w*: in a singular model they move into regions (the "arms"
+    # of the degenerate set) that are far stiffer than w*, and a ladder scaled to w* is then not in its linear
+    # regime. Measured at the end of the first rung; the ladder restarts lower when it is > 2x the estimate.
+    positions = jax.tree.map(lambda x: x, rung.carry[0].position)
+    h_run = max(top_curvature(loss_fn, jax.tree.map(lambda x: x[c], positions), data, nbeta=nbeta,
+                              localization=localization, mask=mask, num_iters=20,
+                              rng_key=jax.random.fold_in(rng_key, 11 + c)) for c in range(min(num_chains, 4))) + wd
+    stiff_note = None
+    if first_step_size is None and h_run > 2.0 * h_max:
+        steps_new = int(round(rung.steps * (eps0 * h_run / scale) / chunk_len)) * chunk_len
+        if used + steps_new * cost_factor <= max_steps:
+            say(f"curvature along the chains {h_run:.3g} > 2 x {h_max:.3g} at w*: restarting the ladder at "
+                f"{scale / h_run:.3g} with the same diffusion time")
+            tried.append(dict(stats(rung)[0], note="restarted: stiffer along the chains"))
+            eps0, h_max = scale / h_run, h_run
+            rung = new_rung(eps0)
+            ok = rung.extend(steps_new)
+            used += rung.steps
+            first_rung_settled = first_rung_settled and ok
+        else:
+            stiff_note = (f"the chains reach regions {h_run / h_max:.1f}x stiffer than w* (curvature {h_run:.3g}), so "
+                          f"the ladder should start near {scale / h_run:.3g}, which needs ~{steps_new * cost_factor:.3g} "
+                          "steps per chain")
+            say(stiff_note + "; over the budget")
     steps0 = rung.steps
     rungs = [rung]
     eps = eps0
@@ -377,6 +408,11 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     finest = rows[-1]
     unc = math.sqrt(se ** 2 + bias ** 2)
     problems = []
+    if stiff_note is not None:
+        problems.append(stiff_note + f" (budget max_steps={max_steps})")
+    if not first_rung_settled:
+        problems.append("the first rung did not settle within the budget (still drifting, not converged or not "
+                        f"precise after {steps0} steps: the chains may not have reached equilibrium)")
     if not finest["converged"]:
         problems.append(f"the finest rung is not converged (R-hat {finest['rhat']:.3f}, ESS {finest['ess']:.0f})")
     if not linear:
