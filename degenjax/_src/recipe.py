@@ -12,8 +12,11 @@ only the first of the three terms, which is why an acceptance band recommended a
 The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates to ``eps -> 0`` (Richardson):
 
 1. *Scale*: ``h_max``, the largest eigenvalue of the Hessian of the potential ``nbeta L + gamma/2 ||w - w*||^2`` at
-   ``w*`` (power iteration with Hessian-vector products on up to ``curvature_points`` data points), and the first
-   rung ``eps_0 = scale / h_max`` (default ``scale = 0.5``, well inside SGLD's stability limit ``eps h < 4``).
+   ``w*`` (power iteration with Hessian-vector products on up to 4096 data points), and the first rung
+   ``eps_0 = scale / h_max`` (default ``scale = 0.5``, well inside SGLD's stability limit ``eps h < 4``). After the
+   first rung the curvature is measured again at the chains' positions: a singular model's chains move into
+   regions far stiffer than ``w*``, and when ``eps_0`` times that curvature exceeds 2.5 the ladder restarts at
+   ``scale`` over it (or, over the budget, the report says so).
 2. *Ladder*: rungs ``eps_k = eps_0 / ratio^k`` (``ratio = 3``, three rungs). Every rung runs for the same
    *diffusion time* ``T = steps x eps`` (``steps_k = steps_0 ratio^k``) and discards the first half: the rungs then
    average the same stretch of the sampler's continuous-time path, so their differences are step-size bias, not
@@ -322,16 +325,18 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             break
     # The curvature where the chains are, not only at w*: in a singular model they move into regions (the "arms"
     # of the degenerate set) that are far stiffer than w*, and a ladder scaled to w* is then not in its linear
-    # regime. Measured at the end of the first rung; the ladder restarts lower when it is > 2x the estimate.
+    # regime. Measured at the end of the first rung; the ladder restarts lower when the first step times that
+    # curvature exceeds 2.5 (past 5/8 of SGLD's stability limit eps h = 4 on a Gaussian, where the variance factor
+    # 1 / (1 - eps h / 4) is above 2.6 and the ladder is far from linear).
     positions = jax.tree.map(lambda x: x, rung.carry[0].position)
     h_run = max(top_curvature(loss_fn, jax.tree.map(lambda x: x[c], positions), data, nbeta=nbeta,
                               localization=localization, mask=mask, num_iters=20,
                               rng_key=jax.random.fold_in(rng_key, 11 + c)) for c in range(min(num_chains, 4))) + wd
     stiff_note = None
-    if first_step_size is None and h_run > 2.0 * h_max:
+    if first_step_size is None and eps0 * h_run > 2.5:
         steps_new = int(round(rung.steps * (eps0 * h_run / scale) / chunk_len)) * chunk_len
         if used + steps_new * cost_factor <= max_steps:
-            say(f"curvature along the chains {h_run:.3g} > 2 x {h_max:.3g} at w*: restarting the ladder at "
+            say(f"curvature along the chains {h_run:.3g} ({h_run / h_max:.1f}x that at w*): restarting the ladder at "
                 f"{scale / h_run:.3g} with the same diffusion time")
             tried.append(dict(stats(rung)[0], note="restarted: stiffer along the chains"))
             eps0, h_max = scale / h_run, h_run

@@ -113,8 +113,9 @@ def trace_table(result, *, as_dataframe: bool = False):
 
 
 def to_inference_data(result):
-    """An ArviZ ``InferenceData`` with ``posterior`` variables ``loss`` and ``llc_draw`` (dims ``chain, draw``),
-    each ``metrics_fn`` trace (dims ``chain, metric_draw``), and the summary in ``attrs`` (`llc_record`).
+    """An ArviZ ``InferenceData`` with ``posterior`` variables ``loss`` and ``llc_draw`` (dims ``chain, draw``), each
+    ``metrics_fn`` trace as ``sample_stats`` variable ``metric_<name>`` (dims ``chain, draw``, its own draws: every
+    ``metrics_every``-th), and the summary in the ``posterior`` attributes (`llc_record`).
 
     Raises:
       ImportError: when arviz is not installed.
@@ -126,13 +127,13 @@ def to_inference_data(result):
     trace = np.asarray(result.loss_trace, np.float64)
     nbeta, init = float(np.asarray(result.nbeta)), float(np.asarray(result.init_loss))
     posterior = {"loss": trace, "llc_draw": nbeta * (trace - init)}
-    dims = {"loss": ["chain", "draw"], "llc_draw": ["chain", "draw"]}
-    for k, v in (result.metrics or {}).items():
-        posterior[f"metric_{k}"] = np.asarray(v, np.float64)
-        dims[f"metric_{k}"] = ["chain", "metric_draw"]
+    # metrics have their own draw axis (every metrics_every-th draw): their own group
+    stats = {f"metric_{k}": np.asarray(v, np.float64) for k, v in (result.metrics or {}).items()}
     attrs = {k: v for k, v in llc_record(result).items() if v is not None and not isinstance(v, list)}
     attrs = {k: (int(v) if isinstance(v, bool) else v) for k, v in attrs.items()}
-    return az.from_dict(posterior=posterior, dims=dims, attrs=attrs)
+    idata = az.from_dict(posterior=posterior, sample_stats=stats or None, attrs=attrs)
+    idata.posterior.attrs.update(attrs)
+    return idata
 
 
 def save_traces(path, result, **settings) -> pathlib.Path:
