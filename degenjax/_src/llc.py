@@ -46,7 +46,7 @@ from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_
 from degenjax._src.diagnostics import (LLCDivergenceError, convergence, divergence_error, first_divergence,
                                        warn_result)
 from degenjax._src.minibatch import (batch_indices, chain_keys, chain_streams, epoch_positions, full_loss,
-                                     gather_batch, init_key, round_keys)
+                                     gather_batch, iid_batch_indices, init_key, round_keys)
 from degenjax._src.validation import is_traced
 
 ArrayTree = Any
@@ -270,10 +270,12 @@ def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None
 
 @functools.lru_cache(maxsize=32)
 def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding,
-                  batch_sharding=None, metrics_fn=None, metrics_every: int = 1, control_variate: bool = False):
+                  batch_sharding=None, metrics_fn=None, metrics_every: int = 1, control_variate: bool = False,
+                  replacement: bool = False):
     """A jitted ``run_chunk(carry, ts, ctx) -> (carry, (losses, accs, metrics))`` advancing all chains over the
     steps ``ts``; ``carry = (states, loss_sum, count)`` (the sums of recorded losses, for ``running_llc``).
-    With ``control_variate`` the recorded loss is ``L_B(w_t) - L_B(w*) + L_n(w*)`` (one more forward pass per step).
+    With ``control_variate`` the recorded loss is ``L_B(w_t) - L_B(w*) + L_n(w*)`` (one more forward pass per step);
+    with ``replacement`` minibatches are drawn independently with replacement (`iid_batch_indices`).
 
     Cached on everything that fixes the program's structure, so repeated calls (sweeps over checkpoints, step
     sizes, nbeta, localization, the recipe's ladder) reuse one compilation: data, params, keys, the mask and the
@@ -284,7 +286,7 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
 
     def run_chunk(carry, ts, ctx):
         data, params, perm_keys, noise_keys, step_size, nbeta, localization, mask, init_loss, num_burnin = ctx
-        indices = jax.vmap(batch_indices, (0, None, None, None))
+        indices = jax.vmap(iid_batch_indices if replacement else batch_indices, (0, None, None, None))
         extra = dict(sampler_kwargs)
         if mask is not None:
             extra["mask"] = mask
@@ -364,7 +366,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
                  num_chunks: int | None = None, progress: bool = False, mesh=None, chain_axis: str | None = None,
                  data_axis: str | None = None, eval_batch_size: int | None = None, warn: bool = True,
                  mask=None, data_subset=None, metrics_fn: Callable | None = None, metrics_every: int = 1,
-                 on_divergence: str = "raise", control_variate: bool = False,
+                 on_divergence: str = "raise", control_variate: bool = False, replacement: bool = False,
                  recipe_kwargs: dict | None = None) -> LLCResult:
     """Estimates the local learning coefficient lambda^ at ``params`` (arXiv 2405.10927 section 2).
 
@@ -421,6 +423,12 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         minibatches are uniform over each epoch), without the minibatch's own sampling noise, which at a large
         ``nbeta`` dominates the draw-to-draw variance of the trace (one more forward pass per step; default off, as
         devinterp). ``step_size="auto"`` uses it.
+      replacement: draw every minibatch independently, with replacement (`iid_batch_indices`), instead of without
+        replacement within epochs (the default, as devinterp's shuffled DataLoader). Then the step's minibatch is
+        independent of the position, so ``E[L_B(w_t)] = L_n(w_t)``; without replacement a position fitted to the
+        epoch's earlier minibatches reads the rest of the epoch higher (a bias of lambda^ that, like the gradient
+        noise, changes character when the chains' relaxation time crosses the epoch length). ``step_size="auto"``
+        uses it.
       recipe_kwargs: options of the recipe with ``step_size="auto"`` (see `degenjax._src.recipe.llc_recipe`).
 
     Returns:
@@ -487,7 +495,8 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     states, perm_keys, noise_keys = _constrain((states, perm_keys, noise_keys), chain_sharding)
 
     run_chunk = _runner(_chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n, batch_size,
-                        mala_every, chain_sharding, batch_sharding, metrics_fn, metrics_every, bool(control_variate))
+                        mala_every, chain_sharding, batch_sharding, metrics_fn, metrics_every, bool(control_variate),
+                        bool(replacement))
     dtype = jnp.result_type(init_loss)
     ctx = (data, params, perm_keys, noise_keys, step_size, nbeta, localization, mask, init_loss,
            jnp.asarray(num_burnin, jnp.int32))

@@ -110,6 +110,26 @@ def batch_indices(perm_key, t, n: int, batch_size: int) -> jax.Array:
     return epoch_positions(perm_key, epoch, positions, n)
 
 
+def iid_batch_indices(perm_key, t, n: int, batch_size: int) -> jax.Array:
+    """The data indices ``(batch_size,)`` int32 of step ``t`` drawn uniformly *with* replacement, independently
+    across steps: ``h_t = fmix32(... fmix32(t ^ 0x9E3779B9) ^ k_0 ... ^ k_m)`` over the words ``k`` of
+    ``perm_key``'s key data, then index ``j`` is ``fmix32(h_t ^ (j + 1) * 0x9E3779B9) mod n`` (modulo bias below
+    ``n / 2^32``).
+
+    With independent minibatches the step's minibatch is independent of the position it is read at, so
+    ``E[L_B(w_t)] = L_n(w_t)`` exactly, and the step-size bias of lambda^ is first order in the step with no
+    epoch-length scale (the step-size recipe uses them; see `degenjax._src.recipe`).
+    """
+    if not 1 <= n < 2 ** 31:
+        raise ValueError(f"the minibatch order supports 1 <= n < 2**31 data points; got n={n}.")
+    words = jnp.ravel(jax.random.key_data(perm_key)).astype(jnp.uint32)
+    h = fmix32(jnp.asarray(t).astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+    for k in range(words.shape[0]):
+        h = fmix32(h ^ words[k])
+    j = (jnp.arange(batch_size, dtype=jnp.uint32) + jnp.uint32(1)) * jnp.uint32(0x9E3779B9)
+    return (fmix32(h ^ j) % jnp.uint32(n)).astype(jnp.int32)
+
+
 def gather_batch(data, idx: jax.Array):
     """``data`` at the indices ``idx`` along the leading axis of every leaf."""
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
