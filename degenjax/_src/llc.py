@@ -224,13 +224,13 @@ def restrict_data(data: ArrayTree, subset) -> ArrayTree:
 # Compiled runners
 
 
-def _constrain(tree, sharding):
+def constrain(tree, sharding):
     if sharding is None:
         return tree
     return jax.tree.map(lambda x: lax.with_sharding_constraint(x, sharding), tree)
 
 
-def _runner(factory, *args):
+def cached_runner(factory, *args):
     """``factory(*args)`` from its cache, or built for this call only when an argument is unhashable (a loss
     function or sampler hyperparameter that cannot be a cache key)."""
     try:
@@ -247,9 +247,9 @@ def _accepts(fn, name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None, masked: bool):
+def prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None, masked: bool):
     """A jitted ``(rng_key, params, data, mask) -> (L_n(w*), perm_keys, noise_keys, chain states)``: one compiled
-    program (cached like `_chunk_runner`) instead of a dozen eager operations, each compiled on its first use."""
+    program (cached like `chunk_runner`) instead of a dozen eager operations, each compiled on its first use."""
     keyed = _accepts(algo.init, "rng_key")
     init_mask = masked and _accepts(algo.init, "mask")
 
@@ -269,7 +269,7 @@ def _prologue_runner(loss_fn, algo, num_chains: int, eval_batch_size: int | None
 
 
 @functools.lru_cache(maxsize=32)
-def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding,
+def chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_every: int, chain_sharding,
                   batch_sharding=None, metrics_fn=None, metrics_every: int = 1, control_variate: bool = False,
                   replacement: bool = False):
     """A jitted ``run_chunk(carry, ts, ctx) -> (carry, (losses, accs, metrics))`` advancing all chains over the
@@ -296,14 +296,14 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
         # element of every data leaf, most of the step of a small model).
         def body(carry, t):
             (states, loss_sum, count), idx = carry
-            batch = _constrain(jax.vmap(gather_batch, (None, 0))(data, idx), batch_sharding)
+            batch = constrain(jax.vmap(gather_batch, (None, 0))(data, idx), batch_sharding)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(noise_keys, t)
             # the MALA flag depends only on t (not batched over chains): the extra gradient runs only on those steps
             mala = (t % mala_every == 0) if mala_every > 0 else False
             kernel = algo.build_kernel(loss_fn, params, step_size=step_size, nbeta=nbeta,
                                        localization=localization, mala=mala, **extra)
             new_states, info = jax.vmap(kernel)(step_keys, states, batch)
-            new_states = _constrain(new_states, chain_sharding)
+            new_states = constrain(new_states, chain_sharding)
             if control_variate:  # L_B(w_t) - L_B(w*) + L_n(w*): the same mean, without the minibatch's own noise
                 at_star = jax.vmap(loss_fn, (None, 0))(params, batch).astype(info.loss.dtype)
                 info = info._replace(loss=info.loss - at_star + init_loss.astype(info.loss.dtype))
@@ -324,7 +324,7 @@ def _chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_ev
                 do = recorded & ((t - num_burnin) % metrics_every == 0)
                 mets = lax.cond(do, compute, lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
                                                                   shapes))
-            next_idx = _constrain(indices(perm_keys, t + 1, n, batch_size), batch_sharding or chain_sharding)
+            next_idx = constrain(indices(perm_keys, t + 1, n, batch_size), batch_sharding or chain_sharding)
             return ((new_states, loss_sum, count), next_idx), (info.loss, info.mala_acceptance, mets)
 
         (carry, _), trace = lax.scan(body, (carry, indices(perm_keys, ts[0], n, batch_size)), ts)
@@ -487,14 +487,14 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         num_chunks = min(check_positive_int("num_chunks", num_chunks), total)
     chunk_len = -(-total // num_chunks)
 
-    chain_sharding, batch_sharding = _shardings(mesh, chain_axis, data_axis, num_chains, batch_size)
-    prologue = _runner(_prologue_runner, loss_fn, algo, num_chains, eval_batch_size, mask is not None)
+    chain_sharding, batch_sharding = chain_shardings(mesh, chain_axis, data_axis, num_chains, batch_size)
+    prologue = cached_runner(prologue_runner, loss_fn, algo, num_chains, eval_batch_size, mask is not None)
     init_loss, perm_keys, noise_keys, states = prologue(rng_key, params, data, mask)
     if not traced:
         check_init_loss(init_loss)
-    states, perm_keys, noise_keys = _constrain((states, perm_keys, noise_keys), chain_sharding)
+    states, perm_keys, noise_keys = constrain((states, perm_keys, noise_keys), chain_sharding)
 
-    run_chunk = _runner(_chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n, batch_size,
+    run_chunk = cached_runner(chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n, batch_size,
                         mala_every, chain_sharding, batch_sharding, metrics_fn, metrics_every, bool(control_variate),
                         bool(replacement))
     dtype = jnp.result_type(init_loss)
@@ -539,7 +539,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
     return finish(result, warn=warn, step_size=step_size, stacklevel=3)
 
 
-def _shardings(mesh, chain_axis, data_axis, num_chains, batch_size):
+def chain_shardings(mesh, chain_axis, data_axis, num_chains, batch_size):
     """``(chain_sharding, batch_sharding)`` for a mesh (both None without one), after checking the axes."""
     if mesh is None:
         if chain_axis is not None or data_axis is not None:

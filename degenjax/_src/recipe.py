@@ -51,6 +51,7 @@ there, with ``w*`` the noisy teacher, is ~49.1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -131,16 +132,10 @@ def top_curvature(loss_fn: Callable, params, data, *, nbeta, localization, mask=
         idx = jax.random.choice(k1, n, (max_points,), replace=False)
         data = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
     masks = None if mask is None else jax.tree.map(lambda m, x: jnp.asarray(m, jnp.result_type(x)), mask, params)
+    iterate = llc_lib.cached_runner(_power_step, loss_fn)
 
     def project(v):
         return v if masks is None else jax.tree.map(jnp.multiply, v, masks)
-
-    @jax.jit
-    def iterate(v, params, data):
-        hv = jax.jvp(jax.grad(lambda p: loss_fn(p, data)), (params,), (v,))[1]
-        hv = project(hv)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(hv)))
-        return jax.tree.map(lambda x: x / norm, hv), norm
 
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(k2, len(leaves))
@@ -150,8 +145,23 @@ def top_curvature(loss_fn: Callable, params, data, *, nbeta, localization, mask=
     v = jax.tree.map(lambda x: x / norm0, v)
     lam = 0.0
     for _ in range(num_iters):
-        v, lam = iterate(v, params, data)
+        v, lam = iterate(v, params, data, masks)
     return float(nbeta) * float(lam) + float(localization)
+
+
+@functools.lru_cache(maxsize=32)
+def _power_step(loss_fn):
+    """A jitted power-iteration step ``(v, params, data, masks) -> (H v / |H v|, |H v|)`` (cached per loss, so the
+    recipe's repeated curvature measurements compile once)."""
+
+    def step(v, params, data, masks):
+        hv = jax.jvp(jax.grad(lambda p: loss_fn(p, data)), (params,), (v,))[1]
+        if masks is not None:
+            hv = jax.tree.map(jnp.multiply, hv, masks)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(hv)))
+        return jax.tree.map(lambda x: x / norm, hv), norm
+
+    return jax.jit(step)
 
 
 def _lagrange_at_zero(nodes: np.ndarray) -> np.ndarray:
@@ -260,13 +270,13 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     chunk_len = max(2, initial_steps // 4)
     initial_steps = 4 * chunk_len
 
-    chain_sharding, batch_sharding = llc_lib._shardings(mesh, chain_axis, data_axis, num_chains, batch_size)
-    prologue = llc_lib._runner(llc_lib._prologue_runner, loss_fn, algo, num_chains, eval_batch_size,
+    chain_sharding, batch_sharding = llc_lib.chain_shardings(mesh, chain_axis, data_axis, num_chains, batch_size)
+    prologue = llc_lib.cached_runner(llc_lib.prologue_runner, loss_fn, algo, num_chains, eval_batch_size,
                                mask is not None)
     init_loss, perm_keys, noise_keys, states0 = prologue(rng_key, params, data, mask)
     check_init_loss(init_loss)
-    states0, perm_keys, noise_keys = llc_lib._constrain((states0, perm_keys, noise_keys), chain_sharding)
-    run_chunk = llc_lib._runner(llc_lib._chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n,
+    states0, perm_keys, noise_keys = llc_lib.constrain((states0, perm_keys, noise_keys), chain_sharding)
+    run_chunk = llc_lib.cached_runner(llc_lib.chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n,
                                 batch_size, 0, chain_sharding, batch_sharding, None, 1, True, True)
     dtype = jnp.result_type(init_loss)
     init = float(init_loss)
