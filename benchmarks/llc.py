@@ -78,7 +78,11 @@ def _fast_loader(x, y, batch, seed):
     ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     gen = torch.Generator().manual_seed(seed)
     sampler = BatchSampler(RandomSampler(ds, generator=gen), batch_size=batch, drop_last=False)
-    return DataLoader(ds, sampler=sampler, batch_size=None)
+    loader = DataLoader(ds, sampler=sampler, batch_size=None)
+    # devinterp reads loader.batch_size for its default nbeta even when nbeta is given; the attribute is only read
+    # (iteration uses the batch sampler above), so set it past DataLoader's guard
+    object.__setattr__(loader, "batch_size", batch)
+    return loader
 
 
 def run_devinterp(ws, x, y, args, nbeta, init_loss, loader_kind="default"):

@@ -140,7 +140,8 @@ def run_case(name, args):
             "llc_mean": est, "llc_uncertainty": float(res.llc_uncertainty), "rel_error": est / exact - 1.0,
             "trustworthy": r.trustworthy, "step_size": r.step_size,
             "rungs": [(row["step_size"], row["llc_mean"]) for row in r.rungs], "total_steps": r.total_steps,
-            "recipe_s": wall, "one_estimate_s": float(finest["seconds"]), "dtype": "float64" if x64 else "float32"}
+            "recipe_s": wall, "one_estimate_s": float(finest["seconds"]), "dtype": "float64" if x64 else "float32",
+            "message": r.message}
 
 
 def main(argv=None):
@@ -187,6 +188,9 @@ def main(argv=None):
              "one estimate (s) | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [_line(r) for r in rows]
     text = "\n".join(table)
+    untrusted = [r for r in rows if not r["trustworthy"]]
+    if untrusted:
+        text += "\n\n" + "\n".join(f"- {r['case']}: {r.get('message', '')}" for r in untrusted)
     print(text)
     if not args.no_results:
         load = os.getloadavg()
