@@ -7,7 +7,12 @@ Three parts (``--parts``):
   chains one after another) and ``degenjax.estimate_llc`` (chains vmapped in one ``lax.scan``). Wall time includes
   compilation; lambda^ is compared with the exact value ``degenjax.theory.dln_learning_coefficient``. devinterp is
   given the full-data ``L_n(w*)`` as ``init_loss`` (its default averages a few minibatches, which at nbeta ~ 1e4
-  shifts lambda^ by the minibatch noise); everything else is devinterp's default path.
+  shifts lambda^ by the minibatch noise); everything else is devinterp's default path. devinterp runs with each data
+  loader of ``--devinterp-loader``: ``default`` (a ``DataLoader`` with per-item indexing and collation, devinterp's
+  documented usage; ~30 ms per batch of 500 here) and ``fast`` (a ``BatchSampler`` over a ``TensorDataset``: one
+  batched tensor index per batch, no collation), and both speed-up ratios are printed. ``--time-to-5`` adds the
+  wall time to an estimate within 5% of the exact value: degenjax's recipe (``step_size="auto"``, a fresh process,
+  compile included) against devinterp at these usual settings.
 * ``dln-step``: where one compiled step of that DLN estimator goes: the whole step against its loss + gradient, its
   minibatch shuffle and its Gaussian noise, each alone in a scan of the same length.
 * ``mlp``: an MLP 784-1024-1024-10 (cross-entropy), batch 512: achieved GFLOP/s of one SGLD step (inside
@@ -64,7 +69,23 @@ def _dln_problem(widths, rank, n, noise, seed):
     return [w.astype(np.float32) for w in ws], x.astype(np.float32), y.astype(np.float32)
 
 
-def run_devinterp(ws, x, y, args, nbeta, init_loss):
+def _fast_loader(x, y, batch, seed):
+    """devinterp's fastest reasonable data loading: a DataLoader whose sampler yields whole index batches and whose
+    dataset is indexed by them in one tensor operation (``batch_size=None``: no per-item collation)."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+    ds = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    gen = torch.Generator().manual_seed(seed)
+    sampler = BatchSampler(RandomSampler(ds, generator=gen), batch_size=batch, drop_last=False)
+    loader = DataLoader(ds, sampler=sampler, batch_size=None)
+    # devinterp reads loader.batch_size for its default nbeta even when nbeta is given; the attribute is only read
+    # (iteration uses the batch sampler above), so set it past DataLoader's guard
+    object.__setattr__(loader, "batch_size", batch)
+    return loader
+
+
+def run_devinterp(ws, x, y, args, nbeta, init_loss, loader_kind="default"):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     from devinterp.optim.sgld import SGLD
@@ -80,7 +101,11 @@ def run_devinterp(ws, x, y, args, nbeta, init_loss):
     with torch.no_grad():
         for layer, w in zip(model, ws):
             layer.weight.copy_(torch.from_numpy(w).to(args.device))
-    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=args.batch, shuffle=True)
+    if loader_kind == "fast":
+        loader = _fast_loader(x, y, args.batch, args.seed)
+    else:  # devinterp's documented usage: a default DataLoader (per-item indexing, then collation)
+        loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=args.batch,
+                            shuffle=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = estimate_learning_coeff_with_summary(
@@ -228,31 +253,66 @@ def part_dln(args, rows):
                      f"{j['llc']:.2f} +- {j['std']:.2f} vs {exact:g}"))
     if args.skip_devinterp:
         return
-    if beside is not None:
-        out, err = beside.communicate()
-        if beside.returncode != 0:
-            raise RuntimeError(f"devinterp child failed:\n{err[-4000:]}")
-        d = json.loads(out.strip().splitlines()[-1])
-        wall_d, llc_d, std_d = d["wall"], d["llc"], d["std"]
-        where = f"on {args.device}, in a process beside degenjax's"
-    else:
-        wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, init_loss)
-        where = f"on {args.device}"
-    print(f"[dln] devinterp {where}: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} (exact {exact:g})",
-          flush=True)
-    # medians over the fresh processes of each mode
     med = {k: float(np.median([r[k] for r in runs[mode]])) if runs[mode] else float("nan")
            for mode, keys in (("eager", ("cold", "warm")), ("jit", ("jit_cold", "jit_warm"))) for k in keys}
-    ratios = {k: wall_d / v for k, v in med.items()}
     counts = f"medians of {len(runs['eager'])} eager / {len(runs['jit'])} jit fresh processes"
-    print("[dln] speed-up devinterp wall / degenjax wall (" + counts + "): eager first call {cold:.1f}x, eager second "
-          "{warm:.1f}x, jit incl. compile {jit_cold:.1f}x, jit compiled {jit_warm:.1f}x".format(**ratios), flush=True)
-    rows.append((f"  devinterp 1.3.2 estimate_learning_coeff_with_summary {where}, wall", f"{wall_d:.2f} s"))
-    rows.append(("  devinterp lambda^ (mean +- std over chains) vs exact", f"{llc_d:.2f} +- {std_d:.2f} vs {exact:g}"))
-    rows.append((f"  **speed-up devinterp / degenjax, incl. compile: eager / under jit** ({counts})",
-                 f"**{ratios['cold']:.1f}x / {ratios['jit_cold']:.1f}x**"))
-    rows.append(("  speed-up devinterp / degenjax, compiled: eager second call / under jit",
-                 f"{ratios['warm']:.1f}x / {ratios['jit_warm']:.1f}x"))
+    for kind in args.devinterp_loader.split(","):
+        if beside is not None and kind == "default":
+            out, err = beside.communicate()
+            if beside.returncode != 0:
+                raise RuntimeError(f"devinterp child failed:\n{err[-4000:]}")
+            d = json.loads(out.strip().splitlines()[-1])
+            wall_d, llc_d, std_d = d["wall"], d["llc"], d["std"]
+            where = f"on {args.device}, in a process beside degenjax's"
+        else:
+            wall_d, llc_d, std_d = run_devinterp(ws, x, y, args, nbeta, init_loss, loader_kind=kind)
+            where = f"on {args.device}"
+        label = {"default": "default DataLoader (per-item collation)",
+                 "fast": "fast loader (batched tensor indexing, no collation)"}[kind]
+        print(f"[dln] devinterp {where}, {label}: {wall_d:.2f} s; lambda^ = {llc_d:.2f} +- {std_d:.2f} "
+              f"(exact {exact:g})", flush=True)
+        ratios = {k: wall_d / v for k, v in med.items()}
+        print(f"[dln] speed-up devinterp ({kind} loader) wall / degenjax wall (" + counts + "): eager first call "
+              "{cold:.1f}x, eager second {warm:.1f}x, jit incl. compile {jit_cold:.1f}x, jit compiled "
+              "{jit_warm:.1f}x".format(**ratios), flush=True)
+        rows.append((f"  devinterp 1.3.2 estimate_learning_coeff_with_summary {where}, {label}, wall",
+                     f"{wall_d:.2f} s"))
+        rows.append(("  devinterp lambda^ (mean +- std over chains) vs exact",
+                     f"{llc_d:.2f} +- {std_d:.2f} vs {exact:g}"))
+        rows.append((f"  **speed-up devinterp ({kind} loader) / degenjax, incl. compile: eager / under jit** "
+                     f"({counts})", f"**{ratios['cold']:.1f}x / {ratios['jit_cold']:.1f}x**"))
+        rows.append((f"  speed-up devinterp ({kind} loader) / degenjax, compiled: eager second call / under jit",
+                     f"{ratios['warm']:.1f}x / {ratios['jit_warm']:.1f}x"))
+        if kind == args.devinterp_loader.split(",")[0]:
+            first_devinterp = (wall_d, llc_d)
+    if args.time_to_5:
+        _time_to_5(args, rows, name, exact, first_devinterp)
+
+
+def _time_to_5(args, rows, name, exact, devinterp):
+    """Wall time to an estimate within 5% of the exact value: degenjax's recipe (fresh process, compile included)
+    against devinterp at its usual settings (the run above)."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "llc_accuracy.py"),
+           "--child", "dln-devinterp", "--chains", str(args.chains), "--seed", str(args.seed), "--max-steps",
+           str(args.recipe_max_steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"recipe child failed:\n{proc.stderr[-4000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    within = abs(r["rel_error"]) <= 0.05
+    wall_d, llc_d = devinterp
+    d_within = abs(llc_d / exact - 1.0) <= 0.05
+    print(f"[dln] time to an estimate within 5% of {exact:g}: degenjax recipe {r['recipe_s']:.1f} s -> "
+          f"{r['llc_mean']:.2f} +- {r['llc_uncertainty']:.2f} ({100 * r['rel_error']:+.1f}%, trustworthy "
+          f"{r['trustworthy']}); devinterp usual settings {wall_d:.1f} s -> {llc_d:.2f} "
+          f"({100 * (llc_d / exact - 1):+.1f}%)", flush=True)
+    rows.append((f"{name}: wall time to an estimate within 5% of exact, degenjax recipe (step_size='auto', fresh "
+                 "process, incl. compile)", f"{r['recipe_s']:.1f} s -> {r['llc_mean']:.2f} +- "
+                 f"{r['llc_uncertainty']:.2f} ({100 * r['rel_error']:+.1f}%{'' if within else ': NOT within 5%'}; "
+                 f"trustworthy: {r['trustworthy']})"))
+    rows.append(("  devinterp at its usual settings (the run above)",
+                 f"{wall_d:.1f} s -> {llc_d:.2f} ({100 * (llc_d / exact - 1):+.1f}%"
+                 f"{'' if d_within else ': never within 5% at these settings'})"))
 
 
 def part_dln_step(args, rows):
@@ -573,6 +633,13 @@ def main(argv=None):
                    help="dln part: run devinterp in a second process while degenjax runs (for an accelerator machine, "
                         "with devinterp on the host CPU)")
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--devinterp-loader", default="default,fast",
+                   help="comma-separated devinterp data loaders for the dln part: default (DataLoader with per-item "
+                        "collation, devinterp's documented usage) and/or fast (batched tensor indexing)")
+    p.add_argument("--time-to-5", action="store_true",
+                   help="dln part: also time degenjax's recipe to an estimate within 5%% of exact (a fresh process "
+                        "running benchmarks/llc_accuracy.py's dln-devinterp case) against devinterp's usual settings")
+    p.add_argument("--recipe-max-steps", type=int, default=300_000)
     p.add_argument("--mlp-batch", type=int, default=512)
     p.add_argument("--device", default="cpu", help="torch device for devinterp (cpu or cuda)")
     p.add_argument("--mlp-steps", type=int, default=50)

@@ -57,6 +57,14 @@ from degenjax._src.llc import effective_parameter_count as effective_parameter_c
 from degenjax._src.llc import estimate_llc as estimate_llc
 from degenjax._src.llc import LLCDivergenceError as LLCDivergenceError
 from degenjax._src.llc import LLCResult as LLCResult
+from degenjax._src.llc import MetricsState as MetricsState
+from degenjax._src.llc import parameter_mask as parameter_mask
+from degenjax._src.llc import restrict_data as restrict_data
+from degenjax._src.recipe import llc_recipe as llc_recipe
+from degenjax._src.recipe import LLCRecipe as LLCRecipe
+from degenjax._src.records import llc_record as llc_record
+from degenjax._src.records import save_traces as save_traces
+from degenjax._src.records import trace_table as trace_table
 from degenjax._src.calibrate import calibrate as calibrate
 from degenjax._src.calibrate import Calibration as Calibration
 from degenjax._src.calibrate import calibration_sweep as calibration_sweep
@@ -144,6 +152,14 @@ __all__ = [
     "estimate_llc",
     "LLCDivergenceError",
     "LLCResult",
+    "MetricsState",
+    "parameter_mask",
+    "restrict_data",
+    "llc_recipe",
+    "LLCRecipe",
+    "llc_record",
+    "save_traces",
+    "trace_table",
     "calibrate",
     "Calibration",
     "calibration_sweep",

@@ -118,23 +118,46 @@ def quickstart(
     typer.echo(f"Wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots.")
 
 
+class OnDivergence(str, Enum):
+    raise_ = "raise"
+    drop = "drop"
+    flag = "flag"
+
+
+def _step_size(value: str):
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--step-size must be a positive number or 'auto'; got {value!r}.") from None
+
+
 @app.command()
 @_user_errors
 def llc(
     target: str = typer.Argument(..., metavar="TARGET", help="package.module:function returning (loss_fn, params, data)."),
     checkpoint: Optional[pathlib.Path] = typer.Option(
         None, help="A .msgpack file or orbax folder whose parameters replace the entry point's params."),
-    step_size: float = typer.Option(1e-4, help="SGLD step size epsilon."),
-    nbeta: Optional[float] = typer.Option(None, help="n * beta; default n / log(n)."),
-    localization: float = typer.Option(1.0, help="Localization strength gamma."),
+    step_size: str = typer.Option("0.0001", help="SGLD step size epsilon, or 'auto': measure lambda^ on a ladder of "
+                                                 "step sizes and extrapolate to 0 (the recipe; recommended for "
+                                                 "numbers you publish)."),
+    nbeta: Optional[float] = typer.Option(None, help="n * beta; default n / log(n) (beta = 1 / log n, WBIC)."),
+    localization: float = typer.Option(1.0, help="Localization strength gamma (1.0: see degenjax.estimate_llc)."),
     num_chains: int = typer.Option(4, help="Number of chains (run together, sharded over devices)."),
-    num_draws: int = typer.Option(200, help="Draws per chain."),
-    num_burnin: int = typer.Option(0, help="Burn-in steps discarded per chain."),
+    num_draws: int = typer.Option(200, help="Draws per chain (ignored with --step-size auto)."),
+    num_burnin: int = typer.Option(0, help="Burn-in steps discarded per chain (ignored with --step-size auto, which "
+                                           "discards the first half of every run)."),
     batch_size: int = typer.Option(64, help="Minibatch size."),
     sampler: Sampler = typer.Option(Sampler.sgld, help="Sampler."),
+    on_divergence: OnDivergence = typer.Option(OnDivergence.raise_, help="raise: stop at a non-finite loss; drop: "
+                                               "summarize the finite chains; flag: keep them (a NaN estimate "
+                                               "still exits with status 1)."),
+    max_steps: int = typer.Option(400_000, help="With --step-size auto: SGLD steps per chain over all rungs."),
     seed: int = typer.Option(0, help="PRNG seed."),
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
-    out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here."),
+    out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here (the llc_record schema), "
+                                                          "and the loss traces next to it (same name, .npz)."),
     plot: Optional[pathlib.Path] = typer.Option(None, help="Write the loss-trace plot (PNG) here."),
     progress: bool = typer.Option(True, help="Progress bar (runs the chains in 5 compiled chunks; --no-progress "
                                              "compiles once)."),
@@ -145,56 +168,67 @@ def llc(
     import numpy as np
 
     from degenjax._src.checkpoints import load_checkpoint
-    from degenjax._src.llc import effective_parameter_count, estimate_llc
-    from degenjax._src.sweep import load_problem
+    from degenjax._src.checks import check_inputs
+    from degenjax._src.llc import estimate_llc, finish
+    from degenjax._src.records import llc_record, save_traces
+    from degenjax._src.sweep import chain_mesh, load_problem
 
+    eps = _step_size(step_size)
     loss_fn, params, data = load_problem(target, _search_dirs())
     if checkpoint is not None:
         params = load_checkpoint(checkpoint, params)
-    from degenjax._src.sweep import chain_mesh
-
-    kw = dict(num_chains=num_chains, num_draws=num_draws, step_size=step_size, batch_size=batch_size, nbeta=nbeta,
-              localization=localization, num_burnin=num_burnin, sampler=sampler.value, mesh=chain_mesh(num_chains))
-    if progress:  # eager, checked for divergence between chunks
-        res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=True,
+    # every input error (bad data rows, a non-scalar loss, integer params) before anything compiles
+    check_inputs(params, data, step_size=eps, batch_size=batch_size, loss_fn=loss_fn)
+    kw = dict(num_chains=num_chains, num_draws=num_draws, step_size=eps, batch_size=batch_size, nbeta=nbeta,
+              localization=localization, num_burnin=num_burnin, sampler=sampler.value, mesh=chain_mesh(num_chains),
+              on_divergence=on_divergence.value)
+    if eps == "auto":
+        res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=progress, warn=False,
+                           recipe_kwargs={"max_steps": max_steps}, **kw)
+    elif progress:  # eager, checked for divergence between chunks
+        res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=True, warn=False,
                            num_chunks=min(5, num_draws + num_burnin), **kw)
-    else:
-        from degenjax._src.llc import check_inputs
-
-        check_inputs(params, data, step_size=step_size, batch_size=batch_size)  # clear errors before tracing
+    else:  # one compilation; the same diagnostics afterwards
         res = jax.jit(lambda k, p, d: estimate_llc(k, loss_fn, p, d, **kw))(jax.random.key(seed), params, data)
         res = jax.device_get(res)
-        if not np.all(np.isfinite(np.asarray(res.loss_trace))):
-            raise FloatingPointError(f"SGLD diverged (non-finite loss) with step_size={step_size:g}; use a smaller "
-                                     "--step-size or a larger --localization.")
+        if on_divergence.value == "raise" and not np.all(np.isfinite(np.asarray(res.loss_trace))):
+            raise FloatingPointError(f"SGLD diverged (non-finite loss) with step_size={eps:g}; use a smaller "
+                                     "--step-size (or auto), a larger --localization, or --on-divergence drop.")
+        res = finish(res, warn=False, step_size=eps)
     res = jax.device_get(res)
-    from degenjax._src.diagnostics import convergence
+    settings = {"target": target, "checkpoint": None if checkpoint is None else str(checkpoint),
+                "batch_size": batch_size, "localization": localization, "num_burnin": num_burnin,
+                "sampler": sampler.value, "seed": seed, "step_size_setting": step_size, "nbeta_setting": nbeta,
+                "on_divergence": on_divergence.value,
+                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+    record = llc_record(res, **settings)
+    typer.echo(f"LLC = {float(res.llc_mean):.5g} +- {float(res.llc_uncertainty):.3g} (std over chains "
+               f"{float(res.llc_std):.3g}; N_eff = {2 * float(res.llc_mean):.4g}), L_n(w*) = "
+               f"{float(res.init_loss):.5g}, step size = {float(res.step_size):.3g}, MALA acceptance = "
+               f"{float(res.mala_acceptance):.2f}, ESS = {float(res.ess):.1f}, R-hat = {float(res.rhat):.3f}")
+    if res.recipe is not None:
+        typer.echo(("Recipe: " if res.recipe.trustworthy else "Warning: ") + res.recipe.message)
+    else:
+        typer.echo("Note: the step size was set by hand, so the estimate carries an unmeasured step-size bias "
+                   "(the +- does not include it); --step-size auto measures and removes it.")
+    if bool(np.asarray(res.converged)):
+        typer.echo("Converged: R-hat <= 1.05 and ESS >= 100.")
+    else:
+        from degenjax._src.diagnostics import convergence
 
-    conv = convergence(res.loss_trace)  # the same numbers with and without --progress
-    res = res._replace(ess=np.asarray(conv.ess), rhat=np.asarray(conv.rhat),
-                       llc_mcse=np.asarray(float(res.nbeta) * conv.mcse))
-    result = {
-        "target": target, "checkpoint": None if checkpoint is None else str(checkpoint),
-        "llc": float(res.llc_mean), "llc_std": float(res.llc_std),
-        "llc_per_chain": np.asarray(res.llc_per_chain).tolist(),
-        "n_eff": float(effective_parameter_count(res.llc_mean)), "init_loss": float(res.init_loss),
-        "mala_acceptance": float(res.mala_acceptance), "ess": float(res.ess), "rhat": float(res.rhat),
-        "llc_mcse": float(res.llc_mcse), "converged": conv.converged, "nbeta": float(res.nbeta),
-        "settings": {"step_size": step_size, "nbeta": nbeta, "localization": localization,
-                     "num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
-                     "batch_size": batch_size, "sampler": sampler.value, "seed": seed},
-    }
-    typer.echo(f"LLC = {result['llc']:.5g} +- {result['llc_std']:.3g} (N_eff = {result['n_eff']:.4g}), "
-               f"L_n(w*) = {result['init_loss']:.5g}, MALA acceptance = {result['mala_acceptance']:.2f}, "
-               f"ESS = {result['ess']:.1f}, R-hat = {result['rhat']:.3f}")
-    if not conv.converged:
-        typer.echo(f"Warning: {conv.message}.")
+        typer.echo(f"Warning: {convergence(res.loss_trace).message or 'not converged'}.")
+    if record["num_diverged"]:
+        typer.echo(f"Warning: {record['num_diverged']} of {num_chains} chains diverged ({on_divergence.value}).")
     if out is not None:
-        _write_json(out, result)
+        _write_json(out, record)
+        save_traces(out.with_suffix(".npz"), res, **settings)
     if plot is not None:
         from degenjax._src.plots import plot_loss_traces
 
         plot_loss_traces(res.loss_trace, res.init_loss, llc=res.llc_mean, path=plot)
+    if not np.isfinite(float(res.llc_mean)):
+        raise ValueError("the LLC estimate is NaN (every chain diverged, or --on-divergence flag kept a diverged "
+                         "chain); use a smaller --step-size or --step-size auto.")
 
 
 @app.command()

@@ -18,7 +18,8 @@ import pytest
 from conftest import assert_trees_all_close
 
 import degenjax
-from degenjax._src.calibrate import CalibrationGrid, calibrate, calibration_sweep, plot_calibration, recommend
+from degenjax._src.calibrate import (Calibration, CalibrationGrid, calibrate, calibration_sweep, plot_calibration,
+                                    recommend)
 from degenjax._src.llc import estimate_llc
 
 N, D = 512, 3
@@ -51,10 +52,45 @@ def _expected_llc(X, eps, nbeta, gamma):
 
 @pytest.fixture(scope="module")
 def calibration():
+    """A grid calibration: calibration_sweep + recommend (the grid tools behind sweep heatmaps)."""
     X, y, w_star = _problem()
-    return calibrate(jax.random.key(0), _loss, jnp.asarray(w_star), (jnp.asarray(X), jnp.asarray(y)),
-                     batch_size=N, step_sizes=STEP_SIZES, nbetas=NBETAS, localizations=(1.0,),
-                     num_chains=NUM_CHAINS, num_draws=NUM_DRAWS, num_burnin=NUM_BURNIN)
+    grid = calibration_sweep(jax.random.key(0), _loss, jnp.asarray(w_star), (jnp.asarray(X), jnp.asarray(y)),
+                             batch_size=N, step_sizes=STEP_SIZES, nbetas=NBETAS, localizations=(1.0,),
+                             num_chains=NUM_CHAINS, num_draws=NUM_DRAWS, num_burnin=NUM_BURNIN)
+    table, best, message = recommend(grid, default_nbeta=N / np.log(N))
+    return Calibration(table=table, recommended=best, message=message, grid=grid)
+
+
+def _exact_localized(X, nbeta, gamma):
+    """E[nbeta (L_n(w) - L_n(w*))] under exp(-nbeta L_n - gamma/2 |w - w*|^2) for L_n = mean (x w - y)^2 / 2:
+    a Gaussian with precision nbeta H + gamma, H = X^T X / n, so sum_i nbeta h_i / (2 (nbeta h_i + gamma))."""
+    h = np.linalg.eigvalsh(X.T @ X / X.shape[0])
+    return float(np.sum(nbeta * h / (2.0 * (nbeta * h + gamma))))
+
+
+def test_calibrate_runs_the_recipe_and_recommends_its_setting(tmp_path):
+    # Full-batch SGLD on a quadratic loss: a bias exact / (1 - eps a / 4) per direction, first order in eps (scale=1:
+    # eps_0 h_max = 1, about +30% on the first rung); the recipe's extrapolation must land on the exact
+    # localized-posterior value, for 2 values of gamma (2 recipes).
+    X, y, w_star = _problem()
+    data = (jnp.asarray(X), jnp.asarray(y))
+    cal = calibrate(jax.random.key(0), _loss, jnp.asarray(w_star), data, batch_size=N, localizations=(1.0, 30.0),
+                    num_chains=4, initial_steps=400, max_steps=12_000, scale=1.0)
+    assert cal.grid is None and len(cal.recipes) == 2
+    nb = N / np.log(N)
+    for rec, gamma in zip(cal.recipes, (1.0, 30.0)):
+        exact = _exact_localized(X, nb, gamma)
+        assert rec.trustworthy, rec.message
+        assert abs(rec.llc - exact) <= 3 * rec.uncertainty + 0.01 * exact, (rec.llc, exact, rec.uncertainty)
+        assert [r["step_size"] for r in rec.rungs] == sorted((r["step_size"] for r in rec.rungs), reverse=True)
+    best = cal.recommended
+    assert best["localization"] == 1.0 and best["nbeta"] == pytest.approx(nb)  # the smaller gamma
+    assert best["step_size"] == cal.recipes[0].step_size and "Recommended step_size=" in cal.message
+    assert sum(r["chosen"] for r in cal.table) == 2
+    fig = plot_calibration(cal, path=tmp_path / "recipe.png")
+    assert (tmp_path / "recipe.png").stat().st_size > 0 and fig.axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="takes no step_sizes"):
+        calibrate(jax.random.key(0), _loss, jnp.asarray(w_star), data, batch_size=N, step_sizes=(1e-3,))
 
 
 def test_cells_match_closed_form(calibration):
@@ -204,7 +240,7 @@ def test_bad_inputs():
         recommend(_hand_grid(np.ones((1, 1, 1)), np.ones((1, 1, 1)), np.zeros((1, 1, 1)), np.ones((1, 1, 1), bool)),
                   acceptance_range=(0.9, 0.8))
     with pytest.raises(ValueError, match="cannot run under jax.jit"):
-        jax.jit(lambda p: calibrate(key, _loss, p, data, batch_size=8).grid.llc_mean)(params)
+        jax.jit(lambda p: calibrate(key, _loss, p, data, batch_size=8).recommended)(params)
 
 
 def test_public_names():

@@ -130,8 +130,8 @@ def test_llc_command_with_checkpoint(workdir):
     X, Y = cli_problem.X, cli_problem.Y
     np.testing.assert_allclose(r["init_loss"], np.mean((X @ w + 0.05 - Y) ** 2), rtol=1e-10)
     np.testing.assert_allclose(r["nbeta"], 400 / math.log(400), rtol=1e-12)
-    np.testing.assert_allclose(r["llc"], np.mean(r["llc_per_chain"]), rtol=1e-12)
-    np.testing.assert_allclose(r["n_eff"], 2 * r["llc"], rtol=1e-12)
+    np.testing.assert_allclose(r["llc_mean"], np.mean(r["llc_per_chain"]), rtol=1e-12)
+    np.testing.assert_allclose(r["n_eff"], 2 * r["llc_mean"], rtol=1e-12)
     assert (workdir / "trace.png").read_bytes()[:4] == b"\x89PNG"
     assert "LLC =" in res.output
 

@@ -1,10 +1,17 @@
-"""Calibration of the LLC sampler: sweep step size x nbeta (x localization) on short chains (DESIGN.md section 5).
+"""Calibration of the LLC sampler (arXiv 2405.10927 section 2).
 
-`calibration_sweep` runs `estimate_llc` once per grid cell (one compiled program, cells visited by ``lax.map``;
-pure and jittable) and returns arrays of per-cell diagnostics. `calibrate` adds the host-side stability rule, a
-table (one dict per cell) and a recommended setting; `plot_calibration` draws the table as a heatmap.
+`calibrate` runs the step-size recipe of ``estimate_llc(..., step_size="auto")`` (`degenjax._src.recipe`: a ladder of
+step sizes at a fixed diffusion time, extrapolated to step 0) for every (nbeta, localization) pair asked for, and
+recommends the recipe's setting; `plot_calibration` draws lambda^ against the step size with the extrapolation and
+the convergence of every rung. The recommendation is the same number ``step_size="auto"`` and
+``degenjax llc --step-size auto`` report.
 
-The stability rule (every cell, all conditions):
+`calibration_sweep` and `recommend` are the grid tools (one short run per step size x nbeta x localization cell,
+pure and jittable) behind sweep heatmaps. Their stability rule finds settings that are *stable*, not unbiased: a
+step can pass every condition and still carry a large step-size bias (the MALA acceptance is computed on one
+minibatch, which cannot see the minibatch-noise part of the bias), so use `calibrate` to choose a step.
+
+The grid's stability rule (every cell, all conditions):
 
 1. *finite*: every recorded loss of every chain is finite (no divergence);
 2. *positive*: every chain's lambda^ is > 0 (a negative one means the chain found lower loss than ``L_n(w*)``:
@@ -77,18 +84,22 @@ class Calibration(NamedTuple):
     """Result of `calibrate`.
 
     Attributes:
-      table: one dict per cell (step size fastest varying, then localization, then nbeta) with keys ``step_size,
-        nbeta, localization, llc_mean, llc_std, mala_acceptance, drift, drift_se, finite, positive, flat,
-        acceptance_ok, stable, reason`` (``reason`` lists the failed conditions, ``""`` when stable).
-      recommended: the table row of the recommended setting, or ``None`` when no cell is stable.
-      message: a one-line summary (the recommendation or advice on what to change).
-      grid: the `CalibrationGrid` arrays.
+      table: from `calibrate`: one dict per rung of the recipe (``step_size, num_steps, num_burnin, llc_mean,
+        llc_se, rhat, ess, converged, diverged, seconds, nbeta, localization, chosen``); from `recommend`'s grid:
+        one dict per cell (``step_size, nbeta, localization, llc_mean, llc_std, mala_acceptance, drift, drift_se,
+        finite, positive, flat, acceptance_ok, stable, reason``).
+      recommended: the recommended setting (`calibrate`: ``step_size, nbeta, localization, llc_mean,
+        llc_uncertainty, llc_std, trustworthy, message``), or ``None`` when nothing is trustworthy / stable.
+      message: a one-line summary (the recommendation or what was tried and what to change).
+      grid: the `CalibrationGrid` arrays of a grid calibration (None from `calibrate`).
+      recipes: from `calibrate`, one `LLCRecipe` per (nbeta, localization) pair.
     """
 
     table: list
     recommended: dict | None
     message: str
-    grid: CalibrationGrid
+    grid: CalibrationGrid | None
+    recipes: tuple | None = None
 
 
 def _as_grid_axis(values, name: str, *, allow_none: bool = False):
@@ -283,46 +294,118 @@ def recommend(grid: CalibrationGrid, *, default_nbeta: float | None = None, flat
     return table, best, message
 
 
-def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, batch_size: int,
-              step_sizes=DEFAULT_STEP_SIZES, nbetas=None, localizations=(1.0,), num_chains: int = 4,
-              num_draws: int = 200, num_burnin: int = 0, sampler="sgld", flat_tol: float = 0.1,
-              acceptance_range: tuple[float, float] = (0.8, 0.99), acceptance_target: float = 0.9,
-              cells_per_batch: int | None = None, **estimate_kwargs) -> Calibration:
-    """Sweeps step size x nbeta (x localization) on short chains and recommends a stable setting.
+def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, batch_size: int, nbetas=None,
+              localizations=(1.0,), num_chains: int = 4, sampler="sgld", **recipe_kwargs) -> Calibration:
+    """Chooses the SGLD step size by the recipe of ``estimate_llc(..., step_size="auto")`` and recommends it.
 
-    Runs `calibration_sweep` (jittable; it runs eagerly here, wrap it in your own ``jax.jit`` to reuse the compiled
-    sweep) and then `recommend` on the host. The rule is in the module docstring: finite traces, positive lambda^ in
-    every chain, a flat end of trace, MALA acceptance in ``acceptance_range``; among stable cells, nbeta closest to
-    ``n / log n``, then the smallest localization, then acceptance closest to ``acceptance_target``.
+    For every (nbeta, localization) pair the recipe measures lambda^ on a ladder of step sizes at a fixed diffusion
+    time and extrapolates to step 0 (`degenjax._src.recipe`); the table has one row per rung run. The recommended
+    row is the trustworthy result whose nbeta is closest (in log scale) to ``n / log n`` (nbeta defines the
+    estimator), then the smallest localization (a strong pull biases lambda^ down); its ``llc_mean`` is the
+    extrapolated estimate and ``step_size`` the finest rung (the chosen setting).
 
     Args:
-      rng_key, loss_fn, params, data, batch_size, step_sizes, nbetas, localizations, num_chains, num_draws,
-        num_burnin, sampler, cells_per_batch, **estimate_kwargs: as for `calibration_sweep`.
-      flat_tol, acceptance_range, acceptance_target: as for `recommend`.
+      rng_key, loss_fn, params, data, batch_size, num_chains, sampler: as for `estimate_llc`.
+      nbetas: values of ``n beta`` (default ``(n / log n,)``).
+      localizations: values of ``gamma``.
+      **recipe_kwargs: options of `degenjax._src.recipe.llc_recipe` (``max_steps``, ``initial_steps``, ``ratio``,
+        ``scale``, ``target_rel``, ...) and of `estimate_llc` (``sampler_kwargs``, ``mask``, ``eval_batch_size``).
 
     Returns:
-      `Calibration` (table, recommended row or ``None``, message, grid). Plot it with `plot_calibration`.
+      `Calibration` with ``recipes`` (one `LLCRecipe` per pair) and ``grid`` None. Plot it with `plot_calibration`.
 
     Raises:
-      ValueError: for bad inputs (see `calibration_sweep` and `estimate_llc`); never for an unstable grid (then
-        ``recommended`` is ``None`` and ``message`` says what to change).
+      ValueError: for bad inputs, including the grid arguments of the old sweep (``step_sizes``, ``num_draws``,
+        ``num_burnin``: use `calibration_sweep` for a fixed grid).
     """
+    for bad in ("step_sizes", "num_draws", "num_burnin", "step_size"):
+        if bad in recipe_kwargs:
+            raise ValueError(f"calibrate measures its own ladder of step sizes (the recipe of step_size='auto') and "
+                             f"takes no {bad}=; for a fixed grid of short runs use calibration_sweep + recommend.")
     if is_traced((rng_key, params, data)):
-        raise ValueError("calibrate returns a Python table and cannot run under jax.jit; jit calibration_sweep "
-                         "instead and pass its result to recommend.")
-    grid = calibration_sweep(rng_key, loss_fn, params, data, batch_size=batch_size, step_sizes=step_sizes,
-                             nbetas=nbetas, localizations=localizations, num_chains=num_chains, num_draws=num_draws,
-                             num_burnin=num_burnin, sampler=sampler, cells_per_batch=cells_per_batch,
-                             **estimate_kwargs)
-    n = llc_lib.num_data(data)
-    table, best, message = recommend(grid, default_nbeta=llc_lib.default_nbeta(n) if n >= 2 else None,
-                                     flat_tol=flat_tol, acceptance_range=acceptance_range,
-                                     acceptance_target=acceptance_target)
-    return Calibration(table=table, recommended=best, message=message, grid=grid)
+        raise ValueError("calibrate chooses settings on the host and cannot run under jax.jit; jit "
+                         "calibration_sweep instead and pass its result to recommend.")
+    from degenjax._src.recipe import llc_recipe
+
+    n = llc_lib.check_inputs(params, data, step_size="auto", batch_size=batch_size)
+    nbs = [llc_lib.default_nbeta(n)] if nbetas is None else [float(v) for v in np.atleast_1d(nbetas)]
+    gammas = [float(v) for v in np.atleast_1d(localizations)]
+    table, best, recipes = [], [], []
+    for nb in nbs:
+        for gamma in gammas:
+            res = llc_recipe(rng_key, loss_fn, params, data, batch_size=batch_size, num_chains=num_chains, nbeta=nb,
+                             localization=gamma, sampler=sampler, warn=False, on_divergence="flag", **recipe_kwargs)
+            rec = res.recipe
+            recipes.append(rec)
+            for row in rec.rungs:
+                table.append(dict(row, nbeta=nb, localization=gamma,
+                                  chosen=bool(rec.trustworthy and row["step_size"] == rec.step_size)))
+            best.append(dict(step_size=rec.step_size, nbeta=nb, localization=gamma, llc_mean=rec.llc,
+                             llc_uncertainty=rec.uncertainty, llc_std=float(res.llc_std), trustworthy=rec.trustworthy,
+                             message=rec.message))
+    good = [b for b in best if b["trustworthy"]]
+    if not good:
+        message = "No trustworthy setting. " + " | ".join(b["message"] for b in best)
+        return Calibration(table=table, recommended=None, message=message, grid=None, recipes=tuple(recipes))
+    target = llc_lib.default_nbeta(n)
+    pick = min(good, key=lambda b: (abs(math.log(b["nbeta"] / target)), b["localization"]))
+    message = (f"Recommended step_size={pick['step_size']:.3g} (nbeta={pick['nbeta']:.4g}, localization="
+               f"{pick['localization']:.3g}): {pick['message']}")
+    return Calibration(table=table, recommended=pick, message=message, grid=None, recipes=tuple(recipes))
+
+
+def _plot_recipe(calibration: Calibration, *, path=None, title=None):
+    """lambda^ against the step size (log axis) for every recipe of a `calibrate` result, with error bars, the
+    extrapolation to step 0 (a star at the left edge, with its uncertainty), open markers and a "not converged"
+    label on unconverged rungs, crosses on diverged ones, and the chosen step circled."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    pairs = sorted({(r["nbeta"], r["localization"]) for r in calibration.table})
+    recipes = calibration.recipes or (None,) * len(pairs)
+    left = min(r["step_size"] for r in calibration.table) / 4
+    for k, (nb, gamma) in enumerate(pairs):
+        rows = [r for r in calibration.table if (r["nbeta"], r["localization"]) == (nb, gamma)]
+        color = f"C{k}"
+        label = f"nbeta={nb:.3g}, gamma={gamma:.3g}"
+        ok = [r for r in rows if not r["diverged"]]
+        xs = [r["step_size"] for r in ok]
+        ax.errorbar(xs, [r["llc_mean"] for r in ok], yerr=[r["llc_se"] for r in ok], color=color, marker="o",
+                    ls="-", lw=1, label=label, mfc=color)
+        for r in ok:
+            if not r["converged"]:
+                ax.plot(r["step_size"], r["llc_mean"], "o", mfc="white", mec="red", ms=9)
+                ax.annotate("not converged", (r["step_size"], r["llc_mean"]), fontsize=6, color="red",
+                            xytext=(4, 4), textcoords="offset points")
+            if r.get("chosen"):
+                ax.plot(r["step_size"], r["llc_mean"], "o", mfc="none", mec="black", ms=13, mew=1.5)
+        for r in rows:
+            if r["diverged"]:
+                ax.plot(r["step_size"], ax.get_ylim()[1] if ok else 0.0, "x", color="red", ms=8)
+        rec = recipes[k] if k < len(recipes) else None
+        if rec is not None and np.isfinite(rec.llc):
+            ax.errorbar([left], [rec.llc], yerr=[rec.uncertainty], color=color, marker="*", ms=12,
+                        mfc=color if rec.trustworthy else "white")
+            if xs:
+                ax.plot([left, min(xs)], [rec.llc, min(ok, key=lambda r: r["step_size"])["llc_mean"]], color=color,
+                        ls=":", lw=1)
+            ax.annotate(f"{rec.llc:.4g} +- {rec.uncertainty:.2g}" + ("" if rec.trustworthy else " (not trusted)"),
+                        (left, rec.llc), fontsize=7, xytext=(6, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("step size (star: extrapolated to 0)")
+    ax.set_ylabel(r"$\hat\lambda$")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "LLC recipe: lambda^ against the step size (open red: not converged)", fontsize=9)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 def plot_calibration(calibration: Calibration, *, metric: str = "llc_mean", path=None, title: str | None = None):
-    """Heatmap of a calibration: step size (x) by nbeta (y), one panel per localization.
+    """A calibration's figure: from `calibrate`, lambda^ against the step size with the extrapolation to 0 and the
+    convergence of every rung (unconverged rungs are open red markers); from a grid (`recommend`), a heatmap of
+    step size (x) by nbeta (y), one panel per localization.
 
     Each cell shows ``metric`` (colour and text) and the MALA acceptance; unstable cells are hatched and marked with
     the first letter of what failed (D diverged, N non-positive, F drifting, A acceptance); the recommended cell is
@@ -346,6 +429,8 @@ def plot_calibration(calibration: Calibration, *, metric: str = "llc_mean", path
     table = calibration.table
     if not table:
         raise ValueError("plot_calibration needs a calibration with at least one cell.")
+    if calibration.grid is None:
+        return _plot_recipe(calibration, path=path, title=title)
     if metric not in ("llc_mean", "llc_std", "mala_acceptance", "drift"):
         raise ValueError(f"metric must be one of 'llc_mean', 'llc_std', 'mala_acceptance', 'drift'; got {metric!r}.")
     eps = sorted({r["step_size"] for r in table})

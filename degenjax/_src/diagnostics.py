@@ -88,3 +88,48 @@ def convergence(trace, *, rhat_max: float = RHAT_MAX, min_ess: float = MIN_ESS) 
         message = (f"not converged: {', '.join(problems)}; run longer chains (num_draws), add burn-in (num_burnin), "
                    "or use more chains")
     return Convergence(ess=ess, rhat=rhat, mcse=float(mcse), converged=not problems, message=message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Divergence and warnings of an LLC run
+
+
+class LLCDivergenceError(FloatingPointError):
+    """Raised when a chain's loss becomes non-finite (the sampler diverged)."""
+
+
+def first_divergence(losses: np.ndarray, t0: int, total: int):
+    """``(step, chain, value)`` of the first non-finite loss in a chunk ``losses`` (steps x chains) that starts at
+    step ``t0`` of ``total`` steps, or None."""
+    valid = losses[: max(0, min(losses.shape[0], total - t0))]
+    bad = ~np.isfinite(valid)
+    if not bad.any():
+        return None
+    step, chain = np.argwhere(bad)[0]
+    return t0 + int(step), int(chain), valid[step, chain]
+
+
+def divergence_error(step: int, chain: int, value, step_size) -> LLCDivergenceError:
+    """The error for a diverged chain, with what to change."""
+    eps = float(np.asarray(step_size))
+    return LLCDivergenceError(
+        f"SGLD diverged: chain {chain} has a non-finite loss ({value}) at step {step} with step_size={eps:g}. Use a "
+        f"smaller step size (e.g. {eps / 10:g}) or step_size='auto', a larger localization, or check that params is "
+        "a trained minimum; on_divergence='drop' keeps the other chains.")
+
+
+def warn_result(llc_mean: float, mala_acceptance: float, step_size, *, stacklevel: int = 3) -> None:
+    """Warnings for a negative lambda^ and a MALA acceptance far from ~0.9."""
+    if llc_mean < 0:
+        warnings.warn(f"Negative LLC estimate ({llc_mean:.4g}): the chains found lower loss than at w*, so w* is "
+                      "probably not a (local) minimum. Train longer, or increase the localization.", RuntimeWarning,
+                      stacklevel=stacklevel)
+    eps = float(np.asarray(step_size))
+    if np.isfinite(mala_acceptance) and mala_acceptance < 0.6:
+        warnings.warn(f"MALA acceptance {mala_acceptance:.3f} is far below ~0.9: step_size={eps:g} is probably too "
+                      "large and biases lambda^; try a smaller one, or step_size='auto'.", RuntimeWarning,
+                      stacklevel=stacklevel)
+    elif np.isfinite(mala_acceptance) and mala_acceptance > 0.99:
+        warnings.warn(f"MALA acceptance {mala_acceptance:.3f} is far above ~0.9: step_size={eps:g} may be smaller "
+                      "than needed (slow mixing); a larger one may converge faster.", RuntimeWarning,
+                      stacklevel=stacklevel)

@@ -1,4 +1,4 @@
-"""`SGLDKernel`: the LLC samplers as a numpyro ``MCMCKernel`` (DESIGN.md section 5).
+"""`SGLDKernel`: the LLC samplers as a numpyro ``MCMCKernel`` (arXiv 2405.10927 section 2).
 
 It runs the same transition, minibatch order and keys as `degenjax.estimate_llc`, so with ``num_warmup`` equal to
 ``num_burnin`` the collected ``"loss"`` samples equal ``LLCResult.loss_trace`` and give the same lambda^.
@@ -6,6 +6,7 @@ It runs the same transition, minibatch order and keys as `degenjax.estimate_llc`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,8 +15,9 @@ import jax.numpy as jnp
 from numpyro.infer.mcmc import MCMCKernel
 from numpyro.util import is_prng_key
 
-from degenjax._src import llc as llc_lib
 from degenjax._src import sgld as sgld_lib
+from degenjax._src.checks import check_inputs, check_positive_int, check_step_size, default_nbeta, num_data
+from degenjax._src.minibatch import batch_indices, chain_streams, gather_batch, init_key
 
 ArrayTree = Any
 
@@ -74,10 +76,10 @@ class SGLDKernel(MCMCKernel):
                  sampler="sgld", sampler_kwargs: dict | None = None, mala: bool = False, data: ArrayTree = None):
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(params, batch); got {type(loss_fn).__name__}.")
-        llc_lib._check_step_size(step_size)
+        check_step_size(step_size)
         self._loss_fn = loss_fn
         self._step_size = step_size
-        self._batch_size = llc_lib._check_positive_int("batch_size", batch_size)
+        self._batch_size = check_positive_int("batch_size", batch_size)
         self._nbeta = nbeta
         self._localization = localization
         self._algo = sgld_lib.resolve_sampler(sampler)
@@ -98,30 +100,34 @@ class SGLDKernel(MCMCKernel):
         return data
 
     def _hyper(self, data):
-        n = llc_lib.num_data(data)
-        nbeta = llc_lib.default_nbeta(n) if self._nbeta is None else self._nbeta
+        n = num_data(data)
+        nbeta = default_nbeta(n) if self._nbeta is None else self._nbeta
         return n, nbeta
 
     def _init_one(self, rng_key, init_params, data) -> SGLDKernelState:
         probe = jax.tree.map(lambda x: x[: self._batch_size], data)
         loss_aval = jax.eval_shape(self._loss_fn, init_params, probe)
         nan = jnp.full((), jnp.nan, loss_aval.dtype)
-        perm_key, _ = llc_lib.chain_streams(rng_key)
-        idx = llc_lib.batch_indices(perm_key, 0, llc_lib.num_data(data), self._batch_size)
-        return SGLDKernelState(step=jnp.zeros((), jnp.int32), sampler_state=self._algo.init(init_params),
+        perm_key, _ = chain_streams(rng_key)
+        idx = batch_indices(perm_key, 0, num_data(data), self._batch_size)
+        if "rng_key" in inspect.signature(self._algo.init).parameters:
+            sampler_state = self._algo.init(init_params, rng_key=init_key(rng_key))
+        else:
+            sampler_state = self._algo.init(init_params)
+        return SGLDKernelState(step=jnp.zeros((), jnp.int32), sampler_state=sampler_state,
                                loss=nan, mala_acceptance=nan, center=init_params, rng_key=rng_key, batch_idx=idx)
 
     def _sample_one(self, state: SGLDKernelState, data) -> SGLDKernelState:
         n, nbeta = self._hyper(data)
-        perm_key, noise_key = llc_lib.chain_streams(state.rng_key)
+        perm_key, noise_key = chain_streams(state.rng_key)
         t = state.step
-        batch = llc_lib.gather_batch(data, state.batch_idx)
+        batch = gather_batch(data, state.batch_idx)
         kernel = self._algo.build_kernel(self._loss_fn, state.center, step_size=self._step_size, nbeta=nbeta,
                                          localization=self._localization, mala=self._mala, **self._sampler_kwargs)
         sampler_state, info = kernel(jax.random.fold_in(noise_key, t), state.sampler_state, batch)
         return SGLDKernelState(step=t + 1, sampler_state=sampler_state, loss=info.loss,
                                mala_acceptance=info.mala_acceptance, center=state.center, rng_key=state.rng_key,
-                               batch_idx=llc_lib.batch_indices(perm_key, t + 1, n, self._batch_size))
+                               batch_idx=batch_indices(perm_key, t + 1, n, self._batch_size))
 
     def init(self, rng_key, num_warmup, init_params, model_args, model_kwargs):
         """Initial state (one chain, or a batch of chains when ``rng_key`` is a batch of keys, as numpyro's
@@ -133,10 +139,10 @@ class SGLDKernel(MCMCKernel):
         data = self._get_data(model_args)
         single = is_prng_key(rng_key)
         if single:
-            llc_lib.check_inputs(init_params, data, step_size=self._step_size, batch_size=self._batch_size)
+            check_inputs(init_params, data, step_size=self._step_size, batch_size=self._batch_size)
             self._sample_fn = self._sample_one
             return self._init_one(rng_key, init_params, data)
-        llc_lib.check_inputs(jax.tree.map(lambda x: x[0], init_params), data, step_size=self._step_size,
+        check_inputs(jax.tree.map(lambda x: x[0], init_params), data, step_size=self._step_size,
                              batch_size=self._batch_size)
         self._sample_fn = jax.vmap(self._sample_one, in_axes=(0, None))
         return jax.vmap(self._init_one, in_axes=(0, 0, None))(rng_key, init_params, data)

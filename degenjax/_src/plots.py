@@ -29,7 +29,11 @@ def _save(fig, path):
 
 
 def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="SGLD loss traces"):
-    """Per-chain loss traces of an LLC estimate.
+    """Per-chain loss traces of an LLC estimate, marked with their convergence.
+
+    The corner label gives split R-hat and ESS of the trace (`degenjax.convergence`, the numbers `estimate_llc`
+    reports); an unconverged trace (R-hat > 1.05 or ESS < 100) gets a red "NOT CONVERGED" label and frame, and a
+    chain with a non-finite loss is named.
 
     Args:
       loss_trace: shape ``(num_chains, num_draws)``.
@@ -37,6 +41,8 @@ def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="
       llc: optional LLC estimate shown in the title.
       path: optional output file.
     """
+    from degenjax._src.diagnostics import convergence
+
     trace = np.asarray(loss_trace, np.float64)
     if trace.ndim != 2:
         raise ValueError(f"loss_trace must have shape (num_chains, num_draws); got {trace.shape}.")
@@ -50,6 +56,20 @@ def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="
     ax.set_xlabel("draw")
     ax.set_ylabel("loss")
     ax.set_title(title if llc is None else f"{title}  ($\\hat\\lambda$ = {float(llc):.3g})")
+    finite = np.all(np.isfinite(trace), axis=1)
+    conv = convergence(trace[finite] if finite.any() else trace)
+    text = f"R-hat {conv.rhat:.3f}, ESS {conv.ess:.0f}"
+    if not finite.all():
+        text += f"\ndiverged: chains {np.flatnonzero(~finite).tolist()}"
+    if conv.converged and finite.all():
+        ax.text(0.99, 0.02, "converged: " + text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                color="green")
+    else:
+        ax.text(0.99, 0.02, "NOT CONVERGED: " + text, transform=ax.transAxes, ha="right", va="bottom", fontsize=8,
+                color="red", fontweight="bold")
+        for spine in ax.spines.values():
+            spine.set_edgecolor("red")
+            spine.set_linewidth(2)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 

@@ -35,10 +35,14 @@ class QuickstartConfig(NamedTuple):
       num_points: use the first ``num_points`` digits after a fixed shuffle (None: all 1797); 80% train.
       train_steps: full-batch Adam steps.
       learning_rate: Adam learning rate.
-      num_chains, num_draws, num_burnin: SGLD chains, recorded draws per chain, discarded steps.
+      num_chains, num_draws, num_burnin: SGLD chains, recorded draws per chain, discarded steps (draws and burn-in
+        only for a hand-set ``step_size``: the recipe chooses its own lengths).
       llc_batch_size: SGLD minibatch size.
-      step_size: SGLD step size epsilon.
-      localization: SGLD localization gamma.
+      step_size: ``"auto"`` (default: the recipe of ``estimate_llc(step_size="auto")``, which measures and removes
+        the step-size bias and reports whether its estimate is trustworthy), or a hand-set SGLD step.
+      localization: SGLD localization gamma; 1.0, the default of `estimate_llc` and ``degenjax llc`` (weak enough
+        not to bias lambda^ down, see `degenjax.estimate_llc`).
+      llc_max_steps: the recipe's budget of SGLD steps per chain.
       gram_batch_size: batch size of the streamed Gram / edge computations.
       seed: PRNG seed (initialisation, shuffle, SGLD).
     """
@@ -51,16 +55,17 @@ class QuickstartConfig(NamedTuple):
     num_draws: int = 400
     num_burnin: int = 100
     llc_batch_size: int = 128
-    step_size: float = 1e-4
-    localization: float = 100.0
+    step_size: float | str = "auto"
+    localization: float = 1.0
     gram_batch_size: int = 2048
     seed: int = 0
+    llc_max_steps: int = 100_000
 
     @classmethod
     def tiny(cls) -> "QuickstartConfig":
         """A seconds-long setting for tests and smoke runs."""
         return cls(hidden=12, num_points=300, train_steps=150, num_chains=2, num_draws=40, num_burnin=10,
-                   llc_batch_size=60)
+                   llc_batch_size=60, step_size=1e-4)
 
 
 def load_digits_split(num_points: int | None, seed: int, dtype=np.float32):
@@ -215,7 +220,10 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
     llc_kw = dict(num_chains=config.num_chains, num_draws=config.num_draws, step_size=config.step_size,
                   batch_size=config.llc_batch_size, localization=config.localization, num_burnin=config.num_burnin,
                   mesh=chain_mesh(config.num_chains))
-    if progress:  # eager: a progress bar between chunks of the scan
+    if config.step_size == "auto":  # the recipe (eager: it decides between runs)
+        llc = estimate_llc(jax.random.key(config.seed + 1), loss_fn, params, data, warn=False,
+                           recipe_kwargs={"max_steps": config.llc_max_steps, "initial_steps": 1000}, **llc_kw)
+    elif progress:  # eager: a progress bar between chunks of the scan
         llc = estimate_llc(jax.random.key(config.seed + 1), loss_fn, params, data, progress=True,
                            num_chunks=min(5, config.num_draws + config.num_burnin), **llc_kw)
     else:  # one compilation
@@ -279,7 +287,11 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
         "n_eff": n_eff_mean, "n_eff_std": float(2.0 * llc.llc_std), "init_loss": float(llc.init_loss),
         "nbeta": float(llc.nbeta), "mala_acceptance": float(llc.mala_acceptance), "ess": float(llc.ess),
         "rhat": float(llc.rhat), "llc_mcse": float(llc.llc_mcse), "converged": conv.converged,
-        "convergence_message": conv.message,
+        "convergence_message": conv.message, "llc_uncertainty": float(llc.llc_uncertainty),
+        "step_size": float(llc.step_size),
+        "recipe": None if llc.recipe is None else {"trustworthy": llc.recipe.trustworthy,
+                                                   "message": llc.recipe.message,
+                                                   "rungs": [dict(r) for r in llc.recipe.rungs]},
         "layers": layers,
         "edges": edge_report,
         "degeneracy": {"totals": degen.totals(),
@@ -331,6 +343,10 @@ def _markdown(r: dict, degeneracy_table: str) -> str:
         f"MCSE of the LLC = {_fmt(r['llc_mcse'], '.3g')}.",
         "- " + ("Converged (R-hat <= 1.05, ESS >= 100)." if r["converged"]
                 else f"**Warning: {r['convergence_message']}.**"),
+        "- " + (f"Step size {_fmt(r['step_size'], '.3g')} set by hand: the estimate carries an unmeasured step-size "
+                "bias (the +- does not include it)." if r["recipe"] is None else
+                (f"Step-size recipe: {r['recipe']['message']}" if r["recipe"]["trustworthy"] else
+                 f"**Warning: {r['recipe']['message']}**")),
         "",
         "![LLC loss traces](llc_traces.png)",
         "",

@@ -57,7 +57,8 @@ class SGMCMCAlgorithm(NamedTuple):
     """A stochastic-gradient sampler as pure functions (blackjax style).
 
     Attributes:
-      init: ``init(position) -> state``.
+      init: ``init(position, rng_key=None) -> state`` (the key draws a random initial state, e.g. SGNHT's momentum;
+        the built-in SGLD variants ignore it).
       build_kernel: ``build_kernel(loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False, **hyper)``
         returning ``kernel(rng_key, state, batch) -> (state, info)``.
       step: ``step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, ...)``, one transition (builds the
@@ -179,27 +180,74 @@ def _tree_size(tree: ArrayTree) -> int:
     return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
 
 
-def _potential_value_and_grad(loss_fn: LossFn, center: ArrayTree, nbeta, localization):
-    """``(L_B(w), grad U_B(w))`` with ``grad U_B = nbeta grad L_B + gamma (w - w*)``.
+def _potential_value_and_grad(loss_fn: LossFn, center: ArrayTree, nbeta, localization, weight_decay=0.0,
+                              mask=None):
+    """``(L_B(w), grad U_B(w))`` with ``grad U_B = nbeta grad L_B + gamma (w - w*) + weight_decay w``, times the
+    ``mask`` (0 for frozen entries) when one is given.
 
     The localization term is added leaf by leaf rather than differentiated through ``||w - w*||^2``, and ``U_B``
     itself is not formed (only MALA needs it: `_potential`), so a step skips that reduction over all parameters.
     """
     loss_and_grad = jax.value_and_grad(loss_fn)
+    masks = _leaf_masks(mask, center)
 
     def value_and_grad(position, batch):
         loss, grad_loss = loss_and_grad(position, batch)
-        grad = jax.tree.map(lambda g, w, c: _scalar(nbeta, g) * g + _scalar(localization, w) * (w - c.astype(w.dtype)),
-                            grad_loss, position, center)
+
+        def leaf(g, w, c, m):
+            out = _scalar(nbeta, g) * g + _scalar(localization, w) * (w - c.astype(w.dtype))
+            if not _is_zero(weight_decay):
+                out = out + _scalar(weight_decay, w) * w
+            return out if m is None else out * m.astype(out.dtype)
+
+        grad = jax.tree.map(leaf, grad_loss, position, center, masks, is_leaf=lambda x: x is None)
         return loss, grad
 
     return value_and_grad
 
 
-def _potential(loss, position: ArrayTree, center: ArrayTree, nbeta, localization) -> jax.Array:
-    """``U_B(w) = nbeta L_B(w) + (gamma / 2) ||w - w*||^2`` from the minibatch loss ``L_B(w)``."""
+def _is_zero(value) -> bool:
+    """True only for a concrete Python/NumPy zero (a traced value is never treated as zero)."""
+    return isinstance(value, (int, float, np.number)) and float(value) == 0.0
+
+
+def _leaf_masks(mask, like: ArrayTree):
+    """``mask`` as a tree like ``like`` with a float 0/1 array (or None = all free) per leaf."""
+    treedef = jax.tree.structure(like)
+    if mask is None:
+        return jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
+    return jax.tree.map(lambda m, x: jnp.broadcast_to(jnp.asarray(m), jnp.shape(x)).astype(jnp.result_type(x)),
+                        mask, like)
+
+
+def _potential(loss, position: ArrayTree, center: ArrayTree, nbeta, localization, weight_decay=0.0) -> jax.Array:
+    """``U_B(w) = nbeta L_B(w) + (gamma / 2) ||w - w*||^2 (+ (weight_decay / 2) ||w||^2)`` from ``L_B(w)``."""
     sq = _tree_sum(jax.tree.map(lambda w, c: jnp.square(w - c.astype(w.dtype)), position, center))
-    return _scalar(nbeta, loss) * loss + _scalar(0.5 * localization, loss) * sq.astype(jnp.result_type(loss))
+    u = _scalar(nbeta, loss) * loss + _scalar(0.5 * localization, loss) * sq.astype(jnp.result_type(loss))
+    if not _is_zero(weight_decay):
+        wsq = _tree_sum(jax.tree.map(jnp.square, position)).astype(jnp.result_type(loss))
+        u = u + _scalar(0.5 * weight_decay, loss) * wsq
+    return u
+
+
+def _masked_noise(rng_key, w, masks, noise_level):
+    """``noise_level * mask * N(0, I)`` shaped like ``w`` (the noise convention of the module docstring)."""
+    noise = normal_like(rng_key, w)
+
+    def leaf(z, m):
+        if not (isinstance(noise_level, (int, float)) and noise_level == 1.0):
+            z = _scalar(noise_level, z) * z
+        return z if m is None else z * m.astype(z.dtype)
+
+    return jax.tree.map(leaf, noise, masks, is_leaf=lambda x: x is None)
+
+
+def _clip(new, center, bounding_box_size):
+    """Positions clipped to ``[w* - b, w* + b]`` (devinterp's bounding box); unchanged for ``b = None``."""
+    if bounding_box_size is None:
+        return new
+    return jax.tree.map(lambda x, c: jnp.clip(x, c.astype(x.dtype) - _scalar(bounding_box_size, x),
+                                              c.astype(x.dtype) + _scalar(bounding_box_size, x)), new, center)
 
 
 def _mala_acceptance(u_old, u_new, grad_new, old, new, step_size, noise_sq, precond=None) -> jax.Array:
@@ -244,32 +292,45 @@ def _maybe(flag, fn, like) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------------
 # SGLD
 
-
-def _sgld_init(position: ArrayTree) -> SGLDState:
-    return SGLDState(position=position)
-
-
-def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False):
-    """SGLD: ``w <- w - (eps/2)(nbeta grad L_B(w) + gamma (w - w*)) + sqrt(eps) N(0, I)`` (DESIGN.md section 5).
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss of a minibatch.
+_COMMON_ARGS = """      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss of a minibatch.
       center: the localization centre ``w*``, same structure as the position.
       step_size: ``eps > 0`` (may be a traced scalar).
       nbeta: ``n * beta``, the inverse temperature times the data set size.
       localization: ``gamma >= 0``.
       mala: also compute the MALA acceptance probability (one extra gradient evaluation): a Python bool, or a
         boolean scalar array (possibly traced, e.g. "every k-th step") that selects it with ``lax.cond``.
+      noise_level: factor on the injected Gaussian noise (devinterp's ``noise_level``; 1 samples the posterior,
+        anything else changes the temperature and is for experiments only).
+      weight_decay: ``wd >= 0``: adds ``(wd / 2) ||w||^2`` to the potential (devinterp's ``weight_decay``).
+      bounding_box_size: optional ``b > 0``: every position is clipped to ``[w* - b, w* + b]`` after the step
+        (devinterp's bounding box; the MALA acceptance ignores the clip).
+      mask: optional tree like the position of 0/1 (or boolean) arrays broadcastable to each leaf; entries with 0
+        get no gradient and no noise, so they stay at their initial value (``w*``): the restricted LLC."""
+
+
+def _sgld_init(position: ArrayTree, rng_key=None) -> SGLDState:
+    del rng_key
+    return SGLDState(position=position)
+
+
+def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False,
+                       noise_level=1.0, weight_decay=0.0, bounding_box_size=None, mask=None):
+    """SGLD: ``w <- w - (eps/2)(nbeta grad L_B(w) + gamma (w - w*)) + sqrt(eps) N(0, I)`` (arXiv 2405.10927
+    section 2; the update devinterp's SGLD makes).
+
+    Args:
+{common}
 
     Returns:
       ``kernel(rng_key, state, batch) -> (SGLDState, SGMCMCInfo)``.
     """
-    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization)
+    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization, weight_decay, mask)
+    masks = _leaf_masks(mask, center)
 
     def kernel(rng_key, state: SGLDState, batch) -> tuple[SGLDState, SGMCMCInfo]:
         w = state.position
         loss, grad = value_and_grad(w, batch)
-        noise = normal_like(rng_key, w)
+        noise = _masked_noise(rng_key, w, masks, noise_level)
 
         def update(x, g, z):
             eps = _scalar(step_size, x)
@@ -280,18 +341,31 @@ def _sgld_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, 
 
         def acceptance():
             loss_new, grad_new = value_and_grad(new, batch)
-            u, u_new = (_potential(v, x, center, nbeta, localization) for v, x in ((loss, w), (loss_new, new)))
-            return _mala_acceptance(u, u_new, grad_new, w, new, step_size, noise_sq)
+            u, u_new = (_potential(v, x, center, nbeta, localization, weight_decay)
+                        for v, x in ((loss, w), (loss_new, new)))
+            return _mala_acceptance(u, u_new, grad_new, w, new, step_size, noise_sq,
+                                    precond=_noise_precond(w, noise_level))
 
         acc = _maybe(mala, acceptance, loss)
-        return SGLDState(position=new), SGMCMCInfo(loss=loss, mala_acceptance=acc)
+        return SGLDState(position=_clip(new, center, bounding_box_size)), SGMCMCInfo(loss=loss, mala_acceptance=acc)
 
     return kernel
 
 
-def _sgld_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False):
+_sgld_build_kernel.__doc__ = _sgld_build_kernel.__doc__.format(common=_COMMON_ARGS)
+
+
+def _noise_precond(w, noise_level):
+    """MALA's proposal variance factor for a scaled noise (``noise_level^2``; None for the standard 1)."""
+    if isinstance(noise_level, (int, float)) and noise_level == 1.0:
+        return None
+    return jax.tree.map(lambda x: jnp.full(jnp.shape(x), jnp.square(_scalar(noise_level, x))), w)
+
+
+def _sgld_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False,
+               **hyper):
     kernel = _sgld_build_kernel(loss_fn, center, step_size=step_size, nbeta=nbeta, localization=localization,
-                                mala=mala)
+                                mala=mala, **hyper)
     return kernel(rng_key, state, batch)
 
 
@@ -302,13 +376,15 @@ sgld = SGMCMCAlgorithm(init=_sgld_init, build_kernel=_sgld_build_kernel, step=_s
 # RMSprop-preconditioned SGLD (pSGLD, Li et al. 2016)
 
 
-def _rmsprop_init(position: ArrayTree) -> RMSPropSGLDState:
+def _rmsprop_init(position: ArrayTree, rng_key=None) -> RMSPropSGLDState:
+    del rng_key
     return RMSPropSGLDState(position=position, square_avg=jax.tree.map(jnp.zeros_like, position),
                             count=jnp.zeros((), jnp.int32))
 
 
 def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False,
-                          alpha=0.99, eps=1e-8):
+                          alpha=0.99, eps=1e-8, noise_level=1.0, weight_decay=0.0, bounding_box_size=None,
+                          mask=None):
     """RMSprop-preconditioned SGLD.
 
     With ``g = grad U_B(w)`` (the full drift gradient ``nbeta grad L_B + gamma (w - w*)``) and ``k`` the new count:
@@ -319,14 +395,15 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
     elementwise (the usual pSGLD approximation that drops the derivative of ``P``).
 
     Args:
-      loss_fn, center, step_size, nbeta, localization, mala: as for `sgld`.
+{common}
       alpha: decay of the squared-gradient average.
       eps: damping added to ``sqrt(V^)``.
 
     Returns:
       ``kernel(rng_key, state, batch) -> (RMSPropSGLDState, SGMCMCInfo)``.
     """
-    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization)
+    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization, weight_decay, mask)
+    masks = _leaf_masks(mask, center)
 
     def kernel(rng_key, state: RMSPropSGLDState, batch):
         w = state.position
@@ -340,7 +417,7 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
             return 1.0 / (_scalar(eps, v) + jnp.sqrt(v / correction))
 
         p = jax.tree.map(precond, square_avg)
-        noise = normal_like(rng_key, w)
+        noise = _masked_noise(rng_key, w, masks, noise_level)
 
         def update(x, g, pi, z):
             h = _scalar(step_size, x)
@@ -351,19 +428,26 @@ def _rmsprop_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbet
 
         def acceptance():
             loss_new, grad_new = value_and_grad(new, batch)
-            u, u_new = (_potential(v, x, center, nbeta, localization) for v, x in ((loss, w), (loss_new, new)))
-            return _mala_acceptance(u, u_new, grad_new, w, new, step_size, noise_sq, precond=p)
+            u, u_new = (_potential(v, x, center, nbeta, localization, weight_decay)
+                        for v, x in ((loss, w), (loss_new, new)))
+            scale = _noise_precond(w, noise_level)
+            pre = p if scale is None else jax.tree.map(jnp.multiply, p, scale)
+            return _mala_acceptance(u, u_new, grad_new, w, new, step_size, noise_sq, precond=pre)
 
         acc = _maybe(mala, acceptance, loss)
+        new = _clip(new, center, bounding_box_size)
         return RMSPropSGLDState(new, square_avg, count), SGMCMCInfo(loss=loss, mala_acceptance=acc)
 
     return kernel
 
 
+_rmsprop_build_kernel.__doc__ = _rmsprop_build_kernel.__doc__.format(common=_COMMON_ARGS)
+
+
 def _rmsprop_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False,
-                  alpha=0.99, eps=1e-8):
+                  **hyper):
     kernel = _rmsprop_build_kernel(loss_fn, center, step_size=step_size, nbeta=nbeta, localization=localization,
-                                   mala=mala, alpha=alpha, eps=eps)
+                                   mala=mala, **hyper)
     return kernel(rng_key, state, batch)
 
 
@@ -374,18 +458,27 @@ rmsprop_sgld = SGMCMCAlgorithm(init=_rmsprop_init, build_kernel=_rmsprop_build_k
 # SGNHT (Ding et al. 2014)
 
 
-def _sgnht_init(position: ArrayTree, thermostat=0.01) -> SGNHTState:
-    """Zero momentum and the thermostat at ``thermostat`` (conventionally the diffusion factor A)."""
+def _sgnht_init(position: ArrayTree, rng_key=None, thermostat=0.01, mask=None) -> SGNHTState:
+    """The thermostat at ``thermostat`` (conventionally the diffusion factor A) and the momentum: zero without a key,
+    else standard normal (the thermostat's target ``||p||^2 / d = 1``), drawn with ``rng_key`` by the noise
+    convention; entries with ``mask`` 0 get zero momentum. `degenjax.estimate_llc` passes each chain its
+    ``init_key``, as devinterp starts every chain from a random momentum."""
     leaves = jax.tree.leaves(position)
-    return SGNHTState(position=position, momentum=jax.tree.map(jnp.zeros_like, position),
+    if rng_key is None:
+        momentum = jax.tree.map(jnp.zeros_like, position)
+    else:
+        momentum = _masked_noise(rng_key, position, _leaf_masks(mask, position), 1.0)
+    return SGNHTState(position=position, momentum=momentum,
                       thermostat=jnp.asarray(thermostat, jnp.result_type(leaves[0])))
 
 
 def _sgnht_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta, localization=1.0, mala=False,
-                        diffusion_factor=0.01):
+                        diffusion_factor=0.01, noise_level=1.0, weight_decay=0.0, bounding_box_size=None,
+                        mask=None):
     """Stochastic-gradient Nose-Hoover thermostat.
 
-    With ``h = step_size``, ``A = diffusion_factor``, ``d`` the number of parameters and ``g = grad U_B(w)``:
+    With ``h = step_size``, ``A = diffusion_factor``, ``d`` the number of (unmasked) parameters and
+    ``g = grad U_B(w)``:
 
         p  <- p - h g - h xi p + sqrt(2 A h) N(0, I)
         w  <- w + h p
@@ -395,16 +488,21 @@ def _sgnht_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta,
     so comparable step sizes are about ``sqrt`` of SGLD's. ``mala`` is accepted for a uniform interface; the
     acceptance is NaN.
 
+    Args:
+{common}
+      diffusion_factor: ``A``.
+
     Returns:
       ``kernel(rng_key, state, batch) -> (SGNHTState, SGMCMCInfo)``.
     """
-    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization)
+    value_and_grad = _potential_value_and_grad(loss_fn, center, nbeta, localization, weight_decay, mask)
+    masks = _leaf_masks(mask, center)
     del mala
 
     def kernel(rng_key, state: SGNHTState, batch):
         w = state.position
         loss, grad = value_and_grad(w, batch)
-        noise = normal_like(rng_key, w)
+        noise = _masked_noise(rng_key, w, masks, noise_level)
         xi = state.thermostat
 
         def momentum(p, g, z):
@@ -415,16 +513,24 @@ def _sgnht_build_kernel(loss_fn: LossFn, center: ArrayTree, *, step_size, nbeta,
         mom = jax.tree.map(momentum, state.momentum, grad, noise)
         new = jax.tree.map(lambda x, p: x + _scalar(step_size, x) * p, w, mom)
         kinetic = _tree_sum(jax.tree.map(jnp.square, mom)).astype(xi.dtype)
-        xi_new = xi + _scalar(step_size, xi) * (kinetic / _tree_size(w) - 1.0)
+        if mask is None:
+            size = _tree_size(w)
+        else:
+            size = _tree_sum(jax.tree.map(lambda m: jnp.sum(m != 0), masks)).astype(xi.dtype)
+        xi_new = xi + _scalar(step_size, xi) * (kinetic / size - 1.0)
+        new = _clip(new, center, bounding_box_size)
         return SGNHTState(new, mom, xi_new), SGMCMCInfo(loss=loss, mala_acceptance=_nan_like(loss))
 
     return kernel
 
 
+_sgnht_build_kernel.__doc__ = _sgnht_build_kernel.__doc__.format(common=_COMMON_ARGS)
+
+
 def _sgnht_step(rng_key, state, batch, loss_fn, center, *, step_size, nbeta, localization=1.0, mala=False,
-                diffusion_factor=0.01):
+                **hyper):
     kernel = _sgnht_build_kernel(loss_fn, center, step_size=step_size, nbeta=nbeta, localization=localization,
-                                 mala=mala, diffusion_factor=diffusion_factor)
+                                 mala=mala, **hyper)
     return kernel(rng_key, state, batch)
 
 

@@ -1,0 +1,504 @@
+"""The step-size recipe of ``estimate_llc(..., step_size="auto")``, `calibrate` and ``degenjax llc --step-size auto``.
+
+SGLD's estimate lambda^(eps) is biased at any finite step size ``eps``, and the bias is first order in ``eps``: the
+Euler discretisation inflates the posterior variance in a direction of curvature ``h`` by ``1 / (1 - eps h / 4)``,
+the minibatch gradient noise adds ``eps sigma_B^2 / 4`` (``sigma_B^2`` the variance of the minibatch gradient of the
+potential, ``nbeta^2 / batch_size`` times the per-example one), and a minibatch loss read at a position fitted to
+the previous minibatches of the same epoch is higher than the full-data loss by another ``O(eps)`` term. Measured on
+the notebook's linear regression (d = 5, n = 10^4, exact 2.5, batch 256): lambda^ = 12.2, 4.12, 3.00, 2.68, 2.55 at
+eps = 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, i.e. ``2.5 + a eps`` below ~1e-4. MALA acceptance computed on one minibatch sees
+only the first of the three terms, which is why an acceptance band recommended a biased step.
+
+The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates to ``eps -> 0`` (Richardson):
+
+1. *Scale*: ``h_max``, the largest eigenvalue of the Hessian of the potential ``nbeta L + gamma/2 ||w - w*||^2`` at
+   ``w*`` (power iteration with Hessian-vector products on up to 4096 data points), and the first rung
+   ``eps_0 = scale / h_max`` (default ``scale = 0.5``, well inside SGLD's stability limit ``eps h < 4``). After the
+   first rung the curvature is measured again at the chains' positions: a singular model's chains move into
+   regions far stiffer than ``w*``, and when ``eps_0`` times that curvature exceeds 2.5 the ladder restarts at
+   ``scale`` over it (or, over the budget, the report says so).
+2. *Minibatches*: drawn independently with replacement (``replacement=True`` of `estimate_llc`), so that the
+   minibatch noise is white at every step size and the bias stays first order: without replacement, the
+   correlations within an epoch change character when the chains' relaxation time (``~ 2 / (eps h)`` steps) crosses
+   the epoch length ``n / batch_size``, and lambda^(eps) bends (measured on a 3-parameter regression, n = 2000,
+   batch 100: successive differences in the ratio 2.1 instead of 3). The recorded loss is
+   ``L_B(w_t) - L_B(w*) + L_n(w*)`` (``control_variate=True``): the same mean, without the minibatch's own noise.
+3. *Ladder*: rungs ``eps_k = eps_0 / ratio^k`` (``ratio = 3``, three rungs). Every rung runs for the same
+   *diffusion time* ``T = steps x eps`` (``steps_k = steps_0 ratio^k``) and discards the first half: the rungs then
+   average the same stretch of the sampler's continuous-time path, so their differences are step-size bias, not
+   different amounts of mixing. (On the devinterp deep linear network 10-20-20-10, rank 5, whose chains keep
+   drifting along the flat directions for 10^5+ steps, a fixed number of steps per rung would compare different
+   things.)
+4. *Length*: ``steps_0`` starts at ``initial_steps`` and doubles (the chains continue) until the second half of the
+   first rung has settled (split R-hat <= 1.05, ESS >= ``min_ess``, and its mean no longer drifts between the
+   windows of successive doublings) and is precise (its relative standard error below ``target_rel / 2``), or the
+   budget ``max_steps`` (per chain, all rungs) would be exceeded. Imprecision only widens the reported
+   uncertainty; a first rung that has not settled makes the result untrustworthy.
+5. *Estimate*: per chain, the quadratic (3-point) Richardson extrapolation of lambda^(eps_k) to ``eps = 0``; its mean
+   over chains is ``llc_mean``. The remaining-bias estimate is the change from the linear extrapolation of the two
+   finest rungs (the size of the last correction), and the reported uncertainty is
+   ``sqrt(se^2 + bias^2)`` with ``se`` the standard error over chains (at least the MCSE propagated from the rungs).
+6. *Trust*: the result is trustworthy when no rung diverged, the finest rung converged, and the ladder is in the
+   asymptotic (near-linear) regime: the last correction is at most ``max(3 se, nonlinear_tol x |lambda^|)``. If the
+   first rung diverges or the ladder is not yet linear, the ladder moves down by one rung while the budget allows;
+   otherwise the report says so, with every rung tried.
+
+Measured: the DLN above at devinterp's settings (eps = 1e-5, 10^4 draws) gives 57.4 (exact 50); at a fixed diffusion
+time the rungs 3e-5, 1e-5, 3.3e-6 gave 81.2, 58.5, 52.2 and the extrapolation 49.3 (the exact value of the estimator
+there, with ``w*`` the noisy teacher, is ~49.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from degenjax._src import llc as llc_lib
+from degenjax._src import sgld as sgld_lib
+from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_inputs, check_positive_int,
+                                  default_nbeta)
+from degenjax._src.diagnostics import LLCDivergenceError, convergence
+from degenjax._src.validation import is_traced
+
+ArrayTree = Any
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LLCRecipe:
+    """What the step-size recipe did (``LLCResult.recipe``); a static pytree node (no array leaves).
+
+    Attributes:
+      llc: the extrapolated lambda^ (= ``LLCResult.llc_mean``).
+      uncertainty: ``sqrt(se^2 + bias^2)``.
+      se: statistical standard error of ``llc``.
+      bias: estimated remaining step-size bias (the size of the last extrapolation correction).
+      step_size: the finest rung's step size (the chosen setting; ``LLCResult.step_size``).
+      trustworthy: whether the checks of the recipe passed (module docstring, step 5).
+      message: one line: the estimate and why, or why no setting is trustworthy and what was tried.
+      rungs: one dict per rung run (``step_size, num_steps, num_burnin, llc_mean, llc_se, rhat, ess, converged,
+        diverged``), coarsest first.
+      h_max: the curvature estimate that set the first rung.
+      diffusion_time: ``T = steps x step_size`` of every rung.
+      total_steps: SGLD steps per chain over all rungs.
+      seconds: wall time of the recipe.
+    """
+
+    llc: float
+    uncertainty: float
+    se: float
+    bias: float
+    step_size: float
+    trustworthy: bool
+    message: str
+    rungs: tuple
+    h_max: float
+    diffusion_time: float
+    total_steps: int
+    seconds: float
+
+    def table(self) -> list[dict]:
+        """The rungs as a list of dicts (one row per step size)."""
+        return [dict(r) for r in self.rungs]
+
+
+def top_curvature(loss_fn: Callable, params, data, *, nbeta, localization, mask=None, num_iters: int = 30,
+                  max_points: int = 4096, rng_key=None) -> float:
+    """The largest eigenvalue of ``nbeta * Hessian(L) + gamma`` at ``params`` (power iteration with HVPs).
+
+    Args:
+      loss_fn, params, data, nbeta, localization: as for `estimate_llc`.
+      mask: optional boolean tree (restricted LLC): the Hessian on the sampled entries only.
+      num_iters: power iterations.
+      max_points: at most this many data points (a random subset) for the Hessian.
+      rng_key: key of the start vector and the subset.
+
+    Returns:
+      ``h_max`` (float, host).
+    """
+    rng_key = jax.random.key(0) if rng_key is None else rng_key
+    n = llc_lib.num_data(data)
+    k1, k2 = jax.random.split(rng_key)
+    if n > max_points:
+        idx = jax.random.choice(k1, n, (max_points,), replace=False)
+        data = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+    masks = None if mask is None else jax.tree.map(lambda m, x: jnp.asarray(m, jnp.result_type(x)), mask, params)
+    iterate = llc_lib.cached_runner(_power_step, loss_fn)
+
+    def project(v):
+        return v if masks is None else jax.tree.map(jnp.multiply, v, masks)
+
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(k2, len(leaves))
+    v = project(jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+                                             for k, x in zip(keys, leaves)]))
+    norm0 = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(v)))
+    v = jax.tree.map(lambda x: x / norm0, v)
+    lam = 0.0
+    for _ in range(num_iters):
+        v, lam = iterate(v, params, data, masks)
+    return float(nbeta) * float(lam) + float(localization)
+
+
+@functools.lru_cache(maxsize=32)
+def _power_step(loss_fn):
+    """A jitted power-iteration step ``(v, params, data, masks) -> (H v / |H v|, |H v|)`` (cached per loss, so the
+    recipe's repeated curvature measurements compile once)."""
+
+    def step(v, params, data, masks):
+        hv = jax.jvp(jax.grad(lambda p: loss_fn(p, data)), (params,), (v,))[1]
+        if masks is not None:
+            hv = jax.tree.map(jnp.multiply, hv, masks)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(hv)))
+        return jax.tree.map(lambda x: x / norm, hv), norm
+
+    return jax.jit(step)
+
+
+def _lagrange_at_zero(nodes: np.ndarray) -> np.ndarray:
+    """Weights ``w_k`` with ``sum_k w_k f(x_k) = p(0)`` for the polynomial ``p`` through ``(x_k, f(x_k))``."""
+    w = np.ones(len(nodes))
+    for k, xk in enumerate(nodes):
+        for j, xj in enumerate(nodes):
+            if j != k:
+                w[k] *= (0.0 - xj) / (xk - xj)
+    return w
+
+
+class _Rung:
+    """One rung's chains, extendable (the chains continue) by more chunks of the compiled runner."""
+
+    def __init__(self, ctx, run_chunk, carry, chunk_len: int, step_size: float):
+        self.ctx, self.run_chunk, self.carry = ctx, run_chunk, carry
+        self.chunk_len, self.step_size = chunk_len, step_size
+        self.losses = []  # (chunk_len, chains) per chunk
+        self.steps = 0
+        self.seconds = 0.0
+
+    def extend(self, num_steps: int) -> bool:
+        """Runs ``num_steps`` more steps; False when a chain's loss became non-finite."""
+        t0 = time.perf_counter()
+        try:
+            return self._extend(num_steps)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _extend(self, num_steps: int) -> bool:
+        for _ in range(num_steps // self.chunk_len):
+            ts = np.arange(self.steps, self.steps + self.chunk_len, dtype=np.int32)
+            self.carry, out = self.run_chunk(self.carry, ts, self.ctx)
+            losses = np.asarray(out[0])
+            self.losses.append(losses)
+            self.steps += self.chunk_len
+            if not np.all(np.isfinite(losses)):
+                return False
+        return True
+
+    def window(self) -> np.ndarray:
+        """The second half of the run, ``(chains, steps / 2)``."""
+        trace = np.concatenate(self.losses, axis=0)
+        return trace[trace.shape[0] // 2:].T
+
+
+def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, batch_size: int,
+               num_chains: int = 4, nbeta=None, localization=1.0, sampler="sgld", sampler_kwargs: dict | None = None,
+               mask=None, eval_batch_size: int | None = None, mesh=None, chain_axis: str | None = None,
+               data_axis: str | None = None, scale: float = 0.5, ratio: float = 3.0, num_rungs: int = 3,
+               initial_steps: int = 2000, max_steps: int = 400_000, min_ess: float = 200.0,
+               target_rel: float = 0.02, nonlinear_tol: float = 0.05, first_step_size: float | None = None,
+               progress: bool = False, on_divergence: str = "raise", warn: bool = True) -> llc_lib.LLCResult:
+    """Runs the step-size recipe (module docstring) and returns its `LLCResult` (``recipe`` = `LLCRecipe`).
+
+    Args:
+      rng_key, loss_fn, params, data, batch_size, num_chains, nbeta, localization, sampler, sampler_kwargs, mask,
+        eval_batch_size, mesh, chain_axis, data_axis: as for `estimate_llc`.
+      scale: first rung ``eps_0 = scale / h_max``.
+      ratio: step-size ratio between rungs (> 1).
+      num_rungs: rungs used for the extrapolation (2: linear, 3: quadratic).
+      initial_steps: first length of the first rung (doubled until converged); a multiple of 4.
+      max_steps: budget of SGLD steps per chain over all rungs.
+      min_ess: ESS the first rung's second half must reach.
+      target_rel: target relative uncertainty of the estimate (sets how long the rungs run).
+      nonlinear_tol: largest last extrapolation correction, relative to lambda^, for a trustworthy result.
+      first_step_size: start the ladder here instead of at ``scale / h_max``.
+      progress: print one line per rung.
+      on_divergence: ``"raise"`` raises `LLCDivergenceError` when even a rung below the divergent one diverges.
+      warn: warn when the result is not trustworthy.
+
+    Returns:
+      `LLCResult` of the finest rung, with ``llc_mean``/``llc_per_chain``/``llc_std`` the extrapolated values,
+      ``llc_uncertainty`` the total uncertainty and ``recipe`` the `LLCRecipe` report.
+    """
+    t_start = time.perf_counter()
+    if is_traced((rng_key, params, data)) or isinstance(jnp.zeros(()), jax.core.Tracer):
+        raise ValueError("step_size='auto' chooses the step size on the host from measured runs and cannot run "
+                         "under jax.jit; call it eagerly (it compiles its own programs).")
+    algo = sgld_lib.resolve_sampler(sampler)
+    num_chains = check_positive_int("num_chains", num_chains)
+    num_rungs = check_positive_int("num_rungs", num_rungs, minimum=2)
+    initial_steps = check_positive_int("initial_steps", initial_steps, minimum=8)
+    max_steps = check_positive_int("max_steps", max_steps, minimum=initial_steps)
+    eval_batch_size = check_eval_batch_size(eval_batch_size)
+    if not ratio > 1 or not scale > 0:
+        raise ValueError(f"ratio must be > 1 and scale > 0; got ratio={ratio}, scale={scale}.")
+    n = check_inputs(params, data, step_size="auto", batch_size=batch_size, loss_fn=loss_fn)
+    if mask is not None:
+        mask = llc_lib.parameter_mask(params, mask)
+    if nbeta is None:
+        nbeta = default_nbeta(n)
+    for name, value, ok in (("nbeta", nbeta, nbeta > 0 if np.ndim(nbeta) == 0 else False),
+                            ("localization", localization, localization >= 0 if np.ndim(localization) == 0 else False)):
+        if not (ok and np.isfinite(value)):
+            raise ValueError(f"{name} must be a finite scalar {'> 0' if name == 'nbeta' else '>= 0'}; got {value!r}.")
+    nbeta, localization = float(nbeta), float(localization)
+    sampler_kwargs = dict(sampler_kwargs or {})
+
+    h_max = top_curvature(loss_fn, params, data, nbeta=nbeta, localization=localization, mask=mask,
+                          rng_key=jax.random.fold_in(rng_key, 7))
+    wd = float(sampler_kwargs.get("weight_decay", 0.0))
+    h_max += wd
+    eps0 = float(first_step_size) if first_step_size is not None else scale / h_max
+    chunk_len = max(2, initial_steps // 4)
+    initial_steps = 4 * chunk_len
+
+    chain_sharding, batch_sharding = llc_lib.chain_shardings(mesh, chain_axis, data_axis, num_chains, batch_size)
+    prologue = llc_lib.cached_runner(llc_lib.prologue_runner, loss_fn, algo, num_chains, eval_batch_size,
+                               mask is not None)
+    init_loss, perm_keys, noise_keys, states0 = prologue(rng_key, params, data, mask)
+    check_init_loss(init_loss)
+    states0, perm_keys, noise_keys = llc_lib.constrain((states0, perm_keys, noise_keys), chain_sharding)
+    run_chunk = llc_lib.cached_runner(llc_lib.chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n,
+                                batch_size, 0, chain_sharding, batch_sharding, None, 1, True, True)
+    dtype = jnp.result_type(init_loss)
+    init = float(init_loss)
+
+    def new_rung(eps):
+        ctx = (data, params, perm_keys, noise_keys, jnp.asarray(eps, dtype), jnp.asarray(nbeta, dtype),
+               jnp.asarray(localization, dtype), mask, init_loss, jnp.asarray(0, jnp.int32))
+        carry = (states0, jnp.zeros((num_chains,), dtype), jnp.zeros((num_chains,), jnp.int32))
+        return _Rung(ctx, run_chunk, carry, chunk_len, eps)
+
+    def stats(rung):
+        w = rung.window()
+        per_chain = nbeta * (w.mean(axis=1) - init)
+        conv = convergence(w)
+        mcse = nbeta * conv.mcse
+        se = float(np.std(per_chain, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else float("nan")
+        return dict(step_size=rung.step_size, num_steps=rung.steps, num_burnin=rung.steps // 2,
+                    llc_mean=float(per_chain.mean()), llc_se=float(np.nanmax([se, mcse])), rhat=conv.rhat,
+                    ess=conv.ess, converged=conv.converged, diverged=False, seconds=rung.seconds), per_chain
+
+    tried = []  # every rung run, for the report
+    used = 0
+
+    def say(msg):
+        if progress:
+            print(f"[llc recipe] {msg}", flush=True)
+
+    # first rung: find a stable eps_0 and the run length (doubling until converged and precise)
+    shifts = 0
+    while True:
+        rung = new_rung(eps0)
+        ok = rung.extend(initial_steps)
+        used += rung.steps
+        if ok:
+            break
+        tried.append(dict(step_size=eps0, num_steps=rung.steps, num_burnin=0, llc_mean=float("nan"),
+                          llc_se=float("nan"), rhat=float("nan"), ess=float("nan"), converged=False, diverged=True))
+        say(f"step {eps0:.3g} diverged; moving the ladder down")
+        eps0 /= ratio
+        shifts += 1
+        if shifts > 4 or used + initial_steps > max_steps:
+            return _fail(f"every first rung diverged (steps {_steps(tried)})", tried,
+                         h_max, init_loss, nbeta, num_chains, dtype, t_start, used, on_divergence, warn, n)
+    cost_factor = sum(ratio ** k for k in range(num_rungs))
+    previous = None
+    while True:
+        row, _ = stats(rung)
+        rel = row["llc_se"] / max(abs(row["llc_mean"]), 1e-12)
+        # drift: this window [T/2, T] against the previous one [T/4, T/2] (disjoint, so independent errors)
+        drift_ok = previous is not None and abs(row["llc_mean"] - previous["llc_mean"]) <= max(
+            3.0 * math.hypot(row["llc_se"], previous["llc_se"]), target_rel * abs(row["llc_mean"]))
+        say(f"rung 0: step {eps0:.3g}, {rung.steps} steps: lambda^ {row['llc_mean']:.4g} +- {row['llc_se']:.2g}, "
+            f"R-hat {row['rhat']:.3f}, ESS {row['ess']:.0f}")
+        settled = row["converged"] and row["ess"] >= min_ess and drift_ok
+        next_total = used + rung.steps * (1 + 2 * (cost_factor - 1))
+        first_rung_settled = settled
+        if (settled and rel <= target_rel / 2) or next_total > max_steps:
+            break
+        previous = row
+        ok = rung.extend(rung.steps)
+        used += rung.steps // 2
+        if not ok:
+            first_rung_settled = False
+            break
+    # The curvature where the chains are, not only at w*: in a singular model they move into regions (the "arms"
+    # of the degenerate set) that are far stiffer than w*, and a ladder scaled to w* is then not in its linear
+    # regime. Measured at the end of the first rung; the ladder restarts lower when the first step times that
+    # curvature exceeds 2.5 (past 5/8 of SGLD's stability limit eps h = 4 on a Gaussian, where the variance factor
+    # 1 / (1 - eps h / 4) is above 2.6 and the ladder is far from linear).
+    positions = jax.tree.map(lambda x: x, rung.carry[0].position)
+    h_run = max(top_curvature(loss_fn, jax.tree.map(lambda x: x[c], positions), data, nbeta=nbeta,
+                              localization=localization, mask=mask, num_iters=20,
+                              rng_key=jax.random.fold_in(rng_key, 11 + c)) for c in range(min(num_chains, 4))) + wd
+    stiff_note = None
+    if first_step_size is None and eps0 * h_run > 2.5:
+        steps_new = int(round(rung.steps * (eps0 * h_run / scale) / chunk_len)) * chunk_len
+        if used + steps_new * cost_factor <= max_steps:
+            say(f"curvature along the chains {h_run:.3g} ({h_run / h_max:.1f}x that at w*): restarting the ladder at "
+                f"{scale / h_run:.3g} with the same diffusion time")
+            tried.append(dict(stats(rung)[0], note="restarted: stiffer along the chains"))
+            eps0, h_max = scale / h_run, h_run
+            rung = new_rung(eps0)
+            ok = rung.extend(steps_new)
+            used += rung.steps
+            first_rung_settled = first_rung_settled and ok
+        else:
+            stiff_note = (f"the chains reach regions {h_run / h_max:.1f}x stiffer than w* (curvature {h_run:.3g}), so "
+                          f"the ladder should start near {scale / h_run:.3g}, which needs ~{steps_new * cost_factor:.3g} "
+                          "steps per chain")
+            say(stiff_note + "; over the budget")
+    steps0 = rung.steps
+    rungs = [rung]
+    eps = eps0
+    while len(rungs) < num_rungs:
+        eps = eps / ratio
+        r = new_rung(eps)
+        ok = r.extend(int(round(steps0 * (eps0 / eps) / chunk_len)) * chunk_len)
+        used += r.steps
+        rungs.append(r)
+        say(f"rung {len(rungs) - 1}: step {eps:.3g}, {r.steps} steps" + ("" if ok else " (diverged)"))
+    results = []
+    for r in rungs:
+        if r.losses and not np.all(np.isfinite(np.concatenate(r.losses))):
+            row = dict(step_size=r.step_size, num_steps=r.steps, num_burnin=r.steps // 2, llc_mean=float("nan"),
+                       llc_se=float("nan"), rhat=float("nan"), ess=float("nan"), converged=False, diverged=True)
+            results.append((row, None))
+        else:
+            results.append(stats(r))
+
+    def extrapolate(results):
+        rows = [row for row, _ in results]
+        per = np.stack([pc for _, pc in results])  # (rungs, chains)
+        x = np.array([row["step_size"] for row in rows])
+        w_q = _lagrange_at_zero(x[-3:]) if len(x) >= 3 else _lagrange_at_zero(x[-2:])
+        w_l = _lagrange_at_zero(x[-2:])
+        q_c = w_q @ per[-len(w_q):]
+        l_c = w_l @ per[-2:]
+        se_rungs = np.array([row["llc_se"] for row in rows[-len(w_q):]])
+        se_prop = float(np.sqrt(np.sum((w_q * se_rungs) ** 2)))
+        se_chain = float(np.std(q_c, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else float("nan")
+        se = float(np.nanmax([se_prop, se_chain]))
+        bias = abs(float(q_c.mean()) - float(l_c.mean())) if len(w_q) > 2 else abs(
+            float(l_c.mean()) - rows[-1]["llc_mean"])
+        # the correction's own noise: compare it with its standard error before calling the ladder non-linear
+        d_c = q_c - l_c
+        se_d = float(np.std(d_c, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else 0.0
+        return q_c, se, bias, se_d
+
+    while True:
+        diverged = [row for row, pc in results if pc is None]
+        if diverged:
+            return _fail(f"rung(s) at step {_steps(diverged)} diverged", tried +
+                         [row for row, _ in results], h_max, init_loss, nbeta, num_chains, dtype, t_start, used,
+                         on_divergence, warn, n)
+        q_c, se, bias, se_d = extrapolate(results)
+        llc = float(q_c.mean())
+        linear = bias <= max(3.0 * max(se_d, se), nonlinear_tol * abs(llc))
+        next_cost = rungs[-1].steps * ratio
+        if linear or used + next_cost > max_steps:
+            break
+        eps = eps / ratio
+        say(f"the ladder is not linear yet (last correction {bias:.3g}); adding step {eps:.3g}")
+        r = new_rung(eps)
+        r.extend(int(round(steps0 * (eps0 / eps) / chunk_len)) * chunk_len)
+        used += r.steps
+        rungs.append(r)
+        results.append(stats(r) if np.all(np.isfinite(np.concatenate(r.losses))) else (
+            dict(step_size=eps, num_steps=r.steps, num_burnin=r.steps // 2, llc_mean=float("nan"),
+                 llc_se=float("nan"), rhat=float("nan"), ess=float("nan"), converged=False, diverged=True), None))
+
+    rows = [row for row, _ in results]
+    finest = rows[-1]
+    unc = math.sqrt(se ** 2 + bias ** 2)
+    problems = []
+    if stiff_note is not None:
+        problems.append(stiff_note + f" (budget max_steps={max_steps})")
+    if not first_rung_settled:
+        problems.append("the first rung did not settle within the budget (still drifting or not converged after "
+                        f"{steps0} steps: the chains may not have reached equilibrium)")
+    if not finest["converged"]:
+        problems.append(f"the finest rung is not converged (R-hat {finest['rhat']:.3f}, ESS {finest['ess']:.0f})")
+    if not linear:
+        problems.append(f"lambda^(eps) is not yet linear in eps (last correction {bias:.3g} > "
+                        f"{max(3 * max(se_d, se), nonlinear_tol * abs(llc)):.3g}) within the budget of {max_steps} "
+                        "steps per chain")
+    ladder = ", ".join(f"{row['step_size']:.3g}: {row['llc_mean']:.4g}" for row in rows)
+    trust = not problems
+    seconds = time.perf_counter() - t_start
+    if trust:
+        message = (f"lambda^ = {llc:.4g} +- {unc:.2g} (extrapolated to step 0 from lambda^(step) = {ladder}; "
+                   f"remaining bias estimate {bias:.2g}, statistical se {se:.2g}; chosen step {finest['step_size']:.3g})")
+    else:
+        message = (f"No trustworthy setting: {'; '.join(problems)}. Tried lambda^(step) = {ladder}; the "
+                   f"extrapolation gives {llc:.4g} +- {unc:.2g}. Raise max_steps, use more chains, or a larger "
+                   "batch size (less gradient noise).")
+    report = LLCRecipe(llc=llc, uncertainty=unc, se=se, bias=bias, step_size=float(finest["step_size"]),
+                       trustworthy=trust, message=message, rungs=tuple(tried + rows), h_max=h_max,
+                       diffusion_time=float(steps0 * eps0), total_steps=int(used), seconds=seconds)
+    trace = rungs[-1].window()
+    result = llc_lib.summarize(np, trace, np.full((trace.shape[1], num_chains), np.nan, trace.dtype),
+                               np.asarray(init_loss), nbeta)
+    result = llc_lib.finish(result, warn=False, step_size=finest["step_size"])
+    std = float(np.std(q_c, ddof=1)) if num_chains > 1 else float("nan")
+    result = result._replace(llc_mean=jnp.asarray(llc, dtype), llc_std=jnp.asarray(std, dtype),
+                             llc_per_chain=jnp.asarray(q_c, dtype), llc_uncertainty=jnp.asarray(unc, dtype),
+                             step_size=jnp.asarray(finest["step_size"], dtype), num_data=jnp.asarray(n, jnp.int32),
+                             recipe=report)
+    say(message)
+    if warn and not trust:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return result
+
+
+def _steps(rows) -> str:
+    return "[" + ", ".join(format(r["step_size"], ".3g") for r in rows) + "]"
+
+
+def _fail(reason, tried, h_max, init_loss, nbeta, num_chains, dtype, t_start, used, on_divergence, warn, n):
+    message = (f"No trustworthy setting: {reason}. Tried steps {_steps(tried)}; check "
+               "that params is a trained minimum and the loss is finite near it, or raise the localization.")
+    if on_divergence == "raise":
+        raise LLCDivergenceError(message)
+    report = LLCRecipe(llc=float("nan"), uncertainty=float("nan"), se=float("nan"), bias=float("nan"),
+                       step_size=float("nan"), trustworthy=False, message=message, rungs=tuple(tried), h_max=h_max,
+                       diffusion_time=float("nan"), total_steps=int(used), seconds=time.perf_counter() - t_start)
+    if warn:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    nan = jnp.full((), jnp.nan, dtype)
+    return llc_lib.LLCResult(llc_mean=nan, llc_std=nan, llc_per_chain=jnp.full((num_chains,), jnp.nan, dtype),
+                             loss_trace=jnp.zeros((num_chains, 0), dtype), init_loss=jnp.asarray(init_loss, dtype),
+                             mala_acceptance=nan, mala_per_chain=jnp.full((num_chains,), jnp.nan, dtype), ess=nan,
+                             rhat=nan, nbeta=jnp.asarray(nbeta, dtype), llc_mcse=nan, step_size=nan,
+                             diverged=jnp.ones((num_chains,), bool), num_data=jnp.asarray(n, jnp.int32),
+                             llc_uncertainty=nan, recipe=report, converged=jnp.asarray(False))
+
+
+def estimate_llc_auto(rng_key, loss_fn, params, data, *, num_chains, batch_size, nbeta=None, localization=1.0,
+                      sampler="sgld", sampler_kwargs=None, mesh=None, chain_axis=None, data_axis=None,
+                      eval_batch_size=None, warn=True, mask=None, progress=False, on_divergence="raise",
+                      **recipe_kwargs):
+    """``estimate_llc(..., step_size="auto")``: `llc_recipe` with the estimator's arguments."""
+    return llc_recipe(rng_key, loss_fn, params, data, batch_size=batch_size, num_chains=num_chains, nbeta=nbeta,
+                      localization=localization, sampler=sampler, sampler_kwargs=sampler_kwargs, mask=mask,
+                      eval_batch_size=eval_batch_size, mesh=mesh, chain_axis=chain_axis, data_axis=data_axis,
+                      progress=progress, on_divergence=on_divergence, warn=warn, **recipe_kwargs)
