@@ -135,13 +135,14 @@ def test_resume_after_sigkill_at_several_points(tmp_path):
         assert max(starts[r["cell"]]) == order.index(r["pid"]), r["cell"]
     # results.csv is regenerated from the jsonl: one row per cell.
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 13 and csv_lines[0].startswith("checkpoint,step_size")
+    assert len(csv_lines) == 13 and csv_lines[0].startswith("checkpoint,step,step_size")
     # A rerun of a finished sweep computes nothing (and does not even import the entry point).
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
 
-    rerun = sweep.run_sweep(sweep.load_sweep_config(tmp_path / "sweep.toml"), out, cell_fn=must_not_run,
-                            progress=False, plots=False)
+    with jax.enable_x64(False):  # as in the driver's process (the same sweep identity)
+        rerun = sweep.run_sweep(sweep.load_sweep_config(tmp_path / "sweep.toml"), out, cell_fn=must_not_run,
+                                progress=False, plots=False)
     assert [r["cell"] for r in rerun] == [c["cell"] for c in sweep.load_sweep_config(tmp_path / "sweep.toml").cells()]
     assert results.read_bytes() == final
 
@@ -175,18 +176,33 @@ def test_run_sweep_in_process_plots_keys_and_fingerprint(tmp_path):
                         progress=False, plots=False)
 
 
+def _row(cell, **kw):
+    return {"cell": cell, "checkpoint": "c", "step_size": 1.0, "nbeta": None, "localization": 1.0, **kw}
+
+
 def test_read_results_drops_torn_line_and_keeps_first_copy(tmp_path):
     p = tmp_path / "results.jsonl"
-    sweep.append_result(p, {"cell": "a", "llc_mean": 1.0})
-    sweep.append_result(p, {"cell": "b", "llc_mean": float("nan")})
-    sweep.append_result(p, {"cell": "a", "llc_mean": 3.0})
+    sweep.append_result(p, _row("a", llc_mean=1.0))
+    sweep.append_result(p, _row("b", llc_mean=float("nan")))
+    sweep.append_result(p, _row("a", llc_mean=3.0))
+    sweep.append_result(p, _row("d", error="ValueError: bad checkpoint"))  # a failed cell, then its retry
+    sweep.append_result(p, _row("d", llc_mean=4.0))
+    sweep.append_result(p, _row("e", error="first failure"))  # failed twice: the last reason is kept
+    sweep.append_result(p, _row("e", error="second failure"))
     with open(p, "ab") as f:
         f.write(b'{"cell": "c", "llc')
     rows = sweep.read_results(p, repair=True)
-    assert [(r["cell"], r["llc_mean"]) for r in rows] == [("a", 1.0), ("b", None)]
-    assert p.read_bytes().endswith(b"\n") and b'"c"' not in p.read_bytes()
+    assert [(r["cell"], r.get("llc_mean"), r.get("error")) for r in rows] == [
+        ("a", 1.0, None), ("b", None, None), ("d", 4.0, None), ("e", None, "second failure")]
+    assert p.read_bytes().endswith(b"\n") and b'"cell": "c"' not in p.read_bytes()
     (tmp_path / "bad.jsonl").write_text('{"cell": "a"}\nnot json\n{"cell": "b"}\n')
+    with pytest.raises(ValueError, match="line 1 is not a sweep result"):
+        sweep.read_results(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(_row("a")) + '\nnot json\n{"cell": "b"}\n')
     with pytest.raises(ValueError, match="line 2"):
+        sweep.read_results(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(_row("a")) + "\n{}\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 2 is not a sweep result"):
         sweep.read_results(tmp_path / "bad.jsonl")
 
 
