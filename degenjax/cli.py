@@ -256,6 +256,9 @@ def basis(
                          "or a list of section functions f(params, h); an llc entry point (loss_fn, params, data) "
                          "does not fit here.")
     model, params, batches = got
+    from degenjax._src.grams import as_batch_list
+
+    batches = as_batch_list(batches, f"the batches of {target}")  # a generator is used by the basis and the edges
     if checkpoint is not None:
         params = load_checkpoint(checkpoint, params)
     b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed))

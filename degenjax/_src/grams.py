@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
 from degenjax._src.structure import affine_elementwise
-from degenjax._src.validation import is_traced
+from degenjax._src.validation import check_batches, is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
@@ -224,6 +224,7 @@ def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int =
 
 
 def _batch_iterable(batches, fn: str):
+    batches = check_batches(batches, fn)  # no empty batch; a spent generator named (validation.py)
     if isinstance(batches, (jax.Array, np.ndarray, Mapping)):
         return [batches]
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):

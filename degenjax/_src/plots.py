@@ -324,6 +324,6 @@ def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None 
         ax.set_ylabel("localization")
         ax.set_title(f"nbeta = {'default' if nb is None else f'{nb:.3g}'}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    note = "  (* red frame: " + _UNCONVERGED + ")" if any_bad else ""
+    note = "\n* and red frame: not converged\n(R-hat > 1.05 or ESS < 100)" if any_bad else ""
     fig.suptitle(f"{title}: {pathlib.Path(checkpoint).name}{note}", **({"fontsize": 9} if note else {}))
     return _save(fig, path)

@@ -86,9 +86,11 @@ def _import_entry(spec: str, search_dirs: Iterable[str | os.PathLike] = ()):
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ValueError(f"Entry point {spec!r} is not of the form 'package.module:function'.")
     mod_name, attr = spec.split(":")
-    for d in reversed([str(pathlib.Path(d).resolve()) for d in search_dirs]):
+    dirs = [str(pathlib.Path(d).resolve()) for d in search_dirs]
+    for d in reversed(dirs):
         if d not in sys.path:
             sys.path.insert(0, d)
+    reloaded = _drop_stale_module(mod_name, dirs)
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as err:
@@ -97,7 +99,47 @@ def _import_entry(spec: str, search_dirs: Iterable[str | os.PathLike] = ()):
     except SyntaxError as err:
         raise ValueError(f"Entry point {spec!r}: module {mod_name!r} has a syntax error ({err.filename} line "
                          f"{err.lineno}: {err.msg}).") from err
+    file = getattr(module, "__file__", None)
+    if file is not None and (reloaded or file not in _IMPORTED):
+        _IMPORTED[file] = _file_digest(file)
     return module, attr
+
+
+_IMPORTED: dict[str, str] = {}  # module file -> sha256 of its source when this process imported it
+
+
+def _file_digest(path) -> str | None:
+    try:
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _drop_stale_module(mod_name: str, dirs: list[str]) -> bool:
+    """Forgets an imported entry module (and its package) that is not the one the search folders hold now.
+
+    In one Python session two sweeps may name the same module in different folders, or the module may be edited
+    between two sweeps; Python's import cache would silently keep running the first one.
+    """
+    import importlib.machinery
+
+    top = mod_name.split(".")[0]
+    cached = sys.modules.get(top)
+    if cached is None or not dirs:
+        return False
+    found = importlib.machinery.PathFinder.find_spec(top, dirs)
+    cached_file = getattr(cached, "__file__", None)
+    stale = found is not None and found.origin is not None and cached_file is not None and (
+        os.path.realpath(found.origin) != os.path.realpath(cached_file))
+    if not stale:
+        module = sys.modules.get(mod_name)
+        file = getattr(module, "__file__", None)
+        stale = file is not None and file in _IMPORTED and _IMPORTED[file] != _file_digest(file)
+    if stale:
+        for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+    return stale
 
 
 def load_entry_point(spec: str, search_dirs: Iterable[str | os.PathLike] = ()) -> Callable:
@@ -742,7 +784,8 @@ def run_sweep(config: SweepConfig, out_dir, *, cell_fn: Callable | None = None, 
             if _is_failed(r):
                 log(f"failed: {r['cell']}: {r['error']}")
             elif r.get("converged") is False:
-                log(f"not converged: {r['cell']}: {r.get('convergence') or 'R-hat or ESS out of bounds'}")
+                why = (r.get('convergence') or 'R-hat or ESS out of bounds').removeprefix('not converged: ')
+                log(f"not converged: {r['cell']}: {why}")
     if plots:
         from degenjax._src import plots as _plots
 

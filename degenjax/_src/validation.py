@@ -82,3 +82,111 @@ def check_writable(path, *, folder: bool, what: str = "output") -> None:
                          "location.") from err
     if not folder and path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {path} exists and is not writable; choose another file.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments of the Gram / basis / edge functions
+
+
+def _rows(batch):
+    leaves = jax.tree.leaves(batch)
+    if not leaves or np.ndim(leaves[0]) == 0:
+        return None  # not a batch with a leading axis: left to the callee's checks
+    return int(np.shape(leaves[0])[0])
+
+
+def _check_rows(batch, i: int, fn: str) -> None:
+    if _rows(batch) == 0:
+        raise ValueError(f"{fn}: batch {i} has no rows (leading axis of size 0); an empty batch has no "
+                         "activations to average. Drop empty batches (e.g. the last slice of a data set).")
+
+
+class CheckedBatches:
+    """A re-iterable view of an iterable of batches that checks each batch as it is produced.
+
+    Iterating it iterates the underlying iterable afresh (so a list or a data loader can be passed over several
+    times); an underlying iterator (e.g. a generator) that produces nothing raises a ValueError saying that it
+    may have been consumed already, instead of a misleading "empty" result.
+    """
+
+    def __init__(self, batches, fn: str):
+        self._batches, self._fn = batches, fn
+
+    def __iter__(self):
+        one_shot = iter(self._batches) is self._batches
+        count = 0
+        for i, batch in enumerate(self._batches):
+            _check_rows(batch, i, self._fn)
+            count += 1
+            yield batch
+        if count == 0 and one_shot:
+            raise ValueError(f"{self._fn}: `batches` is empty: an iterator (e.g. a generator) that produced no "
+                             "batch, probably consumed already by an earlier call. An iterator can be used once; "
+                             "pass a list of batches, or call the generator function again for each call.")
+
+
+def check_batches(batches, fn: str):
+    """Entry check of a ``batches`` argument: no batch without rows, and a clear message for a spent iterator.
+
+    A single array or dict (one batch) and a list or tuple are checked at once; any other iterable is wrapped in
+    `CheckedBatches` and checked as it is consumed, so a generator is never consumed before it is used.
+
+    Args:
+      batches: an array or pytree (one batch), or an iterable of batches.
+      fn: the public function's name, for messages.
+
+    Returns:
+      ``batches`` itself, or a `CheckedBatches` wrapping it.
+    """
+    from collections.abc import Iterable, Mapping
+
+    if isinstance(batches, (jax.Array, np.ndarray, Mapping)):
+        _check_rows(batches, 0, fn)
+        return batches
+    if isinstance(batches, (list, tuple)):
+        for i, b in enumerate(batches):
+            _check_rows(b, i, fn)
+        return batches
+    if isinstance(batches, (str, bytes, CheckedBatches)) or not isinstance(batches, Iterable):
+        return batches  # not an iterable of batches (the callee says so), or checked already
+    return CheckedBatches(batches, fn)
+
+
+def check_rtol(rtol, fn: str, name: str = "rtol") -> None:
+    """A relative eigenvalue cutoff (scalar or one per layer) must be finite and in [0, 1); None is the default.
+
+    ``rtol >= 1`` would drop every direction (nothing is above the largest eigenvalue) and ``rtol < 0`` would keep
+    numerically zero and negative eigenvalues, whose inverse square roots are noise.
+    """
+    if rtol is None or is_traced(rtol):
+        return
+    values = list(rtol) if isinstance(rtol, (list, tuple)) else [rtol]
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating, np.ndarray, jax.Array)) \
+                or np.ndim(v) != 0:
+            raise ValueError(f"{fn}: {name} must be a number (or one per node layer); got {v!r}.")
+        if not (np.isfinite(float(v)) and 0.0 <= float(v) < 1.0):
+            raise ValueError(f"{fn}: {name}={float(v)!r} is not a relative cutoff in [0, 1): eigenvalues below "
+                             f"{name} x the largest are dropped, so {name} >= 1 drops everything and {name} < 0 "
+                             "keeps numerical zeros. Typical values: 1e-12 (float64) to 1e-6 (float32).")
+
+
+def check_dims(dims, widths, fn: str) -> None:
+    """``dims[l]`` (kept non-constant directions of node layer ``l``) must be an integer in ``[1, widths[l]]``."""
+    if dims is None:
+        return
+    for l, (k, w) in enumerate(zip(dims, widths)):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ValueError(f"{fn}: dims[{l}] must be an integer (a number of basis directions); got {k!r}.")
+        if not 1 <= int(k) <= int(w):
+            raise ValueError(f"{fn}: dims[{l}] = {k} but node layer {l} has {w} non-constant directions; use "
+                             f"1 <= dims[{l}] <= {w}.")
+
+
+def check_positive_int(value, name: str, fn: str) -> int:
+    """``value`` as an int, or a ValueError unless it is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ValueError(f"{fn}: {name} must be a positive integer; got {value!r}.")
+    return int(value)
