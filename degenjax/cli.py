@@ -245,9 +245,9 @@ def basis(
     from degenjax._src.basis import interaction_basis
     from degenjax._src.checkpoints import load_checkpoint
     from degenjax._src.edges import edge_sparsity, interaction_edges
-    from degenjax._src.sweep import load_entry_point
+    from degenjax._src.sweep import call_entry_point
 
-    got = load_entry_point(target, _search_dirs())()
+    got = call_entry_point(target, _search_dirs())
     from degenjax._src.sections import Sections
 
     if not (isinstance(got, tuple) and len(got) == 3 and (isinstance(got[0], Sections) or (

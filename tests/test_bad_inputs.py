@@ -193,3 +193,46 @@ def test_unreadable_checkpoint_digest(tmp_path):
     with pytest.raises(ValueError, match="Checkpoint not found"):
         checkpoints.checkpoint_digest(tmp_path / "none.msgpack")
     assert len(checkpoints.checkpoint_digest(pathlib.Path(__file__))) == 64
+
+
+def test_batches_that_do_not_fit_the_model_or_each_other(basis):
+    other = RNG.normal(size=(8, 3))
+    for fn in (lambda b: dj.interaction_edges(MODEL, PARAMS, basis, b), lambda b: dj.degeneracy_report(MODEL, PARAMS, b)):
+        with pytest.raises(ValueError, match="Section 0|features"):
+            fn([X, other])  # mixed feature sizes
+        with pytest.raises(ValueError, match="dtypes"):
+            fn([X, X.astype(np.float32)])
+        with pytest.raises(ValueError, match="complex"):
+            fn([X.astype(np.complex64)])
+    casting = dj.Sections((lambda p, h: jnp.tanh(h.astype(jnp.float64) @ p["W1"]), MODEL[1]))  # takes int inputs
+    with pytest.raises(ValueError, match=r"node layer 0 \(.*\) has dtype int32; edges differentiate"):
+        dj.interaction_edges(casting, PARAMS, basis, [X.astype(np.int32)])
+    for cs in (2.5, "64", None):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            dj.activation_grams(MODEL, PARAMS, [X], chunk_size=cs)
+    with pytest.raises(ValueError, match=r"edge_sparsity: edges\[0\] has NaN, inf or negative entries"):
+        dj.edge_sparsity([np.full((3, 3), np.nan)])
+    with pytest.raises(ValueError, match="negative"):
+        dj.edge_sparsity([-np.ones((3, 3))])
+
+
+@pytest.mark.parametrize("bad", ["matrix", None, [[1.0, 2.0], [3.0]]])
+def test_eigensolvers_name_non_numeric_input(bad):
+    with pytest.raises(ValueError, match="must be a numeric"):
+        dj.eigh(bad)
+    with pytest.raises(ValueError, match="must be a numeric"):
+        dj.eigh_topk(bad, 1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="must be a numeric"):
+        dj.spectral_density(bad, key=jax.random.key(0), num_probes=1, num_lanczos=1)
+
+
+def test_entry_points_that_raise_are_one_line_errors(tmp_path):
+    from degenjax._src import sweep
+
+    (tmp_path / "raises_at_import.py").write_text("raise RuntimeError('no GPU here')\n")
+    (tmp_path / "raises_when_called.py").write_text("def make():\n    return {}['missing']\n")
+    with pytest.raises(ValueError, match=r"importing module 'raises_at_import' raised RuntimeError: no GPU here"):
+        sweep.load_problem("raises_at_import:make", [tmp_path])
+    with pytest.raises(ValueError, match=r"'raises_when_called:make' raised KeyError") as info:
+        sweep.load_problem("raises_when_called:make", [tmp_path])
+    assert isinstance(info.value.__cause__, KeyError)  # the user's traceback stays available

@@ -32,6 +32,22 @@ def _default_symmetry_rtol(dtype) -> float:
     return float(10.0 * np.sqrt(np.finfo(jnp.dtype(dtype)).eps))
 
 
+def _as_array(a, name: str):
+    """``a`` as a JAX/NumPy array; a ValueError (not a TypeError deep in NumPy) for strings, None, ragged lists."""
+    if isinstance(a, (jax.Array, np.ndarray)):
+        return a
+    try:
+        if a is None or isinstance(a, (str, bytes)):
+            raise TypeError
+        out = np.asarray(a)
+        if out.dtype == object or not (np.issubdtype(out.dtype, np.number) or out.dtype == bool):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a numeric (d, d) array (or a matvec callable where accepted); got "
+                         f"{type(a).__name__} {str(a)[:40]!r}.") from None
+    return out
+
+
 def _check_real(a, name: str):
     dtype = jnp.result_type(a)
     if jnp.issubdtype(dtype, jnp.complexfloating):
@@ -64,6 +80,7 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
       ValueError: if ``a`` is not a (batch of) square matrix, is complex, or (when concrete) contains NaN/inf or is
         not symmetric within ``symmetry_rtol``.
     """
+    a = _as_array(a, "eigh input")
     _check_real(a, "eigh input")
     a = jnp.asarray(a)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
@@ -244,6 +261,7 @@ def _operator_info(a_or_matvec, dim, dtype, name):
         d = int(dim)
         work = jnp.dtype(dtype) if dtype is not None else _compute_dtype(jnp.float32)
         return a_or_matvec, d, work
+    a_or_matvec = _as_array(a_or_matvec, f"{name} input")
     _check_real(a_or_matvec, f"{name} input")
     a = jnp.asarray(a_or_matvec)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:

@@ -99,6 +99,9 @@ def _import_entry(spec: str, search_dirs: Iterable[str | os.PathLike] = ()):
     except SyntaxError as err:
         raise ValueError(f"Entry point {spec!r}: module {mod_name!r} has a syntax error ({err.filename} line "
                          f"{err.lineno}: {err.msg}).") from err
+    except Exception as err:  # noqa: BLE001 - the user's module failed; say so in one line, keep the cause chained
+        raise ValueError(f"Entry point {spec!r}: importing module {mod_name!r} raised {type(err).__name__}: {err} "
+                         f"(run `python -c \"import {mod_name}\"` in that folder for the traceback).") from err
     file = getattr(module, "__file__", None)
     if file is not None and (reloaded or file not in _IMPORTED):
         _IMPORTED[file] = _file_digest(file)
@@ -166,11 +169,23 @@ def load_entry_point(spec: str, search_dirs: Iterable[str | os.PathLike] = ()) -
 
 def load_problem(spec: str, search_dirs: Iterable[str | os.PathLike] = ()) -> tuple[Callable, Any, Any]:
     """Calls an entry point and checks that it returned ``(loss_fn, params, data)``."""
-    out = load_entry_point(spec, search_dirs)()
+    out = call_entry_point(spec, search_dirs)
     if not (isinstance(out, tuple) and len(out) == 3 and callable(out[0])):
         raise ValueError(f"Entry point {spec!r} must return a tuple (loss_fn, params, data) with loss_fn(params, "
                          f"batch) -> scalar; got {type(out).__name__}.")
     return out
+
+
+def call_entry_point(spec: str, search_dirs: Iterable[str | os.PathLike] = ()):
+    """Imports and calls an entry point; an exception inside the user's function becomes a one-line ValueError
+    naming the entry point (with the original exception chained as its cause)."""
+    fn = load_entry_point(spec, search_dirs)
+    try:
+        return fn()
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code failed; report it in one line
+        raise ValueError(f"Entry point {spec!r} raised {type(err).__name__}: {err}") from err
 
 
 def entry_source_digests(spec: str, search_dirs: Iterable[str | os.PathLike] = ()) -> dict[str, str] | None:

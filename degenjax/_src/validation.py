@@ -99,6 +99,11 @@ def _check_rows(batch, i: int, fn: str) -> None:
     if _rows(batch) == 0:
         raise ValueError(f"{fn}: batch {i} has no rows (leading axis of size 0); an empty batch has no "
                          "activations to average. Drop empty batches (e.g. the last slice of a data set).")
+    for leaf in jax.tree.leaves(batch):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and np.issubdtype(np.dtype(dtype), np.complexfloating):
+            raise ValueError(f"{fn}: batch {i} is complex ({dtype}); node layers must be real. Pass real inputs "
+                             "(e.g. split a complex input into real and imaginary features).")
 
 
 class CheckedBatches:
@@ -190,3 +195,33 @@ def check_positive_int(value, name: str, fn: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
         raise ValueError(f"{fn}: {name} must be a positive integer; got {value!r}.")
     return int(value)
+
+
+def check_batch_list(model, params, batches: list, fn: str, *, float_inputs: bool) -> None:
+    """Checks a materialised list of batches against the model before any work: one structure and dtype for all
+    batches, the same feature size at every node layer (the Gram functions' streaming checks), and, for
+    functions that differentiate with respect to the node layers (``float_inputs``), floating-point node layers."""
+    from degenjax._src.grams import _BatchChecker
+
+    checker = _BatchChecker(model, params, fn, tuple(range(len(model))))
+    shapes = None
+    for i, batch in enumerate(batches):
+        shapes = checker.check(i, batch)
+    if float_inputs and shapes is not None:
+        for l, s in enumerate(shapes):
+            dtype = getattr(s, "dtype", None)
+            if dtype is not None and not np.issubdtype(np.dtype(dtype), np.floating):
+                raise ValueError(f"{fn}: node layer {l} ({model.layer_name(l)}) has dtype {dtype}; edges "
+                                 "differentiate with respect to it, so it must be floating point. Cast the inputs "
+                                 "(e.g. x.astype(jnp.float32)) or start the sections after an embedding.")
+
+
+def check_finite_nonnegative(arrays, what: str, fn: str) -> None:
+    """Each array of ``arrays`` (concrete ones; traced ones are skipped) must be finite and >= 0."""
+    for l, a in enumerate(arrays):
+        if is_traced(a):
+            continue
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.number) and a.size and not (np.all(np.isfinite(a)) and np.min(a) >= 0):
+            raise ValueError(f"{fn}: {what}[{l}] has NaN, inf or negative entries; {what} are sums of squares. "
+                             "Check how they were computed (e.g. a NaN in the data).")
