@@ -564,9 +564,16 @@ def _sweep_dir(config=CONFIG, ckpt_scale=1.0, problem=PROBLEM):
     return d
 
 
+def _new_process():
+    """Forgets the cases' entry modules, as a new process would (each case's module lives in its own folder)."""
+    for name in ("rel_problem", "helpers"):
+        sys.modules.pop(name, None)
+
+
 def _run_sweep(d, out=None, cfg="sweep.toml"):
     from degenjax._src import sweep
 
+    _new_process()
     kw = {"progress": False, "plots": False}
     if "log" in inspect.signature(sweep.run_sweep).parameters:
         kw["log"] = None
@@ -663,6 +670,7 @@ def sweep_cases():
     for name, text in bad_configs.items():
         def fn(text=text):
             d = _sweep_dir(config=text)
+            _new_process()
             return sweep.load_sweep_config(d / "sweep.toml")
 
         out.append(Case("sweep config", name, fn))
@@ -874,6 +882,7 @@ def _cli(args, cwd, expect="error", check=None):
     from degenjax.cli import app
 
     x64 = jax.config.jax_enable_x64
+    _new_process()
     old = os.getcwd()
     os.chdir(cwd)
     sys.path.insert(0, str(cwd))

@@ -450,7 +450,8 @@ def _describe_change(stored: dict, now: dict) -> str:
             continue
         if k == "entry_source" and isinstance(a, dict) and isinstance(b, dict):
             changed = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
-            parts.append(f"the entry point's source changed ({', '.join(changed)})")
+            parts.append(f"the entry point's source changed ({', '.join(changed)}; if that cannot change the "
+                         "results, set entry_version in the config to name the code's version yourself)")
         elif k == "sampler" and isinstance(a, dict) and isinstance(b, dict):
             for kk in sorted(set(a) | set(b)):
                 if a.get(kk) != b.get(kk):
