@@ -1,4 +1,4 @@
-"""Resumable LLC sweeps: checkpoints x a grid of step size / nbeta / localization (arXiv 2405.10927, section 3).
+"""Resumable LLC sweeps: checkpoints x a grid of step size / nbeta / localization (the LLC of arXiv 2405.10927).
 
 A sweep is described by a TOML file::
 
