@@ -128,11 +128,13 @@ def _drop_stale_module(mod_name: str, dirs: list[str]) -> bool:
 
     top = mod_name.split(".")[0]
     cached = sys.modules.get(top)
-    if cached is None or not dirs:
+    if cached is None or not dirs or top == "degenjax" or top in sys.stdlib_module_names:
         return False
+    cached_file = getattr(cached, "__file__", None) or ""
+    if "site-packages" in cached_file or "dist-packages" in cached_file:
+        return False  # an installed package is not the user's folder of entry modules
     found = importlib.machinery.PathFinder.find_spec(top, dirs)
-    cached_file = getattr(cached, "__file__", None)
-    stale = found is not None and found.origin is not None and cached_file is not None and (
+    stale = found is not None and found.origin is not None and bool(cached_file) and (
         os.path.realpath(found.origin) != os.path.realpath(cached_file))
     if not stale:
         module = sys.modules.get(mod_name)
