@@ -39,12 +39,33 @@ class Sampler(str, Enum):
     sgnht = "sgnht"
 
 
+# Output paths of each command, checked before any computation: "file" or "folder".
+_OUTPUTS = {"quickstart": {"out": "folder"}, "llc": {"out": "file", "plot": "file"}, "basis": {"out": "folder"},
+            "sweep": {"out": "folder"}}
+
+
+def _check_arguments(command: str, kwargs: dict) -> None:
+    """Checks what can be checked before computing: the seed's range and that every output path is writable."""
+    from degenjax._src.validation import check_seed, check_writable
+
+    if "seed" in kwargs and kwargs["seed"] is not None:
+        check_seed(kwargs["seed"], "--seed")
+    for name, kind in _OUTPUTS.get(command, {}).items():
+        if kwargs.get(name) is not None:
+            check_writable(kwargs[name], folder=kind == "folder", what=f"--{name}")
+
+
 def _user_errors(fn):
-    """Turns input errors (ValueError, OSError, a diverged sampler) into a one-line message and exit status 1."""
+    """Turns input errors (ValueError, OSError, a diverged sampler) into a one-line message and exit status 1.
+
+    Before the command runs, its seed and output paths are checked (`_check_arguments`), so that an unwritable
+    ``--out`` is reported before the computation, not after it.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_arguments(fn.__name__, kwargs)
             return fn(*args, **kwargs)
         except (ValueError, OSError, FloatingPointError) as err:
             if type(err).__module__.split(".")[0] in ("jax", "jaxlib"):
@@ -67,7 +88,14 @@ def _options(
     if compile_cache is not None:
         import jax
 
-        compile_cache.mkdir(parents=True, exist_ok=True)
+        from degenjax._src.validation import check_writable
+
+        try:
+            check_writable(compile_cache, folder=True, what="--compile-cache")
+            compile_cache.mkdir(parents=True, exist_ok=True)
+        except (ValueError, OSError) as err:
+            typer.echo(f"Error: {' '.join(str(err).split())}", err=True)
+            raise typer.Exit(code=1) from None
         jax.config.update("jax_compilation_cache_dir", str(compile_cache))
         # JAX's default keeps only programs that took >= 1 s to compile; an estimator's programs often take less
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -251,9 +279,9 @@ def basis(
     from degenjax._src.basis import interaction_basis
     from degenjax._src.checkpoints import load_checkpoint
     from degenjax._src.edges import edge_sparsity, interaction_edges
-    from degenjax._src.sweep import load_entry_point
+    from degenjax._src.sweep import call_entry_point
 
-    got = load_entry_point(target, _search_dirs())()
+    got = call_entry_point(target, _search_dirs())
     from degenjax._src.sections import Sections
 
     if not (isinstance(got, tuple) and len(got) == 3 and (isinstance(got[0], Sections) or (
@@ -262,6 +290,9 @@ def basis(
                          "or a list of section functions f(params, h); an llc entry point (loss_fn, params, data) "
                          "does not fit here.")
     model, params, batches = got
+    from degenjax._src.grams import as_batch_list
+
+    batches = as_batch_list(batches, f"the batches of {target}")  # a generator is used by the basis and the edges
     if checkpoint is not None:
         params = load_checkpoint(checkpoint, params)
     b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed))
@@ -317,14 +348,21 @@ def sweep(
     cfg = load_sweep_config(config)  # validate before importing JAX-heavy code
     _setup_jax(x64)
     try:
-        rows = run_sweep(cfg, out, progress=progress, plots=plots)
+        rows = run_sweep(cfg, out, progress=progress, plots=plots, log=typer.echo)
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: finished cells are kept in {out / 'results.jsonl'}; rerun the same command to "
                    "resume.", err=True)
         raise typer.Exit(code=130) from None
+    failed = sum(bool(r.get("error")) for r in rows)
     diverged = sum(bool(r.get("diverged")) for r in rows)
-    typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv)"
-               + (f"; {diverged} diverged" if diverged else "") + ".")
+    unconverged = sum(r.get("converged") is False and not r.get("diverged") for r in rows)
+    notes = [f"{n} {what}" for n, what in ((diverged, "diverged"), (unconverged, "not converged (R-hat > 1.05 or "
+                                           "ESS < 100)"), (failed, "failed")) if n]
+    typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv, traces/)"
+               + (f"; {', '.join(notes)}" if notes else "") + ".")
+    if failed:
+        raise ValueError(f"{failed} of {len(rows)} cells failed (reasons above and in the error column of "
+                         f"{out / 'results.csv'}); fix them and rerun the same command to compute only those.")
 
 
 def main() -> None:

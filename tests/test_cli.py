@@ -36,6 +36,10 @@ def make_basis():
 
 def not_a_tuple():
     return 3
+
+def make_marked():
+    open("entry_called.marker", "w").close()   # shows whether the computation started
+    return make()
 '''
 
 
@@ -112,7 +116,10 @@ def test_compile_cache_is_reused_by_a_rerun(workdir):
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
         entries.append(sorted(p.name for p in (workdir / "cache").iterdir()))
-    assert entries[0] and entries[1] == entries[0]
+    # The rerun's programs are found in the cache. (A program compiling in just under the CLI's 0.2 s threshold in
+    # the first run and just over it in the second, on a loaded machine, is stored then: allow a few such.)
+    assert entries[0] and set(entries[0]) <= set(entries[1])
+    assert len(entries[1]) - len(entries[0]) <= max(2, len(entries[0]) // 5), (entries[0], entries[1])
     assert outputs[1] == outputs[0] and "LLC =" in outputs[0]
 
 
@@ -176,3 +183,38 @@ def test_sweep_command_real_llc(workdir):
     before = (workdir / "out" / "results.jsonl").read_bytes()
     res = runner.invoke(app, ["sweep", "sw.toml", "--out", "out", "--no-progress", "--no-plots"])
     assert res.exit_code == 0 and (workdir / "out" / "results.jsonl").read_bytes() == before
+
+
+def test_bad_paths_seeds_and_damaged_sweep_files_are_one_line_errors_before_computing(workdir):
+    (workdir / "blocker").write_text("a file, not a folder")
+    marker = workdir / "entry_called.marker"
+    # --compile-cache: under a file, or a file itself.
+    _one_line_error(runner.invoke(app, ["--compile-cache", "blocker/cache", "llc", "cli_problem:make_marked"]),
+                    "--compile-cache", "blocker")
+    _one_line_error(runner.invoke(app, ["--compile-cache", "blocker", "llc", "cli_problem:make_marked"]),
+                    "--compile-cache", "not a folder")
+    # A seed jax.random.key cannot take.
+    _one_line_error(runner.invoke(app, ["llc", "cli_problem:make_marked", "--seed", str(2**63)]), "--seed",
+                    "64-bit range")
+    # Unwritable outputs are found before the computation (the entry point is never called).
+    _one_line_error(runner.invoke(app, ["llc", "cli_problem:make_marked", "--out", "blocker/r.json"]), "--out",
+                    "blocker")
+    _one_line_error(runner.invoke(app, ["llc", "cli_problem:make_marked", "--plot", "blocker/p.png"]), "--plot")
+    _one_line_error(runner.invoke(app, ["basis", "cli_problem:make_marked", "--out", "blocker"]), "--out",
+                    "not a folder")
+    assert not marker.exists()
+    cfg = ('entry = "cli_problem:make_marked"\n[sampler]\nnum_chains = 1\nnum_draws = 5\nbatch_size = 10\n'
+           '[grid]\nstep_size = [1e-4]\n')
+    (workdir / "cfg.toml").write_text(cfg)
+    _one_line_error(runner.invoke(app, ["sweep", "cfg.toml", "--out", "blocker"]), "--out", "not a folder")
+    (workdir / "seed.toml").write_text("seed = 18446744073709551616\n" + cfg)
+    _one_line_error(runner.invoke(app, ["sweep", "seed.toml", "--out", "o1"]), "seed", "64-bit range")
+    # A truncated sweep.json and a line of results.jsonl that is not a result: named, not a traceback.
+    (workdir / "o2").mkdir()
+    (workdir / "o2" / "sweep.json").write_text('{"format": 2, "entry": "cli_pro')
+    _one_line_error(runner.invoke(app, ["sweep", "cfg.toml", "--out", "o2"]), "sweep.json", "not valid JSON")
+    (workdir / "o3").mkdir()
+    (workdir / "o3" / "results.jsonl").write_text("{}\n")
+    _one_line_error(runner.invoke(app, ["sweep", "cfg.toml", "--out", "o3"]), "results.jsonl line 1",
+                    "not a sweep result")
+    assert not marker.exists()

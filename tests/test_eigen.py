@@ -253,3 +253,36 @@ def test_topk_mesh_must_divide_rows(num_devices):
     a, _ = _rotated(np.linspace(1.0, 2.0, 15), seed=12)
     with pytest.raises(ValueError, match="divisible"):
         dj.eigh_topk(a, 2, key=jax.random.key(0), mesh=mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scale invariance (issue: right eigenvalues and honest residuals for a Gram scaled by 1e-20 / 1e20)
+
+
+def _gram(seed=21, n=200, d=30):
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return x.T @ x / n
+
+
+@pytest.mark.parametrize("dtype,scales", [(np.float32, (1e-20, 1e20)), (np.float64, (1e-300, 1e200))])
+def test_topk_is_scale_invariant_and_takes_a_zero_matrix(dtype, scales):
+    g = _gram()
+    w_ref = np.linalg.eigvalsh(g)[::-1][:3]
+    tol = 1e-4 if dtype == np.float32 else 1e-6
+    # float32 with x64 off (JAX's default): the blocks and the projected problem are float32 too.
+    with jax.enable_x64(dtype == np.float64):
+        solve = jax.jit(lambda a: dj.eigh_topk(a, 3, key=jax.random.key(0)))
+        results = [[np.asarray(x, np.float64) for x in solve(jnp.asarray((g * s).astype(dtype)))] for s in scales]
+        zero = [np.asarray(x, np.float64) for x in solve(jnp.zeros(g.shape, dtype))]
+    for scale, (values, vectors, resid, _) in zip(scales, results):
+        assert np.all(np.isfinite(values)) and np.all(resid > 0)
+        # Residuals recomputed in float64 NumPy (on the unscaled Gram, times the scale) are the ones reported ...
+        true_resid = np.linalg.norm(g @ vectors - vectors * (values / scale)[None, :], axis=0) * scale
+        np.testing.assert_allclose(resid, true_resid, rtol=0.05 if dtype == np.float32 else 1e-6)
+        assert np.max(true_resid) <= 1.1 * tol * np.max(np.abs(values))
+        # ... and bound the eigenvalue errors (an eigenvalue lies within ||r|| of each Ritz value).
+        np.testing.assert_allclose(values / scale, w_ref, rtol=30 * tol)
+    # A zero matrix is a valid input: zero eigenvalues and residuals, orthonormal vectors, after one product.
+    values, vectors, resid, iterations = zero
+    assert np.all(values == 0) and np.all(resid == 0) and iterations == 1
+    assert_trees_all_close(vectors.T @ vectors, np.eye(3), atol=1e-6)

@@ -124,3 +124,30 @@ def test_errors(call, match):
     a = _rotated(np.linspace(1.0, 2.0, 16), seed=7)
     with pytest.raises(ValueError, match=match):
         call(a)
+
+
+@pytest.mark.parametrize("dtype,scales", [(np.float32, (1e-20, 1e20)), (np.float64, (1e-300, 1e200))])
+def test_counts_are_scale_invariant(dtype, scales):
+    # 8 exact zeros below a gap, at an extreme scale. The null-space component of each probe is one Krylov
+    # direction with eigenvalue 0, so the quadrature weight below the gap is exactly v^T P v (v = z / sqrt(d), P the
+    # null-space projector), and the Gauss rule reproduces v^T A v: both recomputed in float64 NumPy.
+    d = 40
+    a = _rotated(np.concatenate([np.zeros(8), np.linspace(1.0, 2.0, d - 8)]), seed=9)
+    w, v = np.linalg.eigh(a)
+    proj = v[:, w < 0.5] @ v[:, w < 0.5].T
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    with jax.enable_x64(dtype == np.float64):  # float32 with x64 off is JAX's default
+        run = jax.jit(lambda a: dj.spectral_density(a, key=jax.random.key(0), num_probes=4, num_lanczos=20))
+        z = np.asarray(jax.random.rademacher(jax.random.key(0), (d, 4), dtype=dtype), np.float64)  # the probes
+        for scale in scales:
+            sd = run(jnp.asarray((a * scale).astype(dtype)))
+            nodes, weights = np.asarray(sd.nodes, np.float64) / scale, np.asarray(sd.weights, np.float64)
+            assert np.all(np.isfinite(nodes))
+            assert np.min(nodes) >= -1e-3 and np.max(nodes) <= 2.0 + 1e-3  # inside the spectrum's range
+            np.testing.assert_allclose(np.sum(weights * (nodes < 0.5), axis=1),
+                                       np.einsum("dp,de,ep->p", z, proj, z) / d, rtol=100 * rtol)
+            np.testing.assert_allclose(d * np.sum(weights * nodes, axis=1), np.einsum("dp,de,ep->p", z, a, z),
+                                       rtol=rtol)
+        # A zero matrix: every eigenvalue is 0.
+        sd = run(jnp.zeros((d, d), dtype))
+        assert float(sd.count_below(1e-30)) == d and float(sd.count_below(0.0)) == 0.0

@@ -1,12 +1,10 @@
-"""Sweep engine: config validation, the results file, and resumption after real SIGKILLs."""
+"""Sweep engine: config validation, the results file, sweep identity, failures, traces and plots.
+
+Resumption after real SIGKILLs of the real LLC cell is tested in test_sweep_faults.py.
+"""
 
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,27 +21,6 @@ def make():
     data = jnp.arange(12.0, dtype=jnp.float32).reshape(4, 3)
     return (lambda p, x: jnp.mean((x @ p["w"] + p["b"]) ** 2)), params, data
 '''
-
-# A sweep driver whose cell sleeps (so that kills land mid-sweep) and logs every cell it starts.
-DRIVER = '''
-import os, sys, time
-import numpy as np
-sys.path.insert(0, {src!r})
-from degenjax._src import sweep
-
-log = {log!r}
-
-def cell(rng_key, params, *, step_size, nbeta, localization):
-    with open(log, "a") as f:
-        f.write(f"{{os.getpid()}} {{step_size}} {{localization}} {{float(params['b'])}}\\n")
-    time.sleep(0.12)
-    total = float(np.sum(params["w"]) + params["b"])
-    return {{"llc_mean": total * step_size * localization, "llc_std": 0.5, "llc_per_chain": [1.0, 2.0]}}
-
-cfg = sweep.load_sweep_config({config!r})
-sweep.run_sweep(cfg, {out!r}, cell_fn=cell, progress=False, plots=False)
-'''
-
 
 def _write_problem(tmp_path, num_ckpts=2):
     (tmp_path / "toy_problem.py").write_text(PROBLEM)
@@ -64,86 +41,6 @@ batch_size = 2
 step_size = [0.001, 0.01, 0.1]
 localization = [1.0, 100.0]
 '''
-
-
-def _expected_grid():
-    out = {}
-    for i in range(2):
-        for s in (0.001, 0.01, 0.1):
-            for g in (1.0, 100.0):
-                out[f"ckpts/step_{i}.msgpack|step_size={s!r}|nbeta=default|localization={g!r}"] = \
-                    (3 * (i + 1.0) + 10.0 * i) * s * g
-    return out
-
-
-def _num_lines(p):
-    return p.read_bytes().count(b"\n") if p.exists() else 0
-
-
-def test_resume_after_sigkill_at_several_points(tmp_path):
-    _write_problem(tmp_path)
-    (tmp_path / "sweep.toml").write_text(CONFIG)
-    out, log = tmp_path / "out", tmp_path / "started.log"
-    src = str(pathlib.Path(__file__).resolve().parents[1])
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(src=src, log=str(log), config=str(tmp_path / "sweep.toml"), out=str(out)))
-    results = out / "results.jsonl"
-    snapshots = []
-    # Kill points: while the very first cell runs, after 2 finished cells, after 5 (mid-cell or between cells).
-    for target_lines, target_starts in ((0, 1), (2, 0), (5, 0)):
-        starts_before = _num_lines(log)
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            if _num_lines(results) >= target_lines and _num_lines(log) - starts_before >= target_starts \
-                    and _num_lines(log) > starts_before:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the sweep finished before it could be killed; make the cells slower"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        snapshots.append(results.read_bytes() if results.exists() else b"")
-    # Every kill left whole lines only, and each snapshot extends the previous one.
-    for a, b in zip(snapshots, snapshots[1:]):
-        assert b.startswith(a)
-    assert snapshots[-1].endswith(b"\n")
-    assert 5 <= _num_lines(results) < 12
-    # Resume to the end.
-    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=120)
-    final = results.read_bytes()
-    assert final.startswith(snapshots[-1])  # nothing finished was lost or rewritten
-    rows = [json.loads(l) for l in final.splitlines()]
-    cells = [r["cell"] for r in rows]
-    expected = _expected_grid()
-    assert len(cells) == len(set(cells)) == 12  # no duplicates
-    assert set(cells) == set(expected)  # exactly the grid
-    for r in rows:  # values come from the right checkpoint and grid point
-        np.testing.assert_allclose(r["llc_mean"], expected[r["cell"]], rtol=1e-6)
-    # No finished cell was recomputed: after the run that finished a cell, no later run started it.
-    order = []
-    for line in log.read_text().splitlines():
-        pid = int(line.split()[0])
-        if pid not in order:
-            order.append(pid)
-    starts = {}
-    for line in log.read_text().splitlines():
-        pid, s, g, b = line.split()
-        ck = f"ckpts/step_{int(float(b) / 10)}.msgpack|step_size={float(s)!r}|nbeta=default|localization={float(g)!r}"
-        starts.setdefault(ck, []).append(order.index(int(pid)))
-    for r in rows:
-        assert max(starts[r["cell"]]) == order.index(r["pid"]), r["cell"]
-    # results.csv is regenerated from the jsonl: one row per cell.
-    csv_lines = (out / "results.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 13 and csv_lines[0].startswith("checkpoint,step_size")
-    # A rerun of a finished sweep computes nothing (and does not even import the entry point).
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a finished cell was recomputed")
-
-    rerun = sweep.run_sweep(sweep.load_sweep_config(tmp_path / "sweep.toml"), out, cell_fn=must_not_run,
-                            progress=False, plots=False)
-    assert [r["cell"] for r in rerun] == [c["cell"] for c in sweep.load_sweep_config(tmp_path / "sweep.toml").cells()]
-    assert results.read_bytes() == final
 
 
 def _fake_cell(rng_key, params, *, step_size, nbeta, localization):
@@ -175,18 +72,33 @@ def test_run_sweep_in_process_plots_keys_and_fingerprint(tmp_path):
                         progress=False, plots=False)
 
 
+def _row(cell, **kw):
+    return {"cell": cell, "checkpoint": "c", "step_size": 1.0, "nbeta": None, "localization": 1.0, **kw}
+
+
 def test_read_results_drops_torn_line_and_keeps_first_copy(tmp_path):
     p = tmp_path / "results.jsonl"
-    sweep.append_result(p, {"cell": "a", "llc_mean": 1.0})
-    sweep.append_result(p, {"cell": "b", "llc_mean": float("nan")})
-    sweep.append_result(p, {"cell": "a", "llc_mean": 3.0})
+    sweep.append_result(p, _row("a", llc_mean=1.0))
+    sweep.append_result(p, _row("b", llc_mean=float("nan")))
+    sweep.append_result(p, _row("a", llc_mean=3.0))
+    sweep.append_result(p, _row("d", error="ValueError: bad checkpoint"))  # a failed cell, then its retry
+    sweep.append_result(p, _row("d", llc_mean=4.0))
+    sweep.append_result(p, _row("e", error="first failure"))  # failed twice: the last reason is kept
+    sweep.append_result(p, _row("e", error="second failure"))
     with open(p, "ab") as f:
         f.write(b'{"cell": "c", "llc')
     rows = sweep.read_results(p, repair=True)
-    assert [(r["cell"], r["llc_mean"]) for r in rows] == [("a", 1.0), ("b", None)]
-    assert p.read_bytes().endswith(b"\n") and b'"c"' not in p.read_bytes()
+    assert [(r["cell"], r.get("llc_mean"), r.get("error")) for r in rows] == [
+        ("a", 1.0, None), ("b", None, None), ("d", 4.0, None), ("e", None, "second failure")]
+    assert p.read_bytes().endswith(b"\n") and b'"cell": "c"' not in p.read_bytes()
     (tmp_path / "bad.jsonl").write_text('{"cell": "a"}\nnot json\n{"cell": "b"}\n')
+    with pytest.raises(ValueError, match="line 1 is not a sweep result"):
+        sweep.read_results(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(_row("a")) + '\nnot json\n{"cell": "b"}\n')
     with pytest.raises(ValueError, match="line 2"):
+        sweep.read_results(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(_row("a")) + "\n{}\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 2 is not a sweep result"):
         sweep.read_results(tmp_path / "bad.jsonl")
 
 
@@ -307,3 +219,261 @@ def test_chain_mesh_uses_devices_that_divide_the_chains(num_devices):
     m = sweep.chain_mesh(12, devs)
     assert m.axis_names == ("chains",) and m.shape["chains"] == 6
     assert sweep.chain_mesh(16, devs).shape["chains"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sweep identity: a resume never mixes results of different checkpoints, code or settings
+
+
+def _setup(tmp_path, config=CONFIG):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    _write_problem(tmp_path)
+    (tmp_path / "sweep.toml").write_text(config)
+    return tmp_path / "sweep.toml", tmp_path / "out"
+
+
+def _run(cfg_path, out, cell=_fake_cell, **kw):
+    return sweep.run_sweep(sweep.load_sweep_config(cfg_path), out, cell_fn=cell, progress=False, plots=False,
+                           log=None, **kw)
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a finished cell was recomputed")
+
+
+def test_resume_refuses_a_retrained_checkpoint_under_the_same_name(tmp_path):
+    cfg, out = _setup(tmp_path)
+    rows = _run(cfg, out)
+    assert all(len(r["checkpoint_sha256"]) == 64 for r in rows)
+    checkpoints.save_msgpack(tmp_path / "ckpts" / "step_1.msgpack", {"w": np.full((3,), 7.0, np.float32),
+                                                                      "b": np.float32(0.5)})
+    with pytest.raises(ValueError, match=r"Checkpoint ckpts/step_1\.msgpack changed since its cells were computed"):
+        _run(cfg, out)
+    # Adding a checkpoint (the grid grows) is a resume: only the new cells are computed.
+    checkpoints.save_msgpack(tmp_path / "ckpts" / "step_1.msgpack", {"w": np.full((3,), 2.0, np.float32),
+                                                                      "b": np.float32(10.0)})  # restored
+    checkpoints.save_msgpack(tmp_path / "ckpts" / "step_2.msgpack", {"w": np.zeros(3, np.float32),
+                                                                      "b": np.float32(1.0)})
+    computed = []
+    rows = _run(cfg, out, cell=lambda *a, **k: computed.append(1) or _fake_cell(*a, **k))
+    assert len(computed) == 6 and len(rows) == 18
+
+
+def test_resume_refuses_an_edited_entry_point_unless_versioned(tmp_path):
+    cfg, out = _setup(tmp_path)
+    _run(cfg, out)
+    (tmp_path / "helpers.py").write_text("SCALE = 2.0\n")  # a new helper module next to the entry point
+    with pytest.raises(ValueError, match=r"entry point's source changed \(helpers\.py;.*entry_version"):
+        _run(cfg, out)
+    with (tmp_path / "toy_problem.py").open("a") as f:
+        f.write("# edited\n")
+    with pytest.raises(ValueError, match=r"source changed \(helpers\.py, toy_problem\.py;"):
+        _run(cfg, out)
+    # With a user-given version, the version identifies the code (its source files are not hashed).
+    cfg2, out2 = tmp_path / "v.toml", tmp_path / "out2"
+    cfg2.write_text('entry_version = "v1"\n' + CONFIG)
+    _run(cfg2, out2)
+    (tmp_path / "helpers.py").write_text("SCALE = 3.0\n")
+    assert len(_run(cfg2, out2, cell=_must_not_run)) == 12
+    cfg2.write_text('entry_version = "v2"\n' + CONFIG)
+    with pytest.raises(ValueError, match="entry_version: 'v1' -> 'v2'"):
+        _run(cfg2, out2)
+
+
+def test_resume_refuses_toggled_x64(tmp_path):
+    cfg, out = _setup(tmp_path)
+    _run(cfg, out)  # the test suite runs with x64 on
+    with jax.enable_x64(False), pytest.raises(ValueError, match="x64: True -> False"):
+        _run(cfg, out)
+
+
+def test_config_in_another_folder_resumes_only_on_the_same_content(tmp_path):
+    cfg, out = _setup(tmp_path / "a")
+    _run(cfg, out)
+    other = tmp_path / "b"  # the same layout and the same files: the same results, a legitimate resume
+    import shutil
+
+    shutil.copytree(tmp_path / "a", other, ignore=shutil.ignore_patterns("out", "__pycache__"))
+    assert len(_run(other / "sweep.toml", out, cell=_must_not_run)) == 12
+    checkpoints.save_msgpack(other / "ckpts" / "step_0.msgpack", {"w": np.ones(3, np.float32), "b": np.float32(5.0)})
+    with pytest.raises(ValueError, match=r"Checkpoint ckpts/step_0\.msgpack changed"):
+        _run(other / "sweep.toml", out)
+
+
+def test_explicit_defaults_are_the_same_sweep(tmp_path):
+    cfg, out = _setup(tmp_path)
+    _run(cfg, out)
+    cfg.write_text(CONFIG.replace("batch_size = 2", 'batch_size = 2\nnum_burnin = 0\nsampler = "sgld"'))
+    assert len(_run(cfg, out, cell=_must_not_run)) == 12
+    cfg.write_text(CONFIG.replace("batch_size = 2", "batch_size = 2\nnum_burnin = 5"))
+    with pytest.raises(ValueError, match=r"\[sampler\] num_burnin: 0 -> 5"):
+        _run(cfg, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a failed start does not poison --out; one bad checkpoint fails only its cells
+
+
+def test_failed_start_leaves_no_trace_and_the_fixed_rerun_works(tmp_path):
+    cfg, out = _setup(tmp_path)
+    cfg.write_text(CONFIG.replace("toy_problem:make", "toy_problem:mkae"))
+    with pytest.raises(ValueError, match="has no attribute 'mkae'"):
+        _run(cfg, out)
+    assert not (out / "sweep.json").exists()
+    # batch_size larger than the data (n = 4): found by tracing the real estimator before anything is written.
+    cfg.write_text(CONFIG.replace("batch_size = 2", "batch_size = 100"))
+    with pytest.raises(ValueError, match="batch_size=100 is larger than the data set"):
+        _run(cfg, out, cell=None)
+    assert not (out / "sweep.json").exists() and not (out / "results.jsonl").exists()
+    cfg.write_text(CONFIG.replace("batch_size = 2", 'batch_size = 2\nsampler = "sgdl"'))
+    with pytest.raises(ValueError, match="Unknown sampler 'sgdl'"):
+        _run(cfg, out)
+    cfg.write_text(CONFIG)
+    assert len(_run(cfg, out)) == 12
+
+
+def test_a_bad_checkpoint_fails_only_its_cells(tmp_path):
+    cfg, out = _setup(tmp_path)
+    good = (tmp_path / "ckpts" / "step_1.msgpack").read_bytes()
+    (tmp_path / "ckpts" / "step_1.msgpack").write_bytes(b"\xc1\xc1 not a checkpoint")
+    lines = []
+    rows = sweep.run_sweep(sweep.load_sweep_config(cfg), out, cell_fn=_fake_cell, progress=False, plots=True,
+                           log=lines.append)
+    ok = [r for r in rows if not r.get("error")]
+    bad = [r for r in rows if r.get("error")]
+    assert [r["checkpoint"] for r in ok] == ["ckpts/step_0.msgpack"] * 6
+    assert [r["checkpoint"] for r in bad] == ["ckpts/step_1.msgpack"] * 6
+    assert all("not a Flax msgpack checkpoint" in r["error"] for r in bad)
+    assert len(lines) == 6 and all(l.startswith("failed: ckpts/step_1.msgpack|") for l in lines)
+    csv_rows = list(__import__("csv").DictReader((out / "results.csv").open()))
+    assert sum(bool(r["error"]) for r in csv_rows) == 6
+    assert (out / "calibration_heatmap.png").exists()
+    # The repaired checkpoint: a rerun computes exactly the failed cells.
+    (tmp_path / "ckpts" / "step_1.msgpack").write_bytes(good)
+    computed = []
+    rows = _run(cfg, out, cell=lambda *a, **k: computed.append(k) or _fake_cell(*a, **k))
+    assert len(computed) == 6 and not any(r.get("error") for r in rows)
+    # A cell raising ValueError fails that cell only.
+    def picky(rng_key, params, *, step_size, nbeta, localization):
+        if step_size == 0.01:
+            raise ValueError("step size rejected")
+        return _fake_cell(rng_key, params, step_size=step_size, nbeta=nbeta, localization=localization)
+
+    rows = _run(cfg, tmp_path / "out2", cell=picky)
+    assert sum("step size rejected" in (r.get("error") or "") for r in rows) == 4
+
+
+def test_damaged_results_and_sweep_json_are_named(tmp_path):
+    cfg, out = _setup(tmp_path)
+    _run(cfg, out)
+    meta = (out / "sweep.json").read_bytes()
+    (out / "sweep.json").write_bytes(meta[: len(meta) // 2])
+    with pytest.raises(ValueError, match=r"sweep\.json is not valid JSON .* truncated"):
+        _run(cfg, out)
+    (out / "sweep.json").write_bytes(meta)
+    with (out / "results.jsonl").open("a") as f:
+        f.write("{}\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl line 13 is not a sweep result"):
+        _run(cfg, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real LLC cell: traces, convergence, plots
+
+
+def test_real_cell_saves_traces_and_flags_convergence(tmp_path):
+    cfg, out = _setup(tmp_path, CONFIG.replace("step_size = [0.001, 0.01, 0.1]", "step_size = [0.001]")
+                      .replace('checkpoints = ["ckpts/*.msgpack"]', 'checkpoints = ["ckpts/step_1.msgpack"]'))
+    lines = []
+    rows = sweep.run_sweep(sweep.load_sweep_config(cfg), out, progress=False, plots=True, log=lines.append)
+    assert len(rows) == 2
+    data = np.arange(12.0).reshape(4, 3)
+    for r in rows:
+        z = sweep.load_traces(out, r)
+        trace = z["loss_trace"]
+        assert trace.shape == (2, 10)
+        # The saved trace reproduces the row's estimate (lambda_c = nbeta (mean_t L_t - L_n(w*)), w* = step_1).
+        init = np.mean((data @ np.full(3, 2.0) + 10.0) ** 2)
+        np.testing.assert_allclose(r["init_loss"], init, rtol=1e-6)
+        np.testing.assert_allclose(r["llc_per_chain"], r["nbeta_used"] * (trace.mean(axis=1) - init), rtol=1e-5)
+        assert r["converged"] is (r["rhat"] <= 1.05 and r["ess"] >= 100)
+    # 2 chains x 10 draws cannot converge: each cell is reported, and marked on both plots.
+    assert not any(r["converged"] for r in rows)
+    assert len(lines) == 2 and all(l.startswith("not converged: ") and "R-hat" in l or "ESS" in l for l in lines)
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"converged", "trace_file", "error", "step"} <= set(header)
+
+
+def test_sweep_plots_mark_unconverged_cells_and_use_training_steps(tmp_path):
+    from degenjax._src import plots
+
+    rows = [{"checkpoint": f"ck/step_{s:05d}.msgpack", "step_size": e, "nbeta": None, "localization": 1.0,
+             "llc_mean": m, "llc_std": 0.1, "converged": c}
+            for s, e, m, c in ((100, 1e-4, 1.0, True), (100, 1e-3, 1.5, False), (3000, 1e-4, 2.0, False),
+                               (3000, 1e-3, None, False))]
+    fig = plots.plot_llc_vs_checkpoint(rows, path=tmp_path / "l.png")
+    ax = fig.axes[0]
+    assert "training step" in ax.get_xlabel() and ax.get_xscale() == "log"
+    rings = [c for c in ax.collections if c.get_gid() == "unconverged"]
+    assert len(rings) == 1 and len(rings[0].get_offsets()) == 2  # the two finite unconverged cells
+    np.testing.assert_allclose(sorted(np.asarray(rings[0].get_offsets())[:, 1]), [1.5, 2.0])
+    xs = sorted({round(float(np.log10(x))) for x in np.asarray(rings[0].get_offsets())[:, 0]})
+    assert xs == [2, 3]  # at steps ~100 and ~3000 (log10 3000 = 3.48), not at checkpoint indices
+    fig = plots.plot_calibration_heatmap(rows, path=tmp_path / "h.png")
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["2*", "x"]
+    assert len([p for p in ax.patches if p.get_gid() == "unconverged"]) == 1
+    # Names without distinct numbers: checkpoints in order, labelled by name.
+    rows2 = [dict(r, checkpoint=r["checkpoint"].replace("step_00100", "first").replace("step_03000", "last"))
+             for r in rows]
+    ax = plots.plot_llc_vs_checkpoint(rows2).axes[0]
+    assert ax.get_xlabel() == "checkpoint" and [t.get_text() for t in ax.get_xticklabels()] == ["first.msgpack",
+                                                                                                "last.msgpack"]
+    assert sweep.checkpoint_step("ck/step_00300.msgpack") == 300
+    assert sweep.checkpoint_step("run/checkpoint-1500") == 1500 and sweep.checkpoint_step("final.msgpack") is None
+
+
+def _split_rhat(trace):
+    """Split R-hat (Gelman et al., BDA3 section 11.4) in NumPy: chains halved, between/within variances."""
+    c, n = trace.shape
+    half = n // 2
+    x = np.concatenate([trace[:, :half], trace[:, n - half:]])
+    b = half * np.var(x.mean(axis=1), ddof=1)
+    w = np.mean(np.var(x, axis=1, ddof=1))
+    return np.sqrt(((half - 1) / half * w + b / half) / w)
+
+
+def test_shipped_example_converges_at_its_slowest_setting(tmp_path):
+    # The slowest-mixing cell of examples/sweep.toml (smallest step size and localization) on every checkpoint;
+    # the whole example is run by the slow test below.
+    import dataclasses
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = sweep.load_sweep_config(root / "examples" / "sweep.toml")
+    cfg = dataclasses.replace(cfg, grid={**cfg.grid, "step_size": (min(cfg.grid["step_size"]),),
+                                         "localization": (min(cfg.grid["localization"]),)})
+    rows = sweep.run_sweep(cfg, tmp_path / "out", progress=False, plots=False, log=None)
+    assert len(rows) == 4
+    for r in rows:
+        trace = sweep.load_traces(tmp_path / "out", r)["loss_trace"]
+        assert trace.shape == (4, 2000)
+        np.testing.assert_allclose(r["rhat"], _split_rhat(trace), rtol=1e-8)
+        assert r["rhat"] <= 1.05 and r["ess"] >= 100 and r["converged"], r
+
+
+@pytest.mark.slow
+def test_shipped_example_converges_everywhere(tmp_path):
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    exe = pathlib.Path(sys.executable).with_name("degenjax")
+    proc = subprocess.run([str(exe), "sweep", str(root / "examples" / "sweep.toml"), "--out", str(tmp_path / "o"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "not converged" not in proc.stdout + proc.stderr
+    rows = [json.loads(l) for l in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    for r in rows:
+        trace = sweep.load_traces(tmp_path / "o", r)["loss_trace"]
+        assert _split_rhat(trace) <= 1.05 and r["ess"] >= 100 and r["converged"], r["cell"]

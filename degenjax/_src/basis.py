@@ -34,7 +34,7 @@ from jax.typing import ArrayLike
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_stats, as_batch_list, jacobian_gram
 from degenjax._src.sections import Sections, as_sections
-from degenjax._src.validation import check_finite_params, is_traced
+from degenjax._src.validation import check_dims, check_finite_params, check_rtol, is_traced
 
 _KINDS = ("lib", "global", "pca", "random")
 
@@ -203,6 +203,7 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}.")
+    check_rtol(rtol, "layer_basis")
     dt = acc_dtype()
     cov = jnp.asarray(cov, dt)
     mu = jnp.asarray(mean, dt)
@@ -274,6 +275,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}.")
+    check_rtol(rtol, "interaction_basis")
     model = as_sections(model)
     L = len(model)
     if dims is not None and len(dims) != L:
@@ -283,6 +285,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol: float 
     stats = activation_stats(model, params, batches, center=True, **{"jit": jit, **(activation_kwargs or {})})
     means = list(stats.means)
     covs = [g[:-1, :-1] for g in stats.grams]  # centred Gram = blockdiag(Cov, 1)
+    check_dims(dims, [c.shape[0] for c in covs], "interaction_basis")
     if not is_traced(covs):
         for l in range(L):
             if not bool(jnp.all(jnp.isfinite(covs[l]))):

@@ -86,12 +86,73 @@ def _match_template(restored: PyTree, template: PyTree, source: str) -> PyTree:
                 f"Checkpoint {source} does not match the model's parameters: checkpoint tree {r_def} vs model tree "
                 f"{t_def}. Check that the entry point builds the same architecture the checkpoint was saved from."
             )
-    for i, (r, t) in enumerate(zip(jax.tree.leaves(restored), jax.tree.leaves(t_state))):
-        if np.shape(r) != np.shape(t):
-            raise ValueError(f"Checkpoint {source}: leaf {i} has shape {np.shape(r)} but the model expects "
-                             f"{np.shape(t)}; the checkpoint is from a different architecture.")
+    r_leaves = jax.tree.leaves(restored)
+    t_leaves = jax.tree_util.tree_flatten_with_path(t_state)[0]
+    for r, (path, t) in zip(r_leaves, t_leaves):
+        name = jax.tree_util.keystr(path) or "<root>"
+        r, t = np.asarray(r), np.asarray(t)
+        if r.shape != t.shape:
+            raise ValueError(f"Checkpoint {source}: leaf {name} has shape {r.shape} but the model expects "
+                             f"{t.shape}; the checkpoint is from a different architecture (or damaged).")
+        if _kind(r.dtype) != _kind(t.dtype):
+            raise ValueError(f"Checkpoint {source}: leaf {name} has dtype {r.dtype} but the model expects {t.dtype}; "
+                             "the checkpoint is from a different model (or damaged).")
+        if r.dtype.kind in "fc" and not np.all(np.isfinite(r)):
+            raise ValueError(f"Checkpoint {source}: leaf {name} contains NaN or inf (a diverged run, or a damaged "
+                             "file); use another checkpoint.")
     restored = jax.tree.map(lambda r, t: np.asarray(r, dtype=np.asarray(t).dtype), restored, t_state)
     return serialization.from_state_dict(template, restored)
+
+
+def _as_array(leaf, source: str) -> np.ndarray:
+    """A restored leaf as a NumPy array; anything else (e.g. an undecoded msgpack extension) is a damaged file."""
+    if isinstance(leaf, (np.ndarray, np.generic, jax.Array, bool, int, float, complex)):
+        return np.asarray(leaf)
+    raise ValueError(f"Checkpoint {source} holds a {type(leaf).__name__} where an array was expected; the file is "
+                     "damaged or was not written by flax.serialization / degenjax.save_msgpack.")
+
+
+def _kind(dtype) -> str:
+    """``"float"`` (real or complex floating point), ``"int"`` (signed/unsigned), ``"bool"`` or the NumPy kind."""
+    k = np.dtype(dtype).kind
+    return {"f": "float", "c": "float", "i": "int", "u": "int", "b": "bool"}.get(k, k)
+
+
+def checkpoint_digest(path) -> str:
+    """SHA-256 (hex) of a checkpoint's content: a file's bytes, or every file of an orbax item folder.
+
+    For an orbax ``CheckpointManager`` root the digest is that of the step `load_checkpoint` reads (the latest), so
+    a new step changes it. Sweeps use the digest to tell a retrained checkpoint from the one whose results they
+    hold, whatever its file name.
+
+    Raises:
+      ValueError: the path does not exist or cannot be read.
+    """
+    import hashlib
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ValueError(f"Checkpoint not found: {path}. Give an existing .msgpack file or orbax checkpoint folder.")
+    h = hashlib.sha256()
+    try:
+        if path.is_dir():
+            item = _orbax_item_dir(path.resolve())
+            files = sorted(p for p in item.rglob("*") if p.is_file())
+            for f in files:
+                h.update(str(f.relative_to(item)).encode() + b"\0")
+                _hash_file(h, f)
+        else:
+            _hash_file(h, path)
+    except OSError as err:
+        raise ValueError(f"Cannot read checkpoint {path}: {err.strerror or err}.") from err
+    return h.hexdigest()
+
+
+def _hash_file(h, path: pathlib.Path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(b"\0")
 
 
 def load_checkpoint(path, template: PyTree | None = None) -> PyTree:
@@ -108,8 +169,14 @@ def load_checkpoint(path, template: PyTree | None = None) -> PyTree:
     Returns:
       The parameters as host NumPy arrays, in ``template``'s structure when given, else nested dicts.
 
+    With a template, every leaf is checked against it: the same shape, the same kind of dtype (a float leaf may be
+    stored in another float precision and is cast; an integer leaf stored as float is an error) and, for floating
+    point leaves, finite values. These catch most damaged files (a changed byte in msgpack's type, length or shape
+    fields); a changed byte inside an array's raw data is not detectable (the format has no checksum).
+
     Raises:
-      ValueError: the path does not exist, is not a checkpoint, or does not match ``template``.
+      ValueError: the path does not exist, is not a checkpoint, does not match ``template`` (naming the leaf), or
+        holds NaN/inf.
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -127,12 +194,16 @@ def load_checkpoint(path, template: PyTree | None = None) -> PyTree:
         from flax import serialization
 
         try:
-            restored = serialization.msgpack_restore(path.read_bytes())
+            raw = path.read_bytes()
+        except OSError as err:
+            raise ValueError(f"Cannot read checkpoint {path}: {err.strerror or err}.") from err
+        try:
+            restored = serialization.msgpack_restore(raw)
         except Exception as err:  # noqa: BLE001 - msgpack raises several unrelated types
             raise ValueError(f"{path} is not a Flax msgpack checkpoint ({type(err).__name__}: {err}). Write "
                              "checkpoints with flax.serialization.to_bytes or degenjax.save_msgpack.") from err
         source = str(path)
-    restored = jax.tree.map(np.asarray, restored)
+    restored = jax.tree.map(lambda leaf: _as_array(leaf, source), restored)
     if template is None:
         return restored
     return _match_template(restored, template, source)

@@ -29,7 +29,7 @@ from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.hashing import fmix32
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.spectral import spectral_density
-from degenjax._src.validation import is_traced
+from degenjax._src.validation import check_batch_list, check_rtol, is_traced
 
 # ----------------------------------------------------------------------------------------------------------------
 # synchronized neurons
@@ -483,7 +483,9 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
     L = len(model)
     if jacobian_target not in ("output", "next"):
         raise ValueError(f"jacobian_target must be 'output' or 'next'; got {jacobian_target!r}.")
+    check_rtol(rtol, "degeneracy_report")
     batches = as_batch_list(batches, "degeneracy_report")
+    check_batch_list(model, params, batches, "degeneracy_report", float_inputs=False)
     shapes = section_shapes(model, params, batches[0])
     dims = []
     for l, s in enumerate(shapes):

@@ -22,7 +22,8 @@ from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches
 from degenjax._src.grams import _HIGHEST, as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.structure import affine_elementwise
-from degenjax._src.validation import check_finite_params, is_traced
+from degenjax._src.validation import (check_batch_list, check_finite_nonnegative, check_finite_params,
+                                      check_positive_int, is_traced)
 
 
 def _section_to_hat(model, params, C_next, l):
@@ -161,10 +162,12 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     """
     if mode not in ("auto", "jvp", "vjp"):
         raise ValueError(f"mode must be 'auto', 'jvp' or 'vjp'; got {mode!r}.")
+    check_positive_int(chunk_size, "chunk_size", "interaction_edges")
     model = as_sections(model)
     check_basis_matches(model, basis)
     check_finite_params(params, "edges need a finite network")
     batches = as_batch_list(batches, "interaction_edges")
+    check_batch_list(model, params, batches, "interaction_edges", float_inputs=True)
     shapes = section_shapes(model, params, batches[0])
     check_basis_matches(model, basis, shapes)
     L = len(model)
@@ -207,6 +210,7 @@ def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)
         raise ValueError(f"fractions must be in (0, 1]; got {fractions}.")
     if len(edges) == 0:
         raise ValueError("edges is empty; a model with one section has no edges between node layers.")
+    check_finite_nonnegative(edges, "edges", "edge_sparsity")
     counts, nums, totals = [], [], []
     fr = jnp.asarray(fractions)
     for l, e in enumerate(edges):
@@ -250,6 +254,7 @@ def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, 
     Returns:
       The output ``h_L`` for ``x``.
     """
+    check_positive_int(chunk_size, "chunk_size", "ablated_output")
     model = as_sections(model)
     L = len(model)
     _, acts = forward(model, params, x)

@@ -32,6 +32,22 @@ def _default_symmetry_rtol(dtype) -> float:
     return float(10.0 * np.sqrt(np.finfo(jnp.dtype(dtype)).eps))
 
 
+def _as_array(a, name: str):
+    """``a`` as a JAX/NumPy array; a ValueError (not a TypeError deep in NumPy) for strings, None, ragged lists."""
+    if isinstance(a, (jax.Array, np.ndarray)):
+        return a
+    try:
+        if a is None or isinstance(a, (str, bytes)):
+            raise TypeError
+        out = np.asarray(a)
+        if out.dtype == object or not (np.issubdtype(out.dtype, np.number) or out.dtype == bool):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a numeric (d, d) array (or a matvec callable where accepted); got "
+                         f"{type(a).__name__} {str(a)[:40]!r}.") from None
+    return out
+
+
 def _check_real(a, name: str):
     dtype = jnp.result_type(a)
     if jnp.issubdtype(dtype, jnp.complexfloating):
@@ -64,6 +80,7 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
       ValueError: if ``a`` is not a (batch of) square matrix, is complex, or (when concrete) contains NaN/inf or is
         not symmetric within ``symmetry_rtol``.
     """
+    a = _as_array(a, "eigh input")
     _check_real(a, "eigh input")
     a = jnp.asarray(a)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
@@ -244,6 +261,7 @@ def _operator_info(a_or_matvec, dim, dtype, name):
         d = int(dim)
         work = jnp.dtype(dtype) if dtype is not None else _compute_dtype(jnp.float32)
         return a_or_matvec, d, work
+    a_or_matvec = _as_array(a_or_matvec, f"{name} input")
     _check_real(a_or_matvec, f"{name} input")
     a = jnp.asarray(a_or_matvec)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
@@ -280,7 +298,8 @@ def _check_operator(ops: _BlockOps, d, b, work, key, symmetry_rtol, name, matvec
             raise ValueError(f"{name}: the matvec returned the wrong shape: it must map a (d, b) = {(d, b)} block to "
                              f"a {(d, b)} block but returned {getattr(out, 'shape', type(out).__name__)}. Apply A "
                              "column-wise to the block (e.g. A @ X, or J^T (J X) for an implicit Gram).")
-    x = ops.rows(jax.random.normal(jax.random.fold_in(key, 7), (d, b), work))
+    # Columns of norm ~1 (not ~sqrt(d)), so that the probe itself cannot overflow where A is near the dtype's range.
+    x = ops.rows(jax.random.normal(jax.random.fold_in(key, 7), (d, b), work) / np.sqrt(d).astype(work))
     s = ops.inner(x, ops.matmat(x))
     if is_traced(s):
         return
@@ -305,7 +324,10 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
     Iterates ``Q <- orth(A Q)`` on a ``(d, b)`` block, ``b = k + oversample``, with CholeskyQR2 orthonormalisation
     (a shifted first pass, and random completion of rank-deficient blocks), solves the small ``(b, b)`` projected
     problem in float64 where x64 is enabled, and stops when every one of the ``k`` residuals satisfies
-    ``||A v - theta v|| <= tol * max|theta|`` or after ``num_iters`` products. The eigenvalues found are the ``k``
+    ``||A v - theta v|| <= tol * max|theta|`` or after ``num_iters`` products. The iteration runs on ``2^-e A``
+    with ``2^e`` the magnitude of the first product, so results and residuals do not depend on the scale of ``A``
+    (a float32 Gram times 1e-20 or 1e20 gives the same relative accuracy as at scale 1; a zero matrix gives zero
+    eigenvalues and any orthonormal vectors) as long as ``||A||`` itself is representable. The eigenvalues found are the ``k``
     of largest magnitude (the largest ones for a positive semi-definite Gram), returned in descending order.
     Convergence of pair ``i`` goes like ``(|lambda_{b+1}| / |lambda_i|)^iterations``: raise ``oversample`` for slowly
     decaying spectra.
@@ -363,19 +385,32 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
                         else symmetry_rtol, "eigh_topk", matvec)
 
     def body(state):
-        it, key, _, _, av, _ = state
+        it, key, _, _, av, _, exp = state
         key, sub = jax.random.split(key)
         q = _orthonormalize(ops, av, sub, comp)
-        theta, v, av, res = _rayleigh_ritz(ops, q, ops.matmat(q), k)
-        return it + 1, key, theta, v, av, res[:k]
+        y = ops.matmat(q)
+        # Scale invariance: the iteration runs on 2^-e A, with 2^e the magnitude of the first product A Q (Q with
+        # orthonormal columns), so that no square of an entry under- or overflows (a Gram scaled by 1e-20 in
+        # float32 would otherwise give zero residuals; by 1e20, infinities). Powers of two scale exactly.
+        exp = jnp.where(it == 0, _exponent(y), exp)
+        theta, v, av, res = _rayleigh_ritz(ops, q, jnp.ldexp(y, -exp), k)
+        return it + 1, key, theta, v, av, res[:k], exp
 
     def not_converged(state):
-        it, _, theta, _, _, res = state
+        it, _, theta, _, _, res, _ = state
         return (it < num_iters) & ~jnp.all(res <= tol * jnp.max(jnp.abs(theta)))
 
     # The loop starts from A Q := a random block, so that its first pass orthonormalises the start block.
     start = ops.rows(jax.random.normal(key_start, (d, b), work))
     inf = jnp.full((k,), jnp.inf, comp)
-    state = (jnp.asarray(0, jnp.int32), key_loop, jnp.zeros((b,), comp), start, start, inf)
-    it, _, theta, v, _, res = jax.lax.while_loop(not_converged, body, state)
-    return EigResult(theta[:k], v[:, :k], res, it)
+    state = (jnp.asarray(0, jnp.int32), key_loop, jnp.zeros((b,), comp), start, start, inf,
+             jnp.asarray(0, jnp.int32))
+    it, _, theta, v, _, res, exp = jax.lax.while_loop(not_converged, body, state)
+    return EigResult(jnp.ldexp(theta[:k], exp), v[:, :k], jnp.ldexp(res, exp), it)
+
+
+def _exponent(y) -> jax.Array:
+    """``e`` (int32) with ``2^(e-1) <= max|y| < 2^e``; 0 for an all-zero or non-finite ``y``."""
+    m = jnp.max(jnp.abs(y))
+    _, e = jnp.frexp(m)
+    return jnp.where(jnp.isfinite(m) & (m > 0), e, 0).astype(jnp.int32)

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
 from degenjax._src.structure import affine_elementwise
-from degenjax._src.validation import is_traced
+from degenjax._src.validation import check_batches, check_positive_int, is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
@@ -148,9 +148,7 @@ def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int =
       A `GramAccumulator`.
     """
     acc = _resolve_accum_dtype(accum_dtype)
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
-    chunk_size = int(chunk_size)
+    chunk_size = check_positive_int(chunk_size, "chunk_size", "gram_accumulator")
 
     def init(example) -> GramState:
         """``example``: the feature size ``d`` (int) or an array / ShapeDtypeStruct whose last axis is ``d``."""
@@ -224,6 +222,7 @@ def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int =
 
 
 def _batch_iterable(batches, fn: str):
+    batches = check_batches(batches, fn)  # no empty batch; a spent generator named (validation.py)
     if isinstance(batches, (jax.Array, np.ndarray, Mapping)):
         return [batches]
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
@@ -451,8 +450,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
     fn = "activation_grams"
     model = as_sections(model)
     acc_dt = _resolve_accum_dtype(accum_dtype)
-    if int(chunk_size) < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive integer, got {chunk_size}.")
+    check_positive_int(chunk_size, "chunk_size", fn)
     axes = _batch_axes(mesh, batch_axis)
     layers = tuple(range(len(model)))
     checker = _BatchChecker(model, params, fn, layers)
@@ -644,8 +642,8 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
         if key is None:
             raise ValueError(f"{fn}: num_sources={num_sources} draws random sources; pass key=jax.random.key(...).")
         num_sources = int(num_sources)
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive integer or None (automatic), got {chunk_size}.")
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size", fn)
     acc_dt = _resolve_accum_dtype(accum_dtype)
     axes = _batch_axes(mesh, batch_axis)
     L = len(model)

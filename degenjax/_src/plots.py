@@ -221,12 +221,38 @@ def _setting(r):
     return f"eps={r['step_size']:.3g}, nbeta={nb}, gamma={r['localization']:.3g}"
 
 
+_UNCONVERGED = "not converged (R-hat > 1.05 or ESS < 100)"
+
+
+def _checkpoint_axis(rows, ckpts):
+    """x positions of checkpoints: their training steps (a ``step`` key, else parsed from the name) when every
+    checkpoint has a distinct one, else their order; returns ``(x, label, log_scale, tick_labels or None)``."""
+    from degenjax._src.sweep import checkpoint_step
+
+    step = {}
+    for r in rows:
+        if r["checkpoint"] not in step:
+            s = r.get("step")
+            step[r["checkpoint"]] = s if isinstance(s, (int, float)) else checkpoint_step(r["checkpoint"])
+    steps = [step[c] for c in ckpts]
+    if all(s is not None for s in steps) and len(set(steps)) == len(steps):
+        x = np.asarray(steps, float)
+        log = bool(np.min(x) > 0 and np.max(x) >= 10 * np.min(x))
+        return x, "training step (from the checkpoint name)", log, None
+    return np.arange(len(ckpts), dtype=float), "checkpoint", False, [pathlib.Path(c).name for c in ckpts]
+
+
 def plot_llc_vs_checkpoint(rows: Sequence[Mapping], *, path=None, max_lines: int = 12, title="LLC per checkpoint"):
-    """LLC mean +- std over chains against checkpoint, one line per grid setting (sweep rows).
+    """LLC mean +- std over chains against the training step of each checkpoint, one line per grid setting.
+
+    The x axis is the training step parsed from each checkpoint's name (``step_00300.msgpack`` -> 300; log scale
+    when the steps span a factor of 10 or more); checkpoints without distinct numbers are placed in order and
+    labelled by file name. Cells that did not converge (``converged`` False: split R-hat > 1.05 or ESS < 100) are
+    circled in red; failed or diverged cells (no finite LLC) are left out of their line.
 
     Args:
       rows: sweep result rows with ``checkpoint``, ``step_size``, ``nbeta``, ``localization``, ``llc_mean``,
-        ``llc_std``; checkpoints appear in first-seen order.
+        ``llc_std`` and optionally ``converged`` and ``step``; checkpoints appear in first-seen order.
       max_lines: draw at most this many settings (the first ones).
       path: optional output file.
     """
@@ -234,15 +260,29 @@ def plot_llc_vs_checkpoint(rows: Sequence[Mapping], *, path=None, max_lines: int
     settings = list(dict.fromkeys(_setting(r) for r in rows))[:max_lines]
     fig, ax = _figure(width=max(5.0, 0.9 * len(ckpts) + 3), height=4.0)
     ax = ax[0, 0]
-    x = np.arange(len(ckpts))
+    x, xlabel, log, ticks = _checkpoint_axis(rows, ckpts)
+    spread = (np.log10(np.max(x) / np.min(x)) if log else np.ptp(x)) if len(x) > 1 else 1.0
+    bad_x, bad_y = [], []
     for k, s in enumerate(settings):
         by = {r["checkpoint"]: r for r in rows if _setting(r) == s}
         mean = np.array([np.nan if by.get(c, {}).get("llc_mean") is None else by[c]["llc_mean"] for c in ckpts], float)
         std = np.array([np.nan if by.get(c, {}).get("llc_std") is None else by[c]["llc_std"] for c in ckpts], float)
-        off = (k - (len(settings) - 1) / 2) * 0.04
-        ax.errorbar(x + off, mean, yerr=std, marker="o", ms=3, capsize=3, lw=1, label=s)
-    ax.set_xticks(x)
-    ax.set_xticklabels([pathlib.Path(c).name for c in ckpts], rotation=30, ha="right", fontsize=8)
+        off = (k - (len(settings) - 1) / 2) * 0.01 * max(spread, 1e-12)
+        xs = x * 10.0**off if log else x + off
+        ax.errorbar(xs, mean, yerr=std, marker="o", ms=3, capsize=3, lw=1, label=s)
+        for c, xi, m in zip(ckpts, xs, mean):
+            if by.get(c, {}).get("converged") is False and np.isfinite(m):
+                bad_x.append(xi)
+                bad_y.append(m)
+    if bad_x:
+        ax.scatter(bad_x, bad_y, s=90, facecolors="none", edgecolors="red", linewidths=1.3, zorder=5,
+                   label=_UNCONVERGED, gid="unconverged")
+    if log:
+        ax.set_xscale("log")
+    if ticks is not None:
+        ax.set_xticks(x)
+        ax.set_xticklabels(ticks, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(r"$\hat\lambda$ (mean $\pm$ std over chains)")
     ax.set_title(title)
     ax.legend(fontsize=6)
@@ -253,13 +293,16 @@ def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None 
                              title="LLC calibration"):
     """LLC mean over step size (x) and localization (y), one panel per nbeta, for one checkpoint.
 
-    Cells whose chains diverged (non-finite LLC) are marked with an ``x``.
+    Cells without a finite LLC (diverged or failed) show ``x``; cells that did not converge (``converged``
+    False: split R-hat > 1.05 or ESS < 100) show their value with a ``*`` and a red frame.
 
     Args:
       rows: sweep result rows.
       checkpoint: which checkpoint; default the last one in ``rows``.
       path: optional output file.
     """
+    from matplotlib.patches import Rectangle
+
     if not rows:
         raise ValueError("plot_calibration_heatmap needs at least one result row.")
     checkpoint = checkpoint if checkpoint is not None else list(dict.fromkeys(r["checkpoint"] for r in rows))[-1]
@@ -270,18 +313,29 @@ def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None 
     locs = sorted({r["localization"] for r in sel})
     nbetas = list(dict.fromkeys(r.get("nbeta") for r in sel))
     fig, axes = _figure(len(nbetas), 1, width=1.0 + 0.9 * max(len(steps), 3), height=1.4 + 0.6 * max(len(locs), 3))
+    any_bad = False
     for k, nb in enumerate(nbetas):
         ax = axes[0, k]
         grid = np.full((len(locs), len(steps)), np.nan)
+        unconverged = np.zeros(grid.shape, bool)
         for r in sel:
-            if r.get("nbeta") == nb and r.get("llc_mean") is not None:
-                grid[locs.index(r["localization"]), steps.index(r["step_size"])] = r["llc_mean"]
+            if r.get("nbeta") == nb:
+                i, j = locs.index(r["localization"]), steps.index(r["step_size"])
+                if r.get("llc_mean") is not None:
+                    grid[i, j] = r["llc_mean"]
+                unconverged[i, j] = r.get("converged") is False
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
         for i in range(len(locs)):
             for j in range(len(steps)):
-                txt = "x" if not np.isfinite(grid[i, j]) else f"{grid[i, j]:.3g}"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=7,
-                        color="red" if txt == "x" else "white")
+                if not np.isfinite(grid[i, j]):
+                    ax.text(j, i, "x", ha="center", va="center", fontsize=7, color="red")
+                    continue
+                txt = f"{grid[i, j]:.3g}" + ("*" if unconverged[i, j] else "")
+                ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white")
+                if unconverged[i, j]:
+                    any_bad = True
+                    ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor="red", lw=1.5,
+                                           gid="unconverged"))
         ax.set_xticks(range(len(steps)))
         ax.set_xticklabels([f"{s:.2g}" for s in steps], fontsize=7)
         ax.set_yticks(range(len(locs)))
@@ -290,5 +344,6 @@ def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None 
         ax.set_ylabel("localization")
         ax.set_title(f"nbeta = {'default' if nb is None else f'{nb:.3g}'}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"{title}: {pathlib.Path(checkpoint).name}")
+    note = "\n* and red frame: not converged\n(R-hat > 1.05 or ESS < 100)" if any_bad else ""
+    fig.suptitle(f"{title}: {pathlib.Path(checkpoint).name}{note}", **({"fontsize": 9} if note else {}))
     return _save(fig, path)

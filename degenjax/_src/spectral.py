@@ -167,8 +167,12 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
     eps = float(jnp.finfo(work).eps)
 
     def step(j, state):
-        basis, v, v_prev, beta_prev, alphas, betas, anorm = state
+        basis, v, v_prev, beta_prev, alphas, betas, anorm, exp = state
         w = ops.matmat(v)
+        # Scale invariance: run on 2^-e A with 2^e the magnitude of the first product (unit probes), so that no
+        # square under- or overflows at extreme scales (e.g. a float32 Gram times 1e-20 or 1e20); exact in binary.
+        exp = jnp.where(j == 0, eigen._exponent(w), exp)
+        w = jnp.ldexp(w, -exp)
         alpha = dots(v, w)
         anorm = jnp.maximum(anorm, jnp.sqrt(dots(w, w)))
         w = (w.astype(comp) - v.astype(comp) * alpha[None, :] - v_prev.astype(comp) * beta_prev[None, :]).astype(work)
@@ -181,13 +185,14 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
         beta = jnp.where(alive, beta, 0.0)
         # Slot j + 1 receives v_{j+1}; the last step's store (clamped to slot m - 1) is never read again.
         basis = store(basis, v_next, jnp.minimum(j + 1, m - 1)) if m > 1 else basis
-        return (basis, v_next, v, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), anorm)
+        return (basis, v_next, v, beta, alphas.at[j].set(alpha), betas.at[j].set(beta), anorm, exp)
 
     zeros = jnp.zeros((m, num), comp)
-    init = (basis, v0, jnp.zeros_like(v0), jnp.zeros((num,), comp), zeros, zeros, jnp.zeros((num,), comp))
-    _, _, _, _, alphas, betas, _ = jax.lax.fori_loop(0, m, step, init)
+    init = (basis, v0, jnp.zeros_like(v0), jnp.zeros((num,), comp), zeros, zeros, jnp.zeros((num,), comp),
+            jnp.asarray(0, jnp.int32))
+    _, _, _, _, alphas, betas, _, exp = jax.lax.fori_loop(0, m, step, init)
     # Tridiagonal T per probe, (num, m, m); its off-diagonal is the first m - 1 betas.
     tridiag = jax.vmap(lambda a, b: jnp.diag(a) + jnp.diag(b, 1) + jnp.diag(b, -1))
     t = tridiag(alphas.T, betas[: m - 1].T)
     nodes, vecs = jnp.linalg.eigh(t, symmetrize_input=False)
-    return SpectralDensity(nodes, vecs[:, 0, :] ** 2, d)
+    return SpectralDensity(jnp.ldexp(nodes, exp), vecs[:, 0, :] ** 2, d)
