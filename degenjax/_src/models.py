@@ -69,14 +69,17 @@ def _causal_attention(q, k, v):
 class _Attention(nn.Module):
     num_heads: int
     param_dtype: jnp.dtype
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, h):
         d = h.shape[-1]
         dh = d // self.num_heads
-        qkv = nn.DenseGeneral((3, self.num_heads, dh), use_bias=False, param_dtype=self.param_dtype, name="qkv")(h)
+        qkv = nn.DenseGeneral((3, self.num_heads, dh), use_bias=self.use_bias, param_dtype=self.param_dtype,
+                              name="qkv")(h)
         z = _causal_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :])
-        return h + nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, param_dtype=self.param_dtype, name="out")(z)
+        return h + nn.DenseGeneral(d, axis=(-2, -1), use_bias=self.use_bias, param_dtype=self.param_dtype,
+                                   name="out")(z)
 
 
 class _MLPBlock(nn.Module):
@@ -92,10 +95,11 @@ class _MLPBlock(nn.Module):
 class _Unembed(nn.Module):
     num_out: int
     param_dtype: jnp.dtype
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, h):
-        return nn.Dense(self.num_out, use_bias=False, param_dtype=self.param_dtype, name="W_U")(h[..., -1, :])
+        return nn.Dense(self.num_out, use_bias=self.use_bias, param_dtype=self.param_dtype, name="W_U")(h[..., -1, :])
 
 
 class Transformer(nn.Module):
@@ -108,14 +112,15 @@ class Transformer(nn.Module):
     d_mlp: int = 64
     num_out: int | None = None
     param_dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False  # biases in attention (b_Q, b_K, b_V, b_O) and the unembedding (b_U), as rib's model
 
     @nn.compact
     def __call__(self, x):
         pd = self.param_dtype
         h = _Embed(self.d_model, self.seq_len, pd, name="embed")(x)
-        h = _Attention(self.num_heads, pd, name="attn")(h)
+        h = _Attention(self.num_heads, pd, self.use_bias, name="attn")(h)
         h = _MLPBlock(self.d_mlp, pd, name="mlp")(h)
-        return _Unembed(self.num_out or self.vocab, pd, name="unembed")(h)
+        return _Unembed(self.num_out or self.vocab, pd, self.use_bias, name="unembed")(h)
 
 
 def mlp_sections(module: MLP, example_input) -> Sections:
