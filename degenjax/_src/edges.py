@@ -23,7 +23,8 @@ import numpy as np
 from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, section_width, to_hat
 from degenjax._src.grams import _HIGHEST, as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
-from degenjax._src.structure import affine_elementwise
+from degenjax._src.attention import attention_edges
+from degenjax._src.structure import affine_elementwise, attention_structure
 from degenjax._src.validation import check_finite_params, is_traced
 
 
@@ -133,6 +134,10 @@ def _edges_step(params, x, Cs, Cps, *, model, chunk_size: int, modes: tuple, str
         split = affine_elementwise(model.fns[l], params, h) if structured else None
         if split is not None:
             out.append(_structured_edges(split, hh, Cps[l], C_next))
+            continue
+        att = attention_structure(model.fns[l], params, h) if structured else None
+        if att is not None:
+            out.append(attention_edges(att, hh, Cps[l], C_next, acc_dtype()))
             continue
         g = _section_to_hat(model, params, C_next, l)
         out.append(_batch_edges(g, h, hh, Cps[l], chunk_size, m))

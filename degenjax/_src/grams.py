@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
-from degenjax._src.structure import affine_elementwise
+from degenjax._src.attention import attention_jtj
+from degenjax._src.structure import affine_elementwise, attention_structure
 from degenjax._src.validation import is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -594,6 +595,9 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
         split = affine_elementwise(fns[0], params, h)
         if split is not None:
             return _structured_jtj(split, out_basis, accum_dtype)
+        att = attention_structure(fns[0], params, h)
+        if att is not None:
+            return attention_jtj(att, out_basis, accum_dtype)
 
     def g(h_ex):
         y = h_ex[None]
