@@ -23,6 +23,7 @@ from degenjax._src.structure import AttentionStructure
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _CHUNK_ELEMENTS = 1 << 22  # elements of the largest per-chunk intermediate
+_FORCE_YY = None  # tests: force one of the two equivalent orderings of the query-key terms
 
 
 def _ein(spec, *xs):
@@ -40,14 +41,17 @@ def _chunks(n: int, per_example: int) -> int:
 
 
 def _scan_chunks(fn, arrays, n: int, c: int, zero):
-    """``sum over chunks of fn(*chunk)`` with ``lax.scan`` over full chunks and one call on the remainder."""
-    m, rem = divmod(n, c)
-    total = zero
-    if m:
-        xs = tuple(jnp.reshape(a[:m * c], (m, c) + a.shape[1:]) for a in arrays)
-        total, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, fn(*x)), None), total, xs)
-    if rem:
-        total = jax.tree.map(jnp.add, total, fn(*(a[m * c:] for a in arrays)))
+    """``sum over chunks of fn(*chunk)``: equal chunks of about ``c`` examples (the last padded with zeros, which add
+    nothing to any sum here), one compiled body under ``lax.scan`` (no scan for a single chunk)."""
+    m = -(-n // c)
+    c = -(-n // m)
+    pad = m * c - n
+    if pad:
+        arrays = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in arrays)
+    if m == 1:
+        return jax.tree.map(jnp.add, zero, fn(*arrays))
+    xs = tuple(jnp.reshape(a, (m, c) + a.shape[1:]) for a in arrays)
+    total, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, fn(*x)), None), zero, xs)
     return total
 
 
@@ -64,7 +68,7 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
     A0B = None
     if att.A0 is not None:
         A0B = att.A0.astype(cdt) if B is None else jnp.matmul(att.A0.astype(cdt), B, precision=_HIGHEST)
-    use_yy = H * T ** 3 * kk <= T * (H * dh) ** 2 * kk // 4  # cheaper to form all products Y.Y for short T
+    use_yy = _FORCE_YY if _FORCE_YY is not None else H * T ** 3 * kk <= T * (H * dh) ** 2 * kk // 4  # cheaper to form all products Y.Y for short T
 
     def chunk(q, k, v, P, G):
         g = _ein("nhtrs,nrhe->nhtse", G, v)  # (n, H, T, T, dv)

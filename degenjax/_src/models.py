@@ -123,14 +123,19 @@ class Transformer(nn.Module):
         return _Unembed(self.num_out or self.vocab, pd, self.use_bias, name="unembed")(h)
 
 
-def mlp_sections(module: MLP, example_input) -> Sections:
-    """Sections of a linen `MLP`, one per dense layer."""
-    return from_linen(module, [f"layers_{i}" for i in range(1, len(module.features))], example_input)
+def mlp_sections(module: MLP, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of a linen `MLP`, one per dense layer (biases folded into the constant unless ``fold_bias=False``;
+    see `degenjax.from_linen`)."""
+    return from_linen(module, [f"layers_{i}" for i in range(1, len(module.features))], example_input,
+                      fold_bias=fold_bias)
 
 
-def transformer_sections(module: Transformer, example_input) -> Sections:
-    """Sections of a linen `Transformer`: embed | attn | mlp | unembed."""
-    return from_linen(module, ["attn", "mlp", "unembed"], example_input)
+def transformer_sections(module: Transformer, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of a linen `Transformer`: embed | attn | mlp | unembed (biases folded unless ``fold_bias=False``).
+
+    Folded, each bias is tied to the constant of the position where it is added; the position embedding is not a
+    bias (it is not tied)."""
+    return from_linen(module, ["attn", "mlp", "unembed"], example_input, fold_bias=fold_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,12 +207,14 @@ class NnxTransformer(nnx.Module):
         return self.unembed(self.mlp(self.attn(self.embed(x))))
 
 
-def nnx_mlp_sections(graphdef, num_layers: int, example_input) -> Sections:
-    return from_nnx(graphdef, [f"layers_{i}" for i in range(1, num_layers)], example_input)
+def nnx_mlp_sections(graphdef, num_layers: int, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of an `NnxMLP` (``graphdef`` from ``nnx.split``), one per dense layer."""
+    return from_nnx(graphdef, [f"layers_{i}" for i in range(1, num_layers)], example_input, fold_bias=fold_bias)
 
 
-def nnx_transformer_sections(graphdef, example_input) -> Sections:
-    return from_nnx(graphdef, ["attn", "mlp", "unembed"], example_input)
+def nnx_transformer_sections(graphdef, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of an `NnxTransformer`: embed | attn | mlp | unembed."""
+    return from_nnx(graphdef, ["attn", "mlp", "unembed"], example_input, fold_bias=fold_bias)
 
 
 def nnx_state_from_linen(module: nnx.Module, variables) -> nnx.State:
