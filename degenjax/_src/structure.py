@@ -242,7 +242,7 @@ class _Reader:
     @staticmethod
     def row_free(e: _Entry, full_rank: int, nr: int) -> bool:
         """Whether a constant does not vary along the row axes of an affine value of rank ``full_rank``."""
-        s = tuple(e.val.shape)
+        s = tuple(np.shape(e.val))
         if len(s) < full_rank:
             s = (1,) * (full_rank - len(s)) + s
         vary = e.vary if e.vary is not None else {i for i, n in enumerate(s) if n > 1}
@@ -306,7 +306,7 @@ class _Reader:
         name = eqn.primitive.name
         if name == "broadcast_in_dim":
             src = ins[0]
-            s = tuple(src.val.shape)
+            s = tuple(np.shape(src.val))
             dims = tuple(eqn.params["broadcast_dimensions"])
             src_vary = src.vary if src.vary is not None else {i for i, n in enumerate(s) if n > 1}
             return {dims[i] for i in src_vary}
@@ -314,7 +314,7 @@ class _Reader:
             shape = tuple(eqn.outvars[0].aval.shape)
             out = set()
             for e in ins:
-                s = tuple(e.val.shape)
+                s = tuple(np.shape(e.val))
                 if s == ():
                     continue
                 if len(s) != len(shape) or e.vary is None:
@@ -852,7 +852,9 @@ def _run(reader: _Reader, jaxpr, consts, in_entries, trace: list):
         env[v] = e
 
     def rd(v):
-        return _Entry(v.val, "c", vary=set()) if isinstance(v, jcore.Literal) else env[v]
+        if isinstance(v, jcore.Literal):
+            return _Entry(np.asarray(v.val, dtype=v.aval.dtype), "c", vary=set())
+        return env[v]
 
     for eqn in _live_eqns(jaxpr):
         ins = [rd(v) for v in eqn.invars]
