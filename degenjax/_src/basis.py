@@ -360,29 +360,31 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}.")
     dt = acc_dtype()
-    cov = jnp.asarray(cov, dt)
-    mu = jnp.asarray(mean, dt)
+    concrete = not is_traced((cov, mean, M, rtol, atol))
+    xp = np if concrete else jnp  # small host-side steps when the values are concrete (nothing to compile)
+    cov = xp.asarray(cov, dt)
+    mu = xp.asarray(mean, dt)
     d = cov.shape[0]
     r_cut = resolve_cuts(rtol, 1, "rtol")[0]
     a_cut = resolve_cuts(atol, 1, "atol")[0]
     eps_r = (d + 1) * float(jnp.finfo(dt).eps)
-    cuts = tuple(jnp.asarray(v if v is not None else dflt, dt) for v, dflt in (
+    cuts = tuple(xp.asarray(v if v is not None else dflt, dt) for v, dflt in (
         (r_cut["gram"], eps_r), (a_cut["gram"], 0.0), (r_cut["interaction"], eps_r), (a_cut["interaction"], 0.0)))
     fn = _layer_full_jit if jit else _layer_full
     k = None
     if kind == "random":
         if key is None:
             raise ValueError('kind="random" needs key=jax.random.key(...) for the random rotation.')
-        count_g = _run_layer(fn, cov, mu, jnp.zeros((d + 1, d + 1), dt), cuts, None, "pca", None)[5]
+        count_g = _run_layer(fn, cov, mu, xp.zeros((d + 1, d + 1), dt), cuts, None, "pca", None)[5]
         k = _num_kept(count_g, keep, d, "activation")
         if k == 0:
             raise ValueError(f"node layer {name} has rank 0: its activations are constant on the data.")
     if M is None:
-        M = jnp.zeros((d + 1, d + 1), dt)
+        M = xp.zeros((d + 1, d + 1), dt)
     else:
-        M = jnp.asarray(M, dt)
+        M = xp.asarray(M, dt)
         if M.shape == (d, d):
-            M = jnp.pad(M, ((0, 1), (0, 1)))
+            M = xp.pad(M, ((0, 1), (0, 1)))
         elif M.shape != (d + 1, d + 1):
             raise ValueError(f"node layer {name}: the Jacobian Gram has shape {M.shape}; expected ({d + 1}, {d + 1}) "
                              f"(features and constant) or ({d}, {d}) (features only) for a layer with {d} features.")
@@ -393,11 +395,15 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
         raise ValueError(f"node layer {name} has rank 0 or no interaction: every activation-covariance eigenvalue, "
                          "or every eigenvalue of the Jacobian Gram in whitened coordinates, is below the cutoff; "
                          "the later sections do not depend on this layer on the data.")
-    dropped_g = jnp.asarray(d, jnp.int32) - count_g
-    dropped_i = jnp.zeros((), jnp.int32) if kind in ("pca", "random") else count_g - count_i
+    if concrete:
+        C, Cp, Lambda, D, spec, count_g, count_i = (np.asarray(a) for a in (C, Cp, Lambda, D, spec, count_g,
+                                                                              count_i))
+    dropped_g = xp.asarray(d, xp.int32) - count_g
+    dropped_i = xp.zeros((), xp.int32) if kind in ("pca", "random") else count_g - count_i
     if kind in ("pca", "random"):
         spec = spec[:n]
-    return C[:, :n + 1], Cp[:n + 1], Lambda[:n + 1], D, spec, dropped_g, dropped_i
+    out = (C[:, :n + 1], Cp[:n + 1], Lambda[:n + 1], D, spec, dropped_g, dropped_i)
+    return tuple(jnp.asarray(a) for a in out) if concrete else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -500,16 +506,19 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
         grams, means = list(st.grams), list(st.means)
     else:
         grams, means = _stats_from(stats, L)
+    concrete = not is_traced((grams, means))
+    if concrete:  # the small per-layer steps on the host (no device programs to compile for them)
+        grams, means = [np.asarray(g) for g in grams], [np.asarray(m) for m in means]
     covs = [g[:-1, :-1] for g in grams]  # centred Gram = blockdiag(Cov, 1)
-    if not is_traced(covs):
+    if concrete:
         for l in range(L):
-            if not bool(jnp.all(jnp.isfinite(covs[l]))):
+            if not np.all(np.isfinite(covs[l])):
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check the "
                                  "inputs and the sections before it.")
-            var = float(jnp.max(jnp.diag(covs[l])))
+            var = float(np.max(np.diag(covs[l])))
             # rank 0: the spread is below the resolution of the values themselves (the Gram is accumulated about a
             # shift, so a large mean does not swamp a small spread)
-            res = float(jnp.finfo(covs[l].dtype).eps) * float(jnp.max(jnp.abs(means[l])))
+            res = float(np.finfo(covs[l].dtype).eps) * float(np.max(np.abs(means[l])))
             if var <= res * res:
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has rank 0: its activations are constant "
                                  "on the data; there is nothing to interpret. Check the params (dead layer?) or the "
@@ -525,7 +534,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
             M = jacobian_gram(model, params, batches, l, out_basis=target, target="next", **jkw)
         elif kind == "global":
             M = jacobian_gram(model, params, batches, l, target="output", **jkw)
-        if M is not None and not is_traced(M) and not bool(jnp.all(jnp.isfinite(M))):
+        if M is not None and not is_traced(M) and not np.all(np.isfinite(np.asarray(M))):
             raise ValueError(f"node layer {l} ({model.layer_name(l)}): the Jacobian Gram has NaN or inf entries; "
                              "check the params and the sections after this layer.")
         results[l] = layer_basis(covs[l], means[l], M, kind=kind, rtol=rt[l], atol=at[l], key=keys[l],
@@ -533,6 +542,11 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
                                  jit=jit)
         C_next = results[l][0]
     C, Cp, Lam, Dfull, spec, dg, di = (tuple(r[i] for r in results) for i in range(7))
+    if concrete and not jax.config.jax_enable_x64 and dims is None and all(
+            v is None for cuts in rt + at for v in cuts.values()):
+        _warn_precision_cut(model, results, rt, at, kind)
+    if concrete:
+        grams, means = [jnp.asarray(g) for g in grams], [jnp.asarray(m) for m in means]
     return InteractionBasis(C=C, C_pinv=Cp, Lambda=Lam, mean=tuple(means), dims=tuple(c.shape[1] for c in C),
                             gram_spectrum=Dfull, interaction_spectrum=spec, num_dropped_gram=dg,
                             num_dropped_interaction=di, grams=tuple(grams))
@@ -588,6 +602,31 @@ def transform(model, basis: InteractionBasis, *, constant: str | None = None) ->
         return section
 
     return Sections(tuple(make(l) for l in range(L)), names=model.names)
+
+
+def _warn_precision_cut(model, results, rt, at, kind):
+    """Warns that a float32 run (x64 off) truncates at float32's resolution, with how many directions lie between
+    that cutoff and the float64 default one (genuine small eigenvalues, or float32 rounding noise: a float32 run
+    cannot tell them apart).
+
+    The eigenvalues themselves are computed in float64 either way (`layer_basis`) from Grams accumulated with
+    compensated summation; what float32 cannot do is resolve eigenvalues below about ``1e-7`` of the largest.
+    """
+    eps64, eps32 = float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)
+    band = 0
+    for l, r in enumerate(results):
+        D, spec = np.asarray(r[3], np.float64), np.asarray(r[4], np.float64)
+        d = D.shape[0]
+        for cut, vals in (("gram", D), ("interaction", spec)):
+            if vals.size == 0 or (cut == "interaction" and kind in ("pca", "random")):
+                continue
+            top = max(vals[0], 0.0)
+            band += int(np.sum((vals > (d + 1) * eps64 * top) & (vals <= (d + 1) * eps32 * top)))
+    warnings.warn(f"jax_enable_x64 is off: the interaction basis truncates at float32's resolution ((d + 1) * "
+                  f"{eps32:.1e} of the largest eigenvalue); {band} eigenvalue(s) lie below it but above the float64 "
+                  "cutoff (genuine small directions that a float64 run keeps, or float32 rounding noise: float32 "
+                  "cannot tell them apart). Call jax.config.update('jax_enable_x64', True) for float64 Grams, or "
+                  "pass rtol= explicitly.", stacklevel=3)
 
 
 def warn_float32(what: str) -> None:

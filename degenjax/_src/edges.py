@@ -208,6 +208,8 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     for x in batches:
         sums = step(params, x, tuple(basis.C), tuple(basis.C_pinv), model=model, chunk_size=int(chunk_size),
                     modes=tuple(modes), structured=bool(structured))
+        if not is_traced(sums):  # summed on the host: no small device programs to compile
+            sums = [np.asarray(a) for a in sums]
         totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
         n = jnp.shape(jax.tree.leaves(x)[0])[0]
         count = [c + n * math.prod(shapes[l].shape[1:-1]) for l, c in enumerate(count)]
@@ -215,8 +217,9 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
         return []
     edges = [t / c for t, c in zip(totals, count)]
     if not is_traced(edges):
+        edges = [jnp.asarray(e) for e in edges]
         for l, e in enumerate(edges):
-            if not bool(jnp.all(jnp.isfinite(e))):
+            if not bool(np.all(np.isfinite(np.asarray(e)))):
                 nxt = model.layer_name(l + 1) if l + 1 < L else "output"
                 raise ValueError(f"edges E^{l} ({model.layer_name(l)} -> {nxt}) are not finite; check the inputs and "
                                  "params.")

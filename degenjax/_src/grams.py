@@ -727,6 +727,8 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
     if totals is None:
         raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
                          "generator of arrays). A generator can only be consumed once.")
+    if not is_traced(totals):  # on the host: no small device programs to compile for the last steps
+        return [jnp.asarray((np.asarray(t) + np.asarray(c)) / n) for (t, c), n in zip(totals, counts)]
     return [(t + c) / jnp.asarray(n, acc_dt) for (t, c), n in zip(totals, counts)]
 
 
