@@ -284,8 +284,8 @@ def reference_sections(module, v, x):
 
 def first_call_main(args):
     """Runs in a fresh process: the one-call LIB + edges (+ output edges) and its peak memory."""
-    module, v, x, y, tr, te, _ = train_modadd(args.p, args.frac, args.steps, cache=args.train_cache, use_bias=True,
-                                              quiet=True)
+    module, v, x, y, tr, te, _ = train_modadd(args.p, args.frac, args.steps, cache=args.train_cache,
+                                              use_bias=not args.no_bias, quiet=True)
     model, res = reference_sections(module, v, x[tr])
     res = jax.block_until_ready(jnp.asarray(res, jnp.float64))
     v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
@@ -395,7 +395,8 @@ def main(argv=None):
     tmodel = models.transformer_sections(module, x[:2])
     if not args.skip_reference:
         print("the reference convention: one call in a fresh process ...", flush=True)
-        fc_args = ["--first-call-only", "--p", str(args.p), "--frac", str(args.frac), "--steps", str(args.steps)]
+        fc_args = ["--first-call-only", "--p", str(args.p), "--frac", str(args.frac), "--steps", str(trained)]
+        fc_args += ["--no-bias"] if args.no_bias else []
         fc_args += ["--train-cache", args.train_cache] if args.train_cache else []
         fc_args += ["--rib-cut"] if args.rib_cut else []
         runs = [_subprocess(fc_args) for _ in range(args.repeats)]

@@ -70,13 +70,15 @@ def test_recognises_dense_elementwise_sections():
     ]
     xx = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)))
     for f in structured:
-        sp = affine_elementwise(f, None, xx)
-        assert sp is not None
-        J = np.asarray(jax.vmap(jax.jacfwd(lambda e, f=f: f(None, e[None])[0]))(xx))  # (n, out, in)
-        V = np.eye(sp.W.shape[1]) if sp.V is None else np.asarray(sp.V)
-        Jr = np.einsum("ik,nk,ko->noi", np.asarray(sp.W), np.asarray(sp.slope), V)
-        if sp.A0 is not None:
-            Jr = Jr + np.asarray(sp.A0).T[None]
+        def parts(h, f=f):  # traced under jit: no op-by-op execution of the reader
+            sp = affine_elementwise(f, None, h)
+            assert sp is not None
+            V = jnp.eye(sp.W.shape[1], dtype=h.dtype) if sp.V is None else sp.V
+            return sp.W, sp.slope, V, (jnp.zeros((h.shape[1], V.shape[1]), h.dtype) if sp.A0 is None else sp.A0)
+
+        W_, s_, V_, A0_ = (np.asarray(a) for a in jax.jit(parts)(xx))
+        J = np.asarray(jax.jit(jax.vmap(jax.jacfwd(lambda e, f=f: f(None, e[None])[0])))(xx))  # (n, out, in)
+        Jr = np.einsum("ik,nk,ko->noi", W_, s_, V_) + A0_.T[None]
         np.testing.assert_allclose(J, Jr, rtol=1e-12, atol=1e-14)
 
 

@@ -568,13 +568,19 @@ def _structured_jtj(split, out_basis, accum_dtype):
     """
     dt = accum_dtype
     s = jnp.reshape(split.slope, (-1, split.slope.shape[-1])).astype(dt)
-    S = jnp.matmul(s.T, s, precision=_HIGHEST)
     W = split.W.astype(dt)
     Bo = None if out_basis is None else out_basis.astype(dt)
     V = None if split.V is None else split.V.astype(dt)
     Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=_HIGHEST))
-    K = jnp.diag(jnp.diagonal(S)) if Q is None else jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
-    M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+    if split.linear:  # s = 1: rows (W Q)(W Q)^T, no (d_k, d_k) Gram of the slopes (d_k may be a vocabulary)
+        WQ = W if Q is None else jnp.matmul(W, Q, precision=_HIGHEST)
+        M = jnp.asarray(s.shape[0], dt) * jnp.matmul(WQ, WQ.T, precision=_HIGHEST)
+    elif Q is None:  # K = diag(sum s^2)
+        M = jnp.matmul(W * jnp.sum(s * s, axis=0)[None, :], W.T, precision=_HIGHEST)
+    else:
+        S = jnp.matmul(s.T, s, precision=_HIGHEST)
+        K = jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
+        M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
     if split.A0 is not None:  # a linear pass-through (residual, carried constant): P = A0 B
         A0 = split.A0.astype(dt)
         P = A0 if Bo is None else jnp.matmul(A0, Bo, precision=_HIGHEST)

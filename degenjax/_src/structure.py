@@ -40,6 +40,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from degenjax._src.sections import as_sections, node_input
+from degenjax._src.validation import is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -76,6 +77,7 @@ class AffineElementwise(NamedTuple):
     V: jax.Array | None = None
     A0: jax.Array | None = None
     select: Callable[[jax.Array], jax.Array] = lambda a: a
+    linear: bool = False  # ``post`` is the identity (an affine section): ``slope`` is all ones
 
     @property
     def skip(self) -> bool:
@@ -897,7 +899,7 @@ def _split(f, params, h) -> AffineElementwise:
             raise _NotStructured
         z = out.val
         return AffineElementwise(W=out.A, z=z, post=lambda a: a, slope=jnp.ones_like(z), V=None, A0=None,
-                                 select=select)
+                                 select=select, linear=True)
     root = reader.z_root
     if root is None or root.A is None or root.A.ndim != 2:
         raise _NotStructured
@@ -1091,8 +1093,16 @@ def structured_sections(model, params, x) -> tuple[bool, ...]:
     """
     model = as_sections(model)
     flags = []
-    h = node_input(model, x)
-    for f in model.fns:
-        flags.append(affine_elementwise(f, params, h) is not None or attention_structure(f, params, h) is not None)
-        h = f(params, h)
+
+    def trace(p, xx):  # traced abstractly (jax.eval_shape): the decision depends only on the jaxprs, not on values
+        h = node_input(model, xx)
+        for f in model.fns:
+            flags.append(affine_elementwise(f, p, h) is not None or attention_structure(f, p, h) is not None)
+            h = f(p, h)
+        return h
+
+    if is_traced((params, x)):
+        trace(params, x)
+    else:
+        jax.eval_shape(trace, params, x)
     return tuple(flags)
