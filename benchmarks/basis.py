@@ -215,9 +215,9 @@ def naive_lib_edges(model, params, x, dims, output=True):
                 y = model.fns[l](params, from_hat(hh, Cps[l], d_in)[None])[0]
                 return y if l + 1 == L else to_hat(y, Cs[l + 1])
 
-            J = jax.jacrev(fh)(hh)  # (P_out.., d^_{l+1}, P_in.., d^_l)
-            J = jnp.reshape(J, (-1, J.shape[hh.ndim - 1 if l + 1 == L and J.ndim == hh.ndim + 1 else -hh.ndim - 1],
-                                hh.size // hh.shape[-1], hh.shape[-1]))
+            J = jax.jacrev(fh)(hh)  # (P_out.., d_{l+1}, P_in.., d^_l)
+            d_next = J.shape[J.ndim - hh.ndim - 1]  # the last output axis: features
+            J = jnp.reshape(J, (-1, d_next, hh.size // hh.shape[-1], hh.shape[-1]))
             a = jnp.einsum("tisj,sj->tij", J, jnp.reshape(hh, (-1, hh.shape[-1]))).astype(jnp.float64)
             return jnp.sum(a * a, axis=0)
 
