@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import acc_dtype
+from degenjax._src.basis import acc_dtype, warn_float32
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.hashing import fmix32
@@ -399,8 +399,18 @@ def _default_rtol(dtype) -> float:
 
 
 def _dense_rank(A, rtol: float):
-    """(rank, cutoff, (rank at 10x cutoff, rank at 0.1x cutoff), spectrum descending) of a symmetric PSD matrix."""
-    vals = eigh(A)[0]
+    """(rank, cutoff, (rank at 10x cutoff, rank at 0.1x cutoff), spectrum descending) of a symmetric PSD matrix.
+
+    Without x64 the eigenvalues of a concrete matrix are computed in float64 on the host (float32 ``eigh`` loses the
+    small eigenvalues that decide a rank); under an outer ``jax.jit`` they stay in float32 (a warning says so).
+    """
+    if not jax.config.jax_enable_x64 and not is_traced(A):
+        a = np.asarray(A, np.float64)
+        vals = jnp.asarray(np.linalg.eigvalsh(0.5 * (a + a.T))[::-1].copy(), jnp.result_type(A))
+    else:
+        if not jax.config.jax_enable_x64:
+            warn_float32("degeneracy_report's ranks (eigenvalues under jax.jit)")
+        vals = eigh(A)[0]
     cut = rtol * jnp.maximum(vals[0], 0.0)
     rank = lambda c: jnp.sum(vals > c).astype(_count_dtype())  # noqa: E731
     return rank(cut), cut, jnp.stack([rank(10.0 * cut), rank(0.1 * cut)]), vals
@@ -428,13 +438,14 @@ def _with_input_relu(model, relu_flags):
         return section
 
     fns = (model.fns[0],) + tuple(wrap(f, flag) for f, flag in zip(model.fns[1:], relu_flags))
-    return type(model)(fns, names=model.names)
+    return dataclasses.replace(model, fns=fns)
 
 
 def degeneracy_report(model, params, batches, *, rtol: float | None = None,
                       param_counts: Sequence[int] | None = None, relu_layers: str | Sequence[int] = "auto",
                       sync_tol: float = 0.0, jacobian_target: str = "output", max_dense_dim: int = 4096,
-                      key=None, num_probes: int = 16, num_lanczos: int = 64) -> DegeneracyReport:
+                      key=None, num_probes: int = 16, num_lanczos: int = 64,
+                      constant: str | None = None) -> DegeneracyReport:
     """Counts free directions of the weights per section (DESIGN.md section 6).
 
     For section ``l`` (weights ``W^l`` mapping node layer ``l`` to ``l + 1``):
@@ -471,6 +482,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       max_dense_dim: largest matrix size diagonalised densely.
       key: PRNG key for `spectral_density` (only needed when a matrix exceeds ``max_dense_dim``).
       num_probes, num_lanczos: stochastic Lanczos quadrature settings.
+      constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own. On folded node
+        layers the counts are those of the features without the constant (the same report as for the plain model).
 
     Returns:
       `DegeneracyReport` (``.table()`` for a markdown summary, ``.totals()`` for the totals).
@@ -479,7 +492,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       ValueError: empty batches, a layer with zero units, wrong ``param_counts``/``relu_layers``/``jacobian_target``,
         NaN activations (when concrete), or a large layer without ``key``.
     """
-    model = as_sections(model)
+    model = as_sections(model, constant)
+    fold = int(model.constant == "last")
     L = len(model)
     if jacobian_target not in ("output", "next"):
         raise ValueError(f"jacobian_target must be 'output' or 'next'; got {jacobian_target!r}.")
@@ -492,9 +506,10 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
         if not hasattr(s, "shape") or len(s.shape) < 1:
             raise ValueError(f"node layer {l} is not an array with a feature axis; split the model so that every "
                              "node layer is one array (..., d).")
-        if s.shape[-1] == 0:
+        units = int(s.shape[-1]) - (fold if l < L else 0)
+        if units <= 0:
             raise ValueError(f"node layer {l} has zero units (shape {s.shape}); every layer needs at least one unit.")
-        dims.append(int(s.shape[-1]))
+        dims.append(units)
     d_in, d_out = tuple(dims[:-1]), tuple(dims[1:])
     if param_counts is None:
         num_params = tuple(d_in[l] * d_out[l] + d_out[l] for l in range(L))
@@ -520,6 +535,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
         _, acts = forward(model, params, b)
         for l in range(1, L):
             h = jnp.asarray(acts[l])
+            if fold:
+                h = h[..., :-1]
             if not is_traced(h) and not bool(jnp.all(jnp.isfinite(h))):
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check params "
                                  "and inputs before counting degeneracies.")
@@ -539,6 +556,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
     # their D; D^2 = D.)
     jgrams = (jacobian_grams(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target)
               if L > 1 else [])
+    if fold:  # the features without the constant
+        jgrams = [m[:-1, :-1] for m in jgrams]
     act_dtype = [jnp.result_type(s) for s in shapes]
     cdt = _count_dtype()
 
