@@ -208,7 +208,7 @@ def _one_cut(v, what: str) -> dict:
     return {c: v for c in _CUTS}
 
 
-def resolve_cuts(value, L: int, what: str) -> list[dict]:
+def resolve_cuts(value, L: int, what: str, fn: str = "interaction_basis") -> list[dict]:
     """``[{"gram": x, "interaction": y}, ...]`` per node layer from a scalar, a per-cut mapping, or a sequence."""
     if value is None or isinstance(value, (int, float, np.floating, np.integer, Mapping)) or (
             hasattr(value, "ndim") and np.ndim(value) == 0):
@@ -228,9 +228,13 @@ def resolve_cuts(value, L: int, what: str) -> list[dict]:
             if is_traced(v):
                 continue
             v = float(v)
-            if not np.isfinite(v) or v < 0 or (what == "rtol" and v >= 1):
-                rng = "[0, 1)" if what == "rtol" else "[0, inf)"
-                raise ValueError(f"{what} for node layer {l}, {c} cut, must be in {rng}; got {v}.")
+            if what == "rtol" and not (np.isfinite(v) and 0 <= v < 1):
+                raise ValueError(f"{fn}: rtol={v!r} is not a relative cutoff in [0, 1) (node layer {l}, {c} cut): "
+                                 "eigenvalues below rtol x the largest are dropped, so rtol >= 1 drops everything and "
+                                 "rtol < 0 keeps numerical zeros. Typical values: 1e-12 (float64) to 1e-6 (float32).")
+            if what == "atol" and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"{fn}: atol={v!r} is not an absolute cutoff >= 0 (node layer {l}, {c} cut); rib's "
+                                 "is 1e-15.")
     return per
 
 
@@ -365,8 +369,8 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     cov = xp.asarray(cov, dt)
     mu = xp.asarray(mean, dt)
     d = cov.shape[0]
-    r_cut = resolve_cuts(rtol, 1, "rtol")[0]
-    a_cut = resolve_cuts(atol, 1, "atol")[0]
+    r_cut = resolve_cuts(rtol, 1, "rtol", "layer_basis")[0]
+    a_cut = resolve_cuts(atol, 1, "atol", "layer_basis")[0]
     eps_r = (d + 1) * float(jnp.finfo(dt).eps)
     cuts = tuple(xp.asarray(v if v is not None else dflt, dt) for v, dflt in (
         (r_cut["gram"], eps_r), (a_cut["gram"], 0.0), (r_cut["interaction"], eps_r), (a_cut["interaction"], 0.0)))
