@@ -1,4 +1,4 @@
-"""Degeneracy accounting (DESIGN.md section 6): synchronized ReLU units and free-direction counts per layer.
+"""Degeneracy accounting (docs/maths.md#degeneracy-accounting): synchronized ReLU units and free-direction counts per layer.
 
 Two parts:
 
@@ -107,7 +107,7 @@ class SyncResult(NamedTuple):
 
     @property
     def num_degenerate_directions(self) -> jax.Array:
-        """``sum over groups k (k - 1)`` (DESIGN section 6); always-on and dead units are not included."""
+        """``sum over groups k (k - 1)`` (docs/maths.md#synchronized-neurons); always-on and dead units are not included."""
         return jnp.sum(jnp.maximum(self.group_size - 1, 0))
 
 
@@ -224,7 +224,7 @@ def _as_batches(batches) -> list:
 
 
 def synchronized_neurons(preactivations, *, tol: float = 0.0) -> SyncResult:
-    """Finds ReLU units with identical on/off patterns over the data set (DESIGN.md section 6).
+    """Finds ReLU units with identical on/off patterns over the data set (docs/maths.md#synchronized-neurons).
 
     A unit is *on* at a point when its pre-activation is > 0. Expectations run over data points and positions:
     every leading axis is flattened, so ``(batch, seq, d)`` is treated as ``batch * seq`` points.
@@ -281,7 +281,7 @@ _REPORT_META = ("names", "d_in", "d_out", "num_params", "rtol", "dense")
 @functools.partial(jax.tree_util.register_dataclass, data_fields=list(_REPORT_DATA), meta_fields=list(_REPORT_META))
 @dataclasses.dataclass(frozen=True)
 class DegeneracyReport:
-    """Free directions per section ``l`` (node layer ``l`` -> ``l + 1``, weights ``W^l``), DESIGN.md section 6.
+    """Free directions per section ``l`` (node layer ``l`` -> ``l + 1``, weights ``W^l``), docs/maths.md#degeneracy-accounting.
 
     A pytree (counts are arrays, so the report can be computed under ``jax.jit``); the layer names, sizes, nominal
     parameter counts and ``rtol`` are static metadata. Arrays of shape ``(L,)`` are indexed by section.
@@ -417,7 +417,7 @@ def _dense_rank(A, rtol: float):
 
 
 def _slq_rank(A, rtol: float, key, num_probes: int, num_lanczos: int):
-    """Rank from a stochastic Lanczos quadrature density (DESIGN.md section 4) for layers too large for ``eigh``."""
+    """Rank from a stochastic Lanczos quadrature density (docs/maths.md#spectral-density) for layers too large for ``eigh``."""
     d = A.shape[0]
     dens = spectral_density(A, key=key, num_probes=num_probes, num_lanczos=min(num_lanczos, d))
     nodes = jnp.asarray(dens.nodes)
@@ -446,16 +446,16 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
                       sync_tol: float = 0.0, jacobian_target: str = "output", max_dense_dim: int = 4096,
                       key=None, num_probes: int = 16, num_lanczos: int = 64,
                       constant: str | None = None) -> DegeneracyReport:
-    """Counts free directions of the weights per section (DESIGN.md section 6).
+    """Counts free directions of the weights per section (docs/maths.md#degeneracy-accounting).
 
     For section ``l`` (weights ``W^l`` mapping node layer ``l`` to ``l + 1``):
 
     - activations: a null direction of the bias-augmented Gram ``G^l`` (``activation_grams``, ``d_l + 1`` square)
       can be added to any column of ``W^l``: ``(d_l + 1 - rank G^l) d_{l+1}`` directions (with ``center=True``
-      this is ``(d_l - rank Cov) d_{l+1}``, DESIGN's formula);
+      this is ``(d_l - rank Cov) d_{l+1}``, the rank-deficit formula in docs/maths.md#rank-deficits);
     - Jacobians: a direction of node layer ``l + 1`` to which the rest of the network is insensitive (null space of
       ``M^{l+1}`` from ``jacobian_grams``, by default the Jacobian to the output) can be added to the output of
-      ``W^l`` from any input: ``(d_{l+1} - rank M^{l+1}) d_l`` (DESIGN's count; the bias adds one more per null
+      ``W^l`` from any input: ``(d_{l+1} - rank M^{l+1}) d_l`` (docs/maths.md#rank-deficits; the bias adds one more per null
       direction). For a ReLU node layer the Jacobian is taken with respect to the pre-activation (what ``W^l``
       moves): ``M = E[D J^T J D]`` with ``D = 1[h_{l+1} > 0]``, so a direction that only dead or inactive units
       carry counts as free;
@@ -549,7 +549,7 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
     else:
         relu_flags = [jnp.asarray(l in relu_fixed) for l in range(1, L)]
     grams = activation_grams(model, params, batches, center=True)
-    # Jacobians with respect to the pre-activations of ReLU node layers (DESIGN section 6): a weight change of W^l
+    # Jacobians with respect to the pre-activations of ReLU node layers (docs/maths.md#degeneracy-accounting): a weight change of W^l
     # moves the pre-activation z_{l+1}, which reaches the rest of the network through D = 1[h_{l+1} > 0]. On the data
     # h_{l+1} >= 0, so relu(h_{l+1}) = h_{l+1} and prepending a ReLU to section l + 1 leaves every activation
     # unchanged while its derivative inserts D: M'^{l+1} = E[D J^T J D]. (Inner ReLUs of the tail already carry

@@ -275,7 +275,7 @@ def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)
 
 def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, *, chunk_size: int = 64,
                    constant: str | None = None):
-    """The network output with the edges of section ``layer`` masked (DESIGN section 3, sparsity).
+    """The network output with the edges of section ``layer`` masked (docs/maths.md#sparsity).
 
     Output node ``i`` of node layer ``layer + 1`` is computed from ``h^_layer * mask[i]``: an ablated input is set to
     its mean over the data, which is 0 for every centred (non-constant) basis coordinate. The remaining sections run

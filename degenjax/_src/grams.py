@@ -1,4 +1,4 @@
-"""Streamed activation and Jacobian Gram matrices (DESIGN.md section 2).
+"""Streamed activation and Jacobian Gram matrices (docs/maths.md#grams).
 
 Two layers of API:
 
@@ -107,7 +107,7 @@ class GramStats(NamedTuple):
     """Result of ``finalize``.
 
     Attributes:
-      gram: ``(d + 1, d + 1)``, the Gram matrix with the constant coordinate last (DESIGN.md section 2).
+      gram: ``(d + 1, d + 1)``, the Gram matrix with the constant coordinate last (docs/maths.md#grams).
       mean: ``(d,)``, the mean activation mu.
       count: ``()``, number of samples it was computed from.
     """
@@ -127,7 +127,7 @@ class GramAccumulator(NamedTuple):
 
 
 def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int = 4096) -> GramAccumulator:
-    """Streamed activation Gram ``G = E[(h~ - mu~)(h~ - mu~)^T]`` with ``h~ = (h, 1)`` (DESIGN.md section 2).
+    """Streamed activation Gram ``G = E[(h~ - mu~)(h~ - mu~)^T]`` with ``h~ = (h, 1)`` (docs/maths.md#grams).
 
     ``update`` flattens all axes but the last (data points and positions count as samples), so it accepts a node
     layer of shape ``(batch, d)`` or ``(batch, positions, d)``. Under ``jax.shard_map`` pass ``axis_name`` (the
@@ -439,7 +439,7 @@ _activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accu
 
 def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 4096,
                      mesh=None, batch_axis=None, jit: bool = True, constant: str | None = None) -> ActivationStats:
-    """Streams the activation Grams and means of every node layer over ``batches`` (DESIGN.md section 2).
+    """Streams the activation Grams and means of every node layer over ``batches`` (docs/maths.md#grams).
 
     Memory is O(sum_l d_l^2) whatever the number of batches. Each batch is checked: dtypes equal to the first
     batch's, feature sizes accepted by the model, activations finite (checked one batch late, so the host does
@@ -509,7 +509,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
 def activation_grams(model, params, batches, *, center: bool = True, **kwargs) -> list[jax.Array]:
     """Activation Gram ``G^l`` of every node layer, shape ``(d_l + 1, d_l + 1)``, constant coordinate last.
 
-    ``G^l = E[(h~ - mu~)(h~ - mu~)^T]`` over data points and positions (DESIGN.md section 2). Keyword arguments
+    ``G^l = E[(h~ - mu~)(h~ - mu~)^T]`` over data points and positions (docs/maths.md#grams). Keyword arguments
     are those of `activation_stats`, which also returns the means.
     """
     return list(activation_stats(model, params, batches, center=center, **kwargs).grams)
@@ -535,7 +535,7 @@ def _per_example_rows(g, h, key, num_sources: int | None, axes=None):
 
     Exact: all output coordinates (``vjp``) or all input coordinates (``jvp``, whichever side is smaller), so that
     ``sum_{o,s} rows[o, s]^T rows[o, s] = sum_s J_{., s}^T J_{., s}``. With ``num_sources = R``: ``r^T J`` for R
-    random +-1 vectors r, scaled by ``R^{-1/2}``, an unbiased estimate of the same sum (DESIGN.md section 2).
+    random +-1 vectors r, scaled by ``R^{-1/2}``, an unbiased estimate of the same sum (docs/maths.md#grams).
     Inside ``shard_map`` (``axes`` set) the unit directions are marked device-varying like the data.
     """
     vary = (lambda a: a) if axes is None else (lambda a: jax.lax.pcast(a, axes, to="varying"))
@@ -748,7 +748,7 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
 
     ``M^l_{jk} = (1 / (N P_l)) sum_x sum_{t,i} sum_s J_{(t,i),(s,j)} J_{(t,i),(s,k)}`` with ``J`` the Jacobian of
     the target coordinates with respect to ``h_l`` for one data point (all its positions ``s``), ``P_l`` the
-    positions of node layer ``l`` (DESIGN.md section 2). Computed per example with ``vmap`` of ``vjp`` over output
+    positions of node layer ``l`` (docs/maths.md#grams). Computed per example with ``vmap`` of ``vjp`` over output
     coordinates, or of ``jvp`` over input coordinates when fewer, in chunks of ``chunk_size`` examples.
 
     Args:
