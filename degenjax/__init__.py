@@ -32,9 +32,12 @@ from degenjax._src.spectral import SpectralDensity as SpectralDensity
 from degenjax._src.basis import interaction_basis as interaction_basis
 from degenjax._src.basis import InteractionBasis as InteractionBasis
 from degenjax._src.basis import layer_basis as layer_basis
+from degenjax._src.basis import LayerBasis as LayerBasis
 from degenjax._src.basis import transform as transform
 from degenjax._src.edges import ablated_output as ablated_output
 from degenjax._src.edges import edge_sparsity as edge_sparsity
+from degenjax._src.edges import EdgeSparsity as EdgeSparsity
+from degenjax._src.edges import EdgesRequired as EdgesRequired
 from degenjax._src.edges import edges_required as edges_required
 from degenjax._src.edges import interaction_edges as interaction_edges
 from degenjax._src.edges import node_ablation_curves as node_ablation_curves
@@ -67,9 +70,11 @@ from degenjax._src.records import save_traces as save_traces
 from degenjax._src.records import trace_table as trace_table
 from degenjax._src.calibrate import calibrate as calibrate
 from degenjax._src.calibrate import Calibration as Calibration
+from degenjax._src.calibrate import CalibrationCell as CalibrationCell
+from degenjax._src.calibrate import CalibrationRow as CalibrationRow
 from degenjax._src.calibrate import calibration_sweep as calibration_sweep
 from degenjax._src.calibrate import CalibrationGrid as CalibrationGrid
-from degenjax._src.calibrate import plot_calibration as plot_calibration
+from degenjax._src.plots import plot_calibration as plot_calibration
 from degenjax._src.calibrate import recommend as recommend
 
 # degeneracy accounting and modularity (docs/maths.md#degeneracy-accounting)
@@ -81,7 +86,7 @@ from degenjax._src.degeneracy import synchronized_neurons as synchronized_neuron
 from degenjax._src.degeneracy import SyncResult as SyncResult
 from degenjax._src.modularity import find_modules as find_modules
 from degenjax._src.modularity import ModuleResult as ModuleResult
-from degenjax._src.modularity import plot_modules as plot_modules
+from degenjax._src.plots import plot_modules as plot_modules
 
 # toolkit: sweeps, checkpoints, quickstart, plots
 from degenjax._src.sweep import load_sweep_config as load_sweep_config
@@ -129,9 +134,12 @@ __all__ = [
     "interaction_basis",
     "InteractionBasis",
     "layer_basis",
+    "LayerBasis",
     "transform",
     "ablated_output",
     "edge_sparsity",
+    "EdgeSparsity",
+    "EdgesRequired",
     "edges_required",
     "interaction_edges",
     "node_ablation_curves",
@@ -162,6 +170,8 @@ __all__ = [
     "trace_table",
     "calibrate",
     "Calibration",
+    "CalibrationCell",
+    "CalibrationRow",
     "calibration_sweep",
     "CalibrationGrid",
     "plot_calibration",

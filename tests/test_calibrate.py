@@ -18,8 +18,8 @@ import pytest
 from conftest import assert_trees_all_close
 
 import degenjax
-from degenjax._src.calibrate import (Calibration, CalibrationGrid, calibrate, calibration_sweep, plot_calibration,
-                                    recommend)
+from degenjax._src.calibrate import Calibration, CalibrationGrid, calibrate, calibration_sweep, recommend
+from degenjax._src.plots import plot_calibration
 from degenjax._src.llc import estimate_llc
 
 N, D = 512, 3

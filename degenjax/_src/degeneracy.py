@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import acc_dtype, warn_float32
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.hashing import fmix32
+from degenjax._src.numerics import acc_dtype, warn_float32
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.spectral import spectral_density
 from degenjax._src.validation import check_batch_list, check_rtol, is_traced

@@ -26,12 +26,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from degenjax._src.numerics import HIGHEST
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
 from degenjax._src.attention import attention_jtj
 from degenjax._src.structure import affine_elementwise, attention_structure
 from degenjax._src.validation import check_batches, check_positive_int, is_traced
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
 _JACOBIAN_CHUNK_ELEMENTS = 1 << 25
 
@@ -190,10 +190,10 @@ def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int =
             xc = jnp.pad(xc, ((0, m * chunk_size - n), (0, 0)))  # zero rows add nothing
             blocks = jnp.reshape(xc, (m, chunk_size, d))
             first = _pairwise_sum(jnp.sum(blocks, axis=1))
-            second = _pairwise_sum(jnp.einsum("mci,mcj->mij", blocks, blocks, precision=_HIGHEST))
+            second = _pairwise_sum(jnp.einsum("mci,mcj->mij", blocks, blocks, precision=HIGHEST))
         else:
             first = jnp.sum(xc, axis=0)
-            second = jnp.matmul(xc.T, xc, precision=_HIGHEST)
+            second = jnp.matmul(xc.T, xc, precision=HIGHEST)
         inc = GramSums(count, psum(first), psum(second))
         pairs = [_neumaier_add(s, c, v) for s, c, v in zip(state.sums, state.compensation, inc)]
         return GramState(shift, GramSums(*(p[0] for p in pairs)), GramSums(*(p[1] for p in pairs)))
@@ -246,7 +246,7 @@ def as_batch_list(batches, fn: str = "batches") -> list:
     return out
 
 
-class _BatchChecker:
+class BatchChecker:
     """Validates batches as they stream: dtypes, feature sizes, and (lagged by one batch) finiteness."""
 
     def __init__(self, model: Sections, params, fn: str, layers: Sequence[int]):
@@ -478,7 +478,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
     check_positive_int(chunk_size, "chunk_size", fn)
     axes = _batch_axes(mesh, batch_axis)
     layers = tuple(range(len(model)))
-    checker = _BatchChecker(model, params, fn, layers)
+    checker = BatchChecker(model, params, fn, layers)
     step = _activation_step_jit if jit else _activation_step
     states = None
     for i, batch in enumerate(_batch_iterable(batches, fn)):
@@ -569,25 +569,25 @@ def _structured_jtj(split, out_basis, accum_dtype):
     W = split.W.astype(dt)
     Bo = None if out_basis is None else out_basis.astype(dt)
     V = None if split.V is None else split.V.astype(dt)
-    Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=_HIGHEST))
+    Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=HIGHEST))
     if split.linear:  # s = 1: rows (W Q)(W Q)^T, no (d_k, d_k) Gram of the slopes (d_k may be a vocabulary)
-        WQ = W if Q is None else jnp.matmul(W, Q, precision=_HIGHEST)
-        M = jnp.asarray(s.shape[0], dt) * jnp.matmul(WQ, WQ.T, precision=_HIGHEST)
+        WQ = W if Q is None else jnp.matmul(W, Q, precision=HIGHEST)
+        M = jnp.asarray(s.shape[0], dt) * jnp.matmul(WQ, WQ.T, precision=HIGHEST)
     elif Q is None:  # K = diag(sum s^2)
-        M = jnp.matmul(W * jnp.sum(s * s, axis=0)[None, :], W.T, precision=_HIGHEST)
+        M = jnp.matmul(W * jnp.sum(s * s, axis=0)[None, :], W.T, precision=HIGHEST)
     else:
-        S = jnp.matmul(s.T, s, precision=_HIGHEST)
-        K = jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
-        M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+        S = jnp.matmul(s.T, s, precision=HIGHEST)
+        K = jnp.matmul(Q, Q.T, precision=HIGHEST) * S
+        M = jnp.matmul(jnp.matmul(W, K, precision=HIGHEST), W.T, precision=HIGHEST)
     if split.A0 is not None:  # a linear pass-through (residual, carried constant): P = A0 B
         A0 = split.A0.astype(dt)
-        P = A0 if Bo is None else jnp.matmul(A0, Bo, precision=_HIGHEST)
-        QPt = P.T if Q is None else jnp.matmul(Q, P.T, precision=_HIGHEST)
+        P = A0 if Bo is None else jnp.matmul(A0, Bo, precision=HIGHEST)
+        QPt = P.T if Q is None else jnp.matmul(Q, P.T, precision=HIGHEST)
         # W diag(sum s) Q P^T, with the diagonal applied to (Q P^T): the form (W * sum_s[None]) @ (Q P^T) is
         # miscompiled by XLA:CPU under jit in jax 0.10.2 (a fused reduce + broadcast multiply + two dots gave
         # entries off by O(1); tests/test_structure.py::test_residual_block_at_transformer_sizes guards this)
-        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * QPt, precision=_HIGHEST)
-        M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=_HIGHEST)
+        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * QPt, precision=HIGHEST)
+        M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=HIGHEST)
     return M
 
 
@@ -609,7 +609,7 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
             y = f(params, y)
         y = y[0]
         if out_basis is not None:
-            y = jnp.matmul(y, out_basis.astype(y.dtype), precision=_HIGHEST)
+            y = jnp.matmul(y, out_basis.astype(y.dtype), precision=HIGHEST)
         return y
 
     b, d = h.shape[0], h.shape[-1]
@@ -628,7 +628,7 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
         else:
             rows = jax.vmap(lambda e, k: _per_example_rows(g, e, k, num_sources, axes))(hc, kc)
         rows = jnp.reshape(rows.astype(accum_dtype), (-1, d))  # (examples x directions x positions, d)
-        return jnp.matmul(rows.T, rows, precision=_HIGHEST)
+        return jnp.matmul(rows.T, rows, precision=HIGHEST)
 
     def body(carry, chunk):
         return _neumaier_add(carry[0], carry[1], chunk_jtj(*chunk)), None
@@ -691,7 +691,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
     for l in layers:
         if not 0 <= l < L:
             raise ValueError(f"{fn}: layer {l} is out of range; the model has node layers 0..{L - 1}.")
-    checker = _BatchChecker(model, params, fn, layers)
+    checker = BatchChecker(model, params, fn, layers)
     step = _jacobian_step_jit if jit else _jacobian_step
     totals, counts, bases = None, None, None
     what = "Jacobian Gram"

@@ -48,8 +48,8 @@ from degenjax._src.diagnostics import (LLCDivergenceError, convergence, divergen
 from degenjax._src.minibatch import (batch_indices, chain_keys, chain_streams, epoch_positions, full_loss,
                                      gather_batch, iid_batch_indices, init_key, round_keys)
 from degenjax._src.validation import is_traced
+from degenjax._src.types import ArrayTree
 
-ArrayTree = Any
 
 # names kept importable from here for existing callers
 __all__ = ["LLCResult", "LLCDivergenceError", "MetricsState", "estimate_llc", "parameter_mask", "restrict_data",

@@ -347,3 +347,186 @@ def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None 
     note = "\n* and red frame: not converged\n(R-hat > 1.05 or ESS < 100)" if any_bad else ""
     fig.suptitle(f"{title}: {pathlib.Path(checkpoint).name}{note}", **({"fontsize": 9} if note else {}))
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures of the calibration (`degenjax.calibrate`, `degenjax.recommend`) and of the modules (`degenjax.find_modules`);
+# they lived next to the numerics before and are drawn here so that those modules compute only
+
+
+def _plot_recipe(calibration, *, path=None, title=None):
+    """lambda^ against the step size (log axis) for every recipe of a `calibrate` result, with error bars, the
+    extrapolation to step 0 (a star at the left edge, with its uncertainty), open markers and a "not converged"
+    label on unconverged rungs, crosses on diverged ones, and the chosen step circled."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    pairs = sorted({(r["nbeta"], r["localization"]) for r in calibration.table})
+    recipes = calibration.recipes or (None,) * len(pairs)
+    left = min(r["step_size"] for r in calibration.table) / 4
+    for k, (nb, gamma) in enumerate(pairs):
+        rows = [r for r in calibration.table if (r["nbeta"], r["localization"]) == (nb, gamma)]
+        color = f"C{k}"
+        label = f"nbeta={nb:.3g}, gamma={gamma:.3g}"
+        ok = [r for r in rows if not r["diverged"]]
+        xs = [r["step_size"] for r in ok]
+        ax.errorbar(xs, [r["llc_mean"] for r in ok], yerr=[r["llc_se"] for r in ok], color=color, marker="o",
+                    ls="-", lw=1, label=label, mfc=color)
+        for r in ok:
+            if not r["converged"]:
+                ax.plot(r["step_size"], r["llc_mean"], "o", mfc="white", mec="red", ms=9)
+                ax.annotate("not converged", (r["step_size"], r["llc_mean"]), fontsize=6, color="red",
+                            xytext=(4, 4), textcoords="offset points")
+            if r["chosen"]:
+                ax.plot(r["step_size"], r["llc_mean"], "o", mfc="none", mec="black", ms=13, mew=1.5)
+        for r in rows:
+            if r["diverged"]:
+                ax.plot(r["step_size"], ax.get_ylim()[1] if ok else 0.0, "x", color="red", ms=8)
+        rec = recipes[k] if k < len(recipes) else None
+        if rec is not None and np.isfinite(rec.llc):
+            ax.errorbar([left], [rec.llc], yerr=[rec.uncertainty], color=color, marker="*", ms=12,
+                        mfc=color if rec.trustworthy else "white")
+            if xs:
+                ax.plot([left, min(xs)], [rec.llc, min(ok, key=lambda r: r["step_size"])["llc_mean"]], color=color,
+                        ls=":", lw=1)
+            ax.annotate(f"{rec.llc:.4g} +- {rec.uncertainty:.2g}" + ("" if rec.trustworthy else " (not trusted)"),
+                        (left, rec.llc), fontsize=7, xytext=(6, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("step size (star: extrapolated to 0)")
+    ax.set_ylabel(r"$\hat\lambda$")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "LLC recipe: lambda^ against the step size (open red: not converged)", fontsize=9)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_calibration(calibration, *, metric: str = "llc_mean", path=None, title: str | None = None):
+    """A calibration's figure: from `calibrate`, lambda^ against the step size with the extrapolation to 0 and the
+    convergence of every rung (unconverged rungs are open red markers); from a grid (`recommend`), a heatmap of
+    step size (x) by nbeta (y), one panel per localization.
+
+    Each cell shows ``metric`` (colour and text) and the MALA acceptance; unstable cells are hatched and marked with
+    the first letter of what failed (D diverged, N non-positive, F drifting, A acceptance); the recommended cell is
+    outlined in red.
+
+    Args:
+      calibration: a `degenjax.Calibration` (from `calibrate`, or built from `recommend`'s grid).
+      metric: a numeric table column (``"llc_mean"``, ``"llc_std"``, ``"mala_acceptance"``, ``"drift"``).
+      path: optional file to save the figure to.
+      title: figure title.
+
+    Returns:
+      A matplotlib ``Figure``.
+
+    Raises:
+      ValueError: for an unknown metric or an empty calibration.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    table = calibration.table
+    if not table:
+        raise ValueError("plot_calibration needs a calibration with at least one cell.")
+    if calibration.grid is None:
+        return _plot_recipe(calibration, path=path, title=title)
+    if metric not in ("llc_mean", "llc_std", "mala_acceptance", "drift"):
+        raise ValueError(f"metric must be one of 'llc_mean', 'llc_std', 'mala_acceptance', 'drift'; got {metric!r}.")
+    eps = sorted({r["step_size"] for r in table})
+    nbs = sorted({r["nbeta"] for r in table})
+    gammas = sorted({r["localization"] for r in table})
+    fig = Figure(figsize=(1.5 + 1.1 * len(eps) * len(gammas) + 1.0, 1.5 + 0.7 * len(nbs)), layout="constrained")
+    axes = fig.subplots(1, len(gammas), squeeze=False)[0]
+    finite_vals = [r[metric] for r in table if np.isfinite(r[metric])]
+    vmin, vmax = (min(finite_vals), max(finite_vals)) if finite_vals else (0.0, 1.0)
+    best = calibration.recommended
+    for k, gamma in enumerate(gammas):
+        ax = axes[k]
+        values = np.full((len(nbs), len(eps)), np.nan)
+        for r in table:
+            if r["localization"] == gamma:
+                values[nbs.index(r["nbeta"]), eps.index(r["step_size"])] = r[metric]
+        im = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap="viridis", vmin=vmin,
+                       vmax=vmax)
+        for r in table:
+            if r["localization"] != gamma:
+                continue
+            i, j = nbs.index(r["nbeta"]), eps.index(r["step_size"])
+            text = f"{r[metric]:.3g}"
+            if np.isfinite(r["mala_acceptance"]) and metric != "mala_acceptance":
+                text += f"\nacc {r['mala_acceptance']:.2f}"
+            if not r["stable"]:
+                flags = "".join(c for c, bad in (("D", not r["finite"]), ("N", r["finite"] and not r["positive"]),
+                                                  ("F", r["finite"] and not r["flat"]),
+                                                  ("A", r["finite"] and not r["acceptance_ok"])) if bad)
+                text += f"\n[{flags}]"
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=(1.0, 1.0, 1.0, 0.65), hatch="//",
+                                       edgecolor="0.6", lw=0))
+            bright = np.isfinite(r[metric]) and (r[metric] - vmin) > 0.6 * (vmax - vmin)  # viridis: light at the top
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if r["stable"] and not bright else "black")
+            if best is not None and r is best:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5))
+        ax.set_xticks(range(len(eps)), [f"{e:.2g}" for e in eps], fontsize=7)
+        ax.set_yticks(range(len(nbs)), [f"{b:.3g}" for b in nbs], fontsize=7)
+        ax.set_xlabel("step size")
+        ax.set_ylabel("nbeta")
+        ax.set_title(f"localization = {gamma:.3g}", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=metric)
+    fig.suptitle(title or f"LLC calibration: {metric} (red: recommended; hatched: unstable)", fontsize=10)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_modules(result, *, ax=None, layer_names: Sequence[str] | None = None, max_edges: int = 3000,
+                 cmap: str = "tab10"):
+    """Draws the interaction graph with node layers as columns, nodes coloured by module.
+
+    Edge opacity and width scale with the log-scaled weight; only the ``max_edges`` heaviest edges are drawn.
+    Unassigned nodes (constant direction, isolated) are grey.
+
+    Args:
+      result: a `degenjax.ModuleResult` from `find_modules`.
+      ax: matplotlib Axes to draw into (default: a new ``Figure``, no pyplot state).
+      layer_names: optional labels of the node layers.
+      max_edges: the number of heaviest edges drawn.
+      cmap: matplotlib colormap for the modules.
+
+    Returns:
+      The matplotlib Axes.
+    """
+    import matplotlib
+    from matplotlib.collections import LineCollection
+
+    if ax is None:
+        _, axes = _figure(width=2.0 + 1.6 * len(result.assignment), height=4.5)
+        ax = axes[0, 0]
+    sizes = [len(a) for a in result.assignment]
+    ymax = max(sizes)
+    pos = [np.stack([np.full(s, float(l)), (np.arange(s) - (s - 1) / 2.0) / max(ymax - 1, 1)], axis=1)
+           for l, s in enumerate(sizes)]
+    segs, ws = [], []
+    for l, w in enumerate(result.weights):
+        i, j = np.nonzero(w > 0)
+        segs.append(np.stack([pos[l][j], pos[l + 1][i]], axis=1))
+        ws.append(w[i, j])
+    if segs:
+        segs_a, ws_a = np.concatenate(segs), np.concatenate(ws)
+        keep = np.argsort(ws_a)[::-1][:max_edges]
+        rel = ws_a[keep] / ws_a.max()
+        colors = np.zeros((keep.size, 4))
+        colors[:, 3] = 0.05 + 0.6 * rel
+        ax.add_collection(LineCollection(segs_a[keep], colors=colors, linewidths=0.3 + 2.0 * rel, zorder=1))
+    cm = matplotlib.colormaps[cmap]
+    for l, a in enumerate(result.assignment):
+        col = [cm(m % cm.N) if m >= 0 else (0.7, 0.7, 0.7, 1.0) for m in a]
+        ax.scatter(pos[l][:, 0], pos[l][:, 1], c=col, s=30, zorder=2, edgecolors="k", linewidths=0.3)
+    names = list(layer_names) if layer_names is not None else [f"layer {l}" for l in range(len(sizes))]
+    ax.set_xticks(range(len(sizes)), names)
+    ax.set_yticks([])
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
+    ax.set_ylim(-0.6, 0.6)
+    ax.set_title(f"{result.num_modules} module(s), Q = {result.modularity:.3f} ({result.method})")
+    return ax

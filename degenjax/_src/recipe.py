@@ -56,7 +56,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +67,8 @@ from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_
                                   default_nbeta)
 from degenjax._src.diagnostics import LLCDivergenceError, convergence
 from degenjax._src.validation import is_traced
+from degenjax._src.types import ArrayTree
 
-ArrayTree = Any
 
 
 @jax.tree_util.register_static
