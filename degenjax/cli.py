@@ -106,8 +106,9 @@ def _search_dirs(*extra) -> list[str]:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    from degenjax._src.resultsio import write_json
+
+    write_json(path, obj, indent=2)
 
 
 def _setup_jax(x64: bool) -> None:
@@ -270,6 +271,7 @@ def basis(
     seed: int = typer.Option(0, help="PRNG seed (random basis, random source vectors)."),
     x64: bool = typer.Option(True, "--x64/--no-x64", help="Enable float64 (recommended for Grams)."),
     out: Optional[pathlib.Path] = typer.Option(None, help="Folder for basis.npz, summary.json and plots."),
+    progress: bool = typer.Option(True, help="Show a progress bar for every pass over the data."),
 ):
     """Compute an interaction basis, its edges and their sparsity for a user's model."""
     _setup_jax(x64)
@@ -295,8 +297,9 @@ def basis(
     batches = as_batch_list(batches, f"the batches of {target}")  # a generator is used by the basis and the edges
     if checkpoint is not None:
         params = load_checkpoint(checkpoint, params)
-    b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed))
-    edges = interaction_edges(model, params, b, batches)
+    b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed),
+                          progress=progress)
+    edges = interaction_edges(model, params, b, batches, progress=progress)
     sparsity = edge_sparsity(edges)
     dims = [int(d) for d in jax.device_get(b.dims)]
     counts = [int(np.count_nonzero(np.asarray(e))) for e in edges]
@@ -321,16 +324,9 @@ def basis(
 
 
 def _jsonable(x):
-    import numpy as np
+    from degenjax._src.resultsio import json_ready
 
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "shape") or isinstance(x, np.generic):
-        a = np.asarray(x)
-        return a.tolist() if a.ndim else a.item()
-    return x
+    return json_ready(x)
 
 
 @app.command()

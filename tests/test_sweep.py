@@ -191,7 +191,7 @@ def test_plot_helpers(tmp_path):
     np.testing.assert_allclose(plots.cumulative_edge_weight(e), np.cumsum(w) / w.sum(), rtol=1e-14)
     # the curve crosses each fraction at the count edge_sparsity reports
     from degenjax import edge_sparsity
-    counts = np.asarray(edge_sparsity([e], (0.5, 0.9))["counts"])[0]
+    counts = np.asarray(edge_sparsity([e], (0.5, 0.9)).counts)[0]
     c = plots.cumulative_edge_weight(e)
     assert [int(np.argmax(c >= f * (1 - 1e-12)) + 1) for f in (0.5, 0.9)] == list(counts)
     with pytest.raises(ValueError, match="consecutive"):

@@ -467,7 +467,7 @@ def _targets_from(targets, L: int):
 def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, atol=None, key=None,
                       dims: Sequence[int] | None = None, constant: str | None = None, targets=None, stats=None,
                       jacobian_kwargs: dict | None = None, activation_kwargs: dict | None = None,
-                      jit: bool = True) -> InteractionBasis:
+                      jit: bool = True, progress: bool = False) -> InteractionBasis:
     """The (Local) Interaction Basis of every node layer, computed last layer first (arXiv 2405.10928, section 2).
 
     ``kind="lib"``: the Jacobian Gram of node layer ``l`` differentiates the next node layer's basis coordinates
@@ -506,6 +506,8 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
       activation_kwargs: extra keyword arguments for `degenjax.activation_stats` (e.g. ``mesh``, ``jit``).
       jit: compile the per-batch Gram steps and the per-layer linear algebra (each cached per shape), as the Gram
         functions do; False runs everything op by op. Inside the user's ``jax.jit`` either way works.
+      progress: show a tqdm progress bar for each pass over the data (the activation pass and one Jacobian pass per
+        node layer).
 
     Returns:
       `InteractionBasis` with tuples over node layers ``0..L-1``.
@@ -525,7 +527,8 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
     check_finite_params(params, "the interaction basis needs a finite network")
     batches = as_batch_list(batches, "interaction_basis")
     if stats is None:
-        st = activation_stats(model, params, batches, center=True, **{"jit": jit, **(activation_kwargs or {})})
+        st = activation_stats(model, params, batches, center=True,
+                              **{"jit": jit, "progress": progress, **(activation_kwargs or {})})
         grams, means = list(st.grams), list(st.means)
     else:
         grams, means = _stats_from(stats, L)
@@ -547,7 +550,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has rank 0: its activations are constant "
                                  "on the data; there is nothing to interpret. Check the params (dead layer?) or the "
                                  "data, or leave this layer out of the sections.")
-    jkw = {"jit": jit, **(jacobian_kwargs or {})}
+    jkw = {"jit": jit, "progress": progress, **(jacobian_kwargs or {})}
     keys = jax.random.split(key, L) if (kind == "random" and key is not None) else [None] * L
     results: list[Any] = [None] * L
     C_next = None

@@ -3,8 +3,8 @@
 `calibrate` runs the step-size recipe of ``estimate_llc(..., step_size="auto")`` (`degenjax._src.recipe`: a ladder of
 step sizes at a fixed diffusion time, extrapolated to step 0) for every (nbeta, localization) pair asked for, and
 recommends the recipe's setting; `degenjax.plot_calibration` (in plots.py: this module draws nothing) draws lambda^
-against the step size with the extrapolation and the convergence of every rung. The recommendation is the same number ``step_size="auto"`` and
-``degenjax llc --step-size auto`` report.
+against the step size with the extrapolation and the convergence of every rung. The recommendation is the same
+number ``step_size="auto"`` and ``degenjax llc --step-size auto`` report.
 
 `calibration_sweep` and `recommend` are the grid tools (one short run per step size x nbeta x localization cell,
 pure and jittable) behind sweep heatmaps. Their stability rule finds settings that are *stable*, not unbiased: a

@@ -24,6 +24,7 @@ import numpy as np
 from degenjax._src.basis import InteractionBasis, check_basis_matches, from_hat, section_width, to_hat
 from degenjax._src.grams import as_batch_list
 from degenjax._src.numerics import HIGHEST, acc_dtype
+from degenjax._src.progress import track
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.attention import attention_edges
 from degenjax._src.structure import affine_elementwise, attention_structure
@@ -153,7 +154,7 @@ _edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "
 
 def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
                       mode: str = "auto", jit: bool = True, structured: bool = True, output: bool = False,
-                      constant: str | None = None) -> list[jax.Array]:
+                      constant: str | None = None, progress: bool = False) -> list[jax.Array]:
     """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
 
     With ``output=True`` the list also holds ``E^{L-1}``, from the last node layer to the raw network output
@@ -179,6 +180,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
       structured: use the factorised path where a section allows it; False always uses ``vmap`` of ``jvp``/``vjp``.
       output: also return the edges from the last node layer to the raw output.
       constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own.
+      progress: show a tqdm progress bar over the batches.
 
     Returns:
       List of ``L - 1`` arrays (``L`` with ``output=True``), ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the
@@ -211,7 +213,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
         modes.append(mode if mode != "auto" else ("jvp" if basis.C[l].shape[1] <= n_out else "vjp"))
     step = _edges_step_jit if jit else _edges_step
     totals, count = None, [0] * n_layers
-    for x in batches:
+    for x in track(batches, "interaction edges", progress):
         sums = step(params, x, tuple(basis.C), tuple(basis.C_pinv), model=model, chunk_size=int(chunk_size),
                     modes=tuple(modes), structured=bool(structured))
         if not is_traced(sums):  # summed on the host: no small device programs to compile

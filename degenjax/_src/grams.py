@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src.numerics import HIGHEST
+from degenjax._src.progress import track
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
 from degenjax._src.attention import attention_jtj
 from degenjax._src.structure import affine_elementwise, attention_structure
@@ -438,7 +439,8 @@ _activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accu
 
 
 def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 4096,
-                     mesh=None, batch_axis=None, jit: bool = True, constant: str | None = None) -> ActivationStats:
+                     mesh=None, batch_axis=None, jit: bool = True, constant: str | None = None,
+                     progress: bool = False) -> ActivationStats:
     """Streams the activation Grams and means of every node layer over ``batches`` (docs/maths.md#grams).
 
     Memory is O(sum_l d_l^2) whatever the number of batches. Each batch is checked: dtypes equal to the first
@@ -463,6 +465,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
       constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own. On folded node
         layers (``"last"``) the last feature must be the constant 1 (checked); the Gram and mean are those of the
         other ``d_h = d_l - 1`` features with the constant coordinate last, i.e. the same as for plain layers.
+      progress: show a tqdm progress bar over the batches.
 
     Returns:
       `ActivationStats` with per node layer ``gram`` ``(d_h + 1, d_h + 1)``, ``mean`` ``(d_h,)`` and ``count``
@@ -481,7 +484,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
     checker = BatchChecker(model, params, fn, layers)
     step = _activation_step_jit if jit else _activation_step
     states = None
-    for i, batch in enumerate(_batch_iterable(batches, fn)):
+    for i, batch in enumerate(track(_batch_iterable(batches, fn), "activation Grams", progress)):
         shapes = checker.check(i, batch)
         if states is None:
             fold = int(model.constant == "last")
@@ -673,7 +676,8 @@ _jacobian_step_jit = jax.jit(_jacobian_step, static_argnames=("model", "layers",
 
 
 def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_sources, key, chunk_size,
-                     accum_dtype, mesh, batch_axis, jit, fn, structured=True):
+                     accum_dtype, mesh, batch_axis, jit, fn, structured=True, progress=False,
+                     desc="Jacobian Grams"):
     if target not in ("next", "output"):
         raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
     if num_sources is not None:
@@ -695,7 +699,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
     step = _jacobian_step_jit if jit else _jacobian_step
     totals, counts, bases = None, None, None
     what = "Jacobian Gram"
-    for i, batch in enumerate(_batch_iterable(batches, fn)):
+    for i, batch in enumerate(track(_batch_iterable(batches, fn), desc, progress)):
         shapes = checker.check(i, batch)
         if totals is None:
             bases = []
@@ -739,7 +743,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
 def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target: str = "next",
                   num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
                   mesh=None, batch_axis=None, jit: bool = True, structured: bool = True,
-                  constant: str | None = None) -> jax.Array:
+                  constant: str | None = None, progress: bool = False) -> jax.Array:
     """Jacobian Gram ``M^l`` of one node layer, shape ``(d_l, d_l)`` over the features the section takes.
 
     On plain node layers (``constant="append"``) these are the features without the constant (whose derivative is
@@ -775,6 +779,7 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
         use ``W [(Q Q^T) o sum_x s s^T] W^T`` (``Q = V B``, ``s = phi'(h W)``, plus residual cross terms) instead of
         per-example Jacobians (same value, one ``(d_k, d_k)`` Gram per batch). False always takes the per-example
         path.
+      progress: show a tqdm progress bar over the batches.
 
     Returns:
       ``M^l``, shape ``(d_l, d_l)``.
@@ -787,14 +792,16 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
     return _jacobian_driver(model, params, batches, (int(layer),), (out_basis,), target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
                             mesh=mesh, batch_axis=batch_axis, jit=jit, fn="jacobian_gram",
-                            structured=structured)[0]
+                            structured=structured, progress=progress,
+                            desc=f"Jacobian Gram of node layer {int(layer)}")[0]
 
 
 def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", output_basis=None,
                    num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
                    mesh=None, batch_axis=None, jit: bool = True, structured: bool = True,
-                   constant: str | None = None) -> list[jax.Array]:
-    """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` in one pass over ``batches``.
+                   constant: str | None = None, layers: Sequence[int] | None = None,
+                   progress: bool = False) -> list[jax.Array]:
+    """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` (or of ``layers``) in one pass over ``batches``.
 
     See `jacobian_gram` for the definition and the remaining arguments.
 
@@ -804,9 +811,10 @@ def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", 
         as an ``InteractionBasis``. Node layer ``l < L - 1`` uses ``basis[l + 1]``; the last uses
         ``output_basis``. Must be None for ``target="output"``.
       output_basis: ``(d_out [+ 1], k)`` basis of the network output; None is the identity.
+      layers: the node layers to compute (default all ``0..L-1``).
 
     Returns:
-      ``[M^0, ..., M^{L-1}]``, ``M^l`` of shape ``(d_l, d_l)``.
+      ``[M^0, ..., M^{L-1}]`` (or one per entry of ``layers``), ``M^l`` of shape ``(d_l, d_l)``.
     """
     fn = "jacobian_grams"
     model = as_sections(model, constant)
@@ -831,6 +839,11 @@ def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", 
         out_bases = (output_basis,) * L
     else:
         raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
-    return _jacobian_driver(model, params, batches, tuple(range(L)), out_bases, target=target,
+    layers = tuple(range(L)) if layers is None else tuple(int(l) for l in layers)
+    if any(not 0 <= l < L for l in layers):
+        raise ValueError(f"{fn}: layers={list(layers)} must be node layers in 0..{L - 1}.")
+    out_bases = tuple(out_bases[l] for l in layers)
+    return _jacobian_driver(model, params, batches, layers, out_bases, target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
-                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn, structured=structured)
+                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn, structured=structured,
+                            progress=progress)

@@ -40,8 +40,7 @@ def getitem_by_field(self, key):
     NamedTuples now; string keys keep old code working while attribute access (``row.name``) is the documented form.
     """
     if isinstance(key, str):
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields are {self._fields}.") from None
+        if key not in self._fields:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields are {self._fields}.")
+        return getattr(self, key)
     return tuple.__getitem__(self, key)
