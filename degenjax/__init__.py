@@ -80,6 +80,7 @@ from degenjax._src.calibrate import recommend as recommend
 # degeneracy accounting and modularity (docs/maths.md#degeneracy-accounting)
 from degenjax._src.degeneracy import degeneracy_report as degeneracy_report
 from degenjax._src.degeneracy import DegeneracyReport as DegeneracyReport
+from degenjax._src.degeneracy import SectionCounts as SectionCounts
 from degenjax._src.degeneracy import sync_accumulator as sync_accumulator
 from degenjax._src.degeneracy import SyncAccumulator as SyncAccumulator
 from degenjax._src.degeneracy import synchronized_neurons as synchronized_neurons
@@ -178,6 +179,7 @@ __all__ = [
     "recommend",
     "degeneracy_report",
     "DegeneracyReport",
+    "SectionCounts",
     "sync_accumulator",
     "SyncAccumulator",
     "synchronized_neurons",
