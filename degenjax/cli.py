@@ -326,7 +326,9 @@ def basis(
             arrays[f"edges_{l}"] = np.asarray(e)
         np.savez(out / "basis.npz", **arrays)
         _write_json(out / "summary.json", summary)
-        plot_spectra({"Lambda": [np.asarray(v) for v in b.Lambda]}, path=out / "spectra.png")
+        plot_spectra({"activation covariance": [np.asarray(v) for v in b.gram_spectrum],
+                      "Lambda": [np.asarray(v) for v in b.Lambda]}, cutoffs=dims, cutoff_label=f"{kind.value} keeps",
+                     path=out / "spectra.png")
         plot_interaction_graph(edges, path=out / "interaction_graph.png")
         typer.echo(f"Wrote {out / 'basis.npz'}, {out / 'summary.json'} and plots.")
 
