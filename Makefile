@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PIP_PROGRESS := sed -un -e 's/^\(Collecting\|Downloading\|Successfully installed\|ERROR\)/  pip: \1/p'
 
-.PHONY: install test test-slow demo docs bench clean
+.PHONY: install test test-slow demo docs bench results clean
 
 $(PY):
 	@echo "==> creating the virtual environment $(VENV) with $(PYTHON) and upgrading pip"
@@ -45,6 +45,10 @@ bench: $(STAMP)
 	@echo "==> installing the bench extra (torch, devinterp, transformers: the baselines) into $(VENV)"
 	@$(PY) -m pip install -e '.[bench]' 2>&1 | tee $(VENV)/pip-bench.log | $(PIP_PROGRESS)
 	$(PY) benchmarks/grams.py && $(PY) benchmarks/eigen.py && $(PY) benchmarks/basis.py && $(PY) benchmarks/llc.py
+
+# benchmarks/RESULTS.md (current figures) and history.md (every run), regenerated from benchmarks/results.jsonl
+results:
+	$(PYTHON) benchmarks/_results.py render
 
 clean:
 	rm -rf $(VENV) demo-report site
