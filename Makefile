@@ -8,7 +8,7 @@ PYTEST_WORKERS ?= 2
 # pip's per-package lines go to the screen as they come (the full log to .venv/pip.log); pipefail keeps its status
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
-PIP_PROGRESS := sed -un -e 's/^\(Collecting\|Downloading\|Successfully installed\|ERROR\)/  pip: \1/p'
+PIP_PROGRESS := sed -un -e '/^\(Collecting\|Processing\|Installing collected\|Successfully installed\|ERROR\)/{s/^\(.\{100\}\).*/\1 .../;s/^/  pip: /;p}'
 
 .PHONY: install test test-slow demo docs bench results clean
 

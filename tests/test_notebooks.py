@@ -49,3 +49,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
                if o.output_type in ("execute_result", "display_data")
                and str(o.get("data", {}).get("text/plain", "")).startswith("<Figure")]
     assert all("image/png" in o["data"] for o in figures), "a figure printed as text: add %matplotlib inline"
+    # No warnings on import or use (e.g. tqdm's "IProgress not found" TqdmWarning in a kernel without ipywidgets).
+    stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                     if o.output_type == "stream" and o.name == "stderr")
+    assert "Warning" not in stderr, stderr[-3000:]
