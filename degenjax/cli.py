@@ -1,8 +1,9 @@
 """The ``degenjax`` command line: quickstart report, LLC of a user's model, interaction basis, resumable sweeps.
 
-Run ``degenjax --help`` or ``degenjax COMMAND --help``. Errors in the user's input (a missing file, a malformed
-config, an entry point that does not exist) print one line ``Error: ...`` and exit with status 1; bugs still
-raise a traceback.
+Run ``degenjax --help``, ``degenjax --version`` or ``degenjax COMMAND --help``. JAX and the numerical modules
+are imported inside the commands, so ``--help`` answers without loading them. Errors in the user's input (a
+missing file, a malformed config, an entry point that does not exist) print one line ``Error: ...`` and exit with
+status 1; bugs still raise a traceback.
 """
 
 from __future__ import annotations
@@ -77,8 +78,18 @@ def _user_errors(fn):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"degenjax {version('degenjax')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed degenjax version and exit."),
     compile_cache: Optional[pathlib.Path] = typer.Option(
         None, "--compile-cache", envvar="DEGENJAX_COMPILE_CACHE",
         help="Folder for JAX's persistent compilation cache (or set DEGENJAX_COMPILE_CACHE): a rerun with the same "
@@ -318,7 +329,9 @@ def basis(
             arrays[f"edges_{l}"] = np.asarray(e)
         np.savez(out / "basis.npz", **arrays)
         _write_json(out / "summary.json", summary)
-        plot_spectra({"Lambda": [np.asarray(v) for v in b.Lambda]}, path=out / "spectra.png")
+        plot_spectra({"activation covariance": [np.asarray(v) for v in b.gram_spectrum],
+                      "Lambda": [np.asarray(v) for v in b.Lambda]}, cutoffs=dims, cutoff_label=f"{kind.value} keeps",
+                     path=out / "spectra.png")
         plot_interaction_graph(edges, path=out / "interaction_graph.png")
         typer.echo(f"Wrote {out / 'basis.npz'}, {out / 'summary.json'} and plots.")
 

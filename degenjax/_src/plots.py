@@ -31,9 +31,11 @@ def _save(fig, path):
 def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="SGLD loss traces"):
     """Per-chain loss traces of an LLC estimate, marked with their convergence.
 
-    The corner label gives split R-hat and ESS of the trace (`degenjax.convergence`, the numbers `estimate_llc`
-    reports); an unconverged trace (R-hat > 1.05 or ESS < 100) gets a red "NOT CONVERGED" label and frame, and a
-    chain with a non-finite loss is named.
+    Over the chains it draws the running mean ``(1/t) sum_{s <= t} L_s`` averaged over the finite chains (the
+    average whose end point gives the LLC estimate, ``nbeta (mean - L_n(w*))``) and a band of +- one standard
+    deviation of the per-chain running means. The corner label gives split R-hat and ESS of the trace
+    (`degenjax.convergence`, the numbers `estimate_llc` reports); an unconverged trace (R-hat > 1.05 or
+    ESS < 100) gets a red "NOT CONVERGED" label and frame, and a chain with a non-finite loss is named.
 
     Args:
       loss_trace: shape ``(num_chains, num_draws)``.
@@ -50,13 +52,19 @@ def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="
     ax = ax[0, 0]
     steps = np.arange(trace.shape[1])
     for c in range(trace.shape[0]):
-        ax.plot(steps, trace[c], lw=0.8, alpha=0.8, label=f"chain {c}" if trace.shape[0] <= 8 else None)
+        ax.plot(steps, trace[c], lw=0.8, alpha=0.6, label=f"chain {c}" if trace.shape[0] <= 8 else None)
+    finite = np.all(np.isfinite(trace), axis=1)
+    if finite.any():  # the running mean of the finite chains: the average that the LLC estimate is made of
+        running = np.cumsum(trace[finite], axis=1) / np.arange(1, trace.shape[1] + 1)
+        mean, std = running.mean(axis=0), running.std(axis=0)
+        ax.fill_between(steps, mean - std, mean + std, color="k", alpha=0.15, lw=0, zorder=4, gid="band",
+                        label="$\\pm$ std over chains")
+        ax.plot(steps, mean, color="k", lw=1.8, zorder=5, gid="running_mean", label="running mean")
     if init_loss is not None:
         ax.axhline(float(init_loss), color="k", ls="--", lw=1, label="$L_n(w^*)$")
     ax.set_xlabel("draw")
     ax.set_ylabel("loss")
     ax.set_title(title if llc is None else f"{title}  ($\\hat\\lambda$ = {float(llc):.3g})")
-    finite = np.all(np.isfinite(trace), axis=1)
     conv = convergence(trace[finite] if finite.any() else trace)
     text = f"R-hat {conv.rhat:.3f}, ESS {conv.ess:.0f}"
     if not finite.all():
@@ -70,19 +78,41 @@ def plot_loss_traces(loss_trace, init_loss=None, *, llc=None, path=None, title="
         for spine in ax.spines.values():
             spine.set_edgecolor("red")
             spine.set_linewidth(2)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # clear of the corner label
     return _save(fig, path)
 
 
-def plot_spectra(spectra: Mapping[str, Sequence], *, layer_names: Sequence[str] | None = None, path=None,
+# One style per spectrum, in order: the first is drawn wide and pale underneath, the next ones narrower, dashed or
+# dotted, with their own markers and above it, so that spectra that coincide (the activation Gram and PCA variances
+# of a centred layer) stay visible one on top of the other.
+_SPECTRUM_STYLES = (
+    dict(ls="-", lw=4.0, alpha=0.4, marker="", zorder=2),
+    dict(ls="--", lw=1.4, alpha=0.95, marker="o", ms=3.5, mfc="none", zorder=3),
+    dict(ls=":", lw=1.4, alpha=0.95, marker="x", ms=3.5, zorder=4),
+    dict(ls="-.", lw=1.2, alpha=0.95, marker="s", ms=3, mfc="none", zorder=5),
+    dict(ls=(0, (1, 1)), lw=1.2, alpha=0.95, marker="^", ms=3, mfc="none", zorder=6),
+)
+
+
+def plot_spectra(spectra: Mapping[str, Sequence], *, layer_names: Sequence[str] | None = None,
+                 cutoffs: Sequence[int | None] | None = None, cutoff_label: str = "kept", path=None,
                  title="Eigenvalue spectra"):
     """Eigenvalues per node layer (log scale), one panel per layer and one line per spectrum kind.
+
+    Each spectrum has its own colour, line style, width and marker, drawn in order from the bottom up, so a spectrum
+    that coincides with another one is not hidden under it. The truncation is marked by a vertical line after the
+    last kept direction.
 
     Args:
       spectra: ``{label: [values of layer 0, values of layer 1, ...]}``, e.g. Gram eigenvalues and LIB Lambda.
       layer_names: panel titles.
+      cutoffs: per layer, how many directions the basis keeps (e.g. ``basis.dims``); drawn as a vertical line at
+        ``k - 0.5`` labelled ``"{cutoff_label}: k"``. None (for the figure or a layer) draws none.
+      cutoff_label: the legend text before the count.
       path: optional output file.
     """
+    from matplotlib import colormaps
+
     if not spectra:
         raise ValueError("plot_spectra needs at least one spectrum.")
     num_layers = max(len(v) for v in spectra.values())
@@ -94,12 +124,17 @@ def plot_spectra(spectra: Mapping[str, Sequence], *, layer_names: Sequence[str] 
         if l >= num_layers:
             ax.set_axis_off()
             continue
-        for label, per_layer in spectra.items():
+        for k, (label, per_layer) in enumerate(spectra.items()):
             if l < len(per_layer) and per_layer[l] is not None:
                 v = np.sort(np.abs(np.asarray(per_layer[l], np.float64)))[::-1]
                 v = v[v > 0]
                 if v.size:
-                    ax.semilogy(np.arange(v.size), v, marker=".", ms=3, lw=1, label=label)
+                    style = _SPECTRUM_STYLES[k % len(_SPECTRUM_STYLES)]
+                    ax.semilogy(np.arange(v.size), v, color=colormaps["tab10"](k % 10), label=label, gid=label,
+                                **style)
+        if cutoffs is not None and l < len(cutoffs) and cutoffs[l] is not None:
+            ax.axvline(int(cutoffs[l]) - 0.5, color="0.35", ls="--", lw=1.0, zorder=1, gid="cutoff",
+                       label=f"{cutoff_label}: {int(cutoffs[l])}")
         ax.set_title(layer_names[l] if layer_names is not None and l < len(layer_names) else f"layer {l}", fontsize=9)
         ax.set_xlabel("index")
         if l % ncols == 0:
@@ -109,13 +144,19 @@ def plot_spectra(spectra: Mapping[str, Sequence], *, layer_names: Sequence[str] 
     return _save(fig, path)
 
 
-def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, max_edges: int = 300,
-                           max_nodes_per_layer: int = 40, path=None, title="Interaction graph"):
+def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, drop_constant: bool = True,
+                           max_edges: int = 300, max_nodes_per_layer: int = 40, path=None, title="Interaction graph"):
     """The layered interaction graph: node layer ``l`` at x = l, edge width and opacity by log edge weight.
+
+    Node 0 of every layer is the constant direction (basis column 0); with ``drop_constant`` it is drawn as a hollow
+    grey square and its edges are not drawn, as `find_modules` and `edge_sparsity` leave it out. With ``modules``,
+    each module has its colour and nodes without a module (label -1: the constant, isolated nodes) are grey.
 
     Args:
       edges: ``[E^0, ..., E^{L-1}]`` with ``E^l`` of shape ``(d_{l+1}, d_l)`` (`interaction_edges`).
-      modules: optional module label per node, as ``[labels of layer 0, ..., labels of layer L]``.
+      modules: optional module label per node, as ``[labels of layer 0, ..., labels of layer L]``
+        (`ModuleResult.assignment`; -1 = no module).
+      drop_constant: leave out the constant direction's edges and mark its node as dropped.
       max_edges: draw only the strongest edges (the figure stays readable).
       max_nodes_per_layer: draw only the first nodes of each layer (basis directions are ordered by importance).
       path: optional output file.
@@ -139,6 +180,8 @@ def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, 
     for l, m in enumerate(mats):
         sub = m[: shown[l + 1], : shown[l]]
         for j, i in zip(*np.nonzero(sub > 0)):
+            if drop_constant and (i == 0 or j == 0):
+                continue
             segs.append(((l, y(l, i)), (l + 1, y(l + 1, j))))
             weights.append(sub[j, i])
     fig, ax = _figure(width=max(4.0, 1.8 * len(sizes)), height=4.5)
@@ -150,17 +193,30 @@ def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, 
         span = max(w.max() - w.min(), 1e-12)
         strength = (w - w.min()) / span
         lc = LineCollection([segs[k] for k in keep[::-1]], linewidths=0.3 + 2.7 * strength[::-1],
-                            colors=[(0.1, 0.2, 0.6, 0.15 + 0.85 * s) for s in strength[::-1]])
+                            colors=[(0.1, 0.2, 0.6, 0.15 + 0.85 * s) for s in strength[::-1]], gid="edges")
         ax.add_collection(lc)
     cmap = __import__("matplotlib").colormaps["tab10"]
+    groups: dict = {}  # category -> node positions; one scatter (and legend entry) per category
     for l, n in enumerate(shown):
-        ys = [y(l, i) for i in range(n)]
-        if modules is not None and l < len(modules):
-            labels = np.asarray(modules[l])[:n]
-            colors = [cmap(int(c) % 10) for c in labels]
+        labels = (np.asarray(modules[l]).astype(int)[:n] if modules is not None and l < len(modules)
+                  else np.full(n, -2))  # -2: no modules given
+        for i in range(n):
+            cat = "constant" if drop_constant and i == 0 else int(labels[i]) if i < labels.size else -2
+            groups.setdefault(cat, []).append((l, y(l, i)))
+    # legend order: modules 0, 1, ..., then the nodes without a module, then the constant
+    for cat in sorted(groups, key=lambda c: (2, 0) if c == "constant" else (1, 0) if c < 0 else (0, c)):
+        xy = np.asarray(groups[cat], float)
+        if cat == "constant":
+            ax.scatter(xy[:, 0], xy[:, 1], s=22, marker="s", facecolors="none", edgecolors="0.55", linewidths=1.0,
+                       zorder=3, gid="constant", label="constant (dropped)")
+        elif cat == -2:
+            ax.scatter(xy[:, 0], xy[:, 1], s=14, c="0.3", zorder=3, gid="nodes")
+        elif cat < 0:
+            ax.scatter(xy[:, 0], xy[:, 1], s=14, c="0.75", zorder=3, gid="no_module", label="no module")
         else:
-            colors = "0.3"
-        ax.scatter(np.full(n, l), ys, s=14, c=colors, zorder=3)
+            ax.scatter(xy[:, 0], xy[:, 1], s=14, color=cmap(cat % 10), zorder=3, gid=f"module_{cat}",
+                       label=f"module {cat}" if cat < 10 else None)
+    for l, n in enumerate(shown):
         extra = f" (+{sizes[l] - n})" if sizes[l] > n else ""
         ax.text(l, 1.06, f"{sizes[l]}{extra}", ha="center", fontsize=8)
     ax.set_xlim(-0.3, len(sizes) - 0.7)
@@ -169,6 +225,8 @@ def plot_interaction_graph(edges: Sequence, *, modules: Sequence | None = None, 
     ax.set_xticklabels([f"h{l}" for l in range(len(sizes))])
     ax.set_yticks([])
     ax.set_title(title)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _save(fig, path)
 
 
@@ -229,16 +287,18 @@ def _checkpoint_axis(rows, ckpts):
     checkpoint has a distinct one, else their order; returns ``(x, label, log_scale, tick_labels or None)``."""
     from degenjax._src.sweep import checkpoint_step
 
-    step = {}
+    step, parsed = {}, False
     for r in rows:
         if r["checkpoint"] not in step:
             s = r.get("step")
-            step[r["checkpoint"]] = s if isinstance(s, (int, float)) else checkpoint_step(r["checkpoint"])
+            if not isinstance(s, (int, float)) or isinstance(s, bool):
+                s, parsed = checkpoint_step(r["checkpoint"]), True
+            step[r["checkpoint"]] = s
     steps = [step[c] for c in ckpts]
     if all(s is not None for s in steps) and len(set(steps)) == len(steps):
         x = np.asarray(steps, float)
         log = bool(np.min(x) > 0 and np.max(x) >= 10 * np.min(x))
-        return x, "training step (from the checkpoint name)", log, None
+        return x, "training step" + (" (from the checkpoint name)" if parsed else ""), log, None
     return np.arange(len(ckpts), dtype=float), "checkpoint", False, [pathlib.Path(c).name for c in ckpts]
 
 
@@ -343,7 +403,7 @@ def plot_calibration_heatmap(rows: Sequence[Mapping], *, checkpoint: str | None 
         ax.set_xlabel("step size")
         ax.set_ylabel("localization")
         ax.set_title(f"nbeta = {'default' if nb is None else f'{nb:.3g}'}", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label=r"$\hat\lambda$ (LLC, mean over chains)")
     note = "\n* and red frame: not converged\n(R-hat > 1.05 or ESS < 100)" if any_bad else ""
     fig.suptitle(f"{title}: {pathlib.Path(checkpoint).name}{note}", **({"fontsize": 9} if note else {}))
     return _save(fig, path)

@@ -321,7 +321,8 @@ def write_report(out: pathlib.Path, trained: Trained, analysis: Analysis, llc, c
         "activation Gram": [np.linalg.eigvalsh(np.asarray(g, np.float64))[::-1] for g in analysis.stats.grams],
         "LIB Lambda": [np.asarray(v) for v in bases["lib"].Lambda],
         "PCA variance": [np.asarray(v) for v in bases["pca"].Lambda],
-    }, layer_names=layer_names, path=out / plot_files["spectra"], title="Eigenvalue spectra per node layer")
+    }, layer_names=layer_names, cutoffs=[int(d) for d in bases["lib"].dims], cutoff_label="LIB keeps",
+        path=out / plot_files["spectra"], title="Eigenvalue spectra per node layer")
     plots.plot_interaction_graph(edges["lib"], modules=modules.assignment, path=out / plot_files["interaction_graph"],
                                  title=f"LIB interaction graph ({modules.num_modules} module{'s' if modules.num_modules != 1 else ''}, "
                                        f"Q = {modules.modularity:.2f})")
