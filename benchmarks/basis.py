@@ -12,14 +12,23 @@ excluded (it is printed separately). The two results are compared (Lambda and ed
 
     .venv/bin/python benchmarks/basis.py                      # defaults sized for a few minutes on a small CPU
     .venv/bin/python benchmarks/basis.py --p 113 --steps 12000 --train-cache p113.msgpack --mlp-n 10000  # issue sizes
+    .venv/bin/python benchmarks/basis.py --p 113 --train-cache .cache/p113-bias-train.msgpack --skip-sparsity \
+        --gpt2-ns 2,4,8                                       # reference-convention rows and the GPT-2 row
+
+Part 3 (the reference convention, issue 14): the p=113 transformer's LIB + edges as ApolloResearch rib computes them
+(folded node layers, output edges), one call in a fresh process with compilation, and its peak memory. Part 4: a
+GPT-2-small-shaped model (time per sample and peak memory against n).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 
@@ -41,7 +50,7 @@ from degenjax._src.basis import from_hat, layer_basis, to_hat  # noqa: E402
 # training
 
 
-def _fit(loss, params, steps, lr, wd, chunk=500, cache=None, report=None):
+def _fit(loss, params, steps, lr, wd, chunk=500, cache=None, report=None, quiet=False):
     """AdamW, full batch, in jitted chunks of ``chunk`` steps. With ``cache`` (a path), the params, optimiser state
     and step count are written atomically after every chunk, and a rerun resumes from them."""
     opt = optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=wd)
@@ -61,7 +70,8 @@ def _fit(loss, params, steps, lr, wd, chunk=500, cache=None, report=None):
         state = serialization.msgpack_restore(open(cache, "rb").read())
         carry = serialization.from_state_dict(carry, state["carry"])
         done, final = int(state["step"]), float(state["loss"])
-        print(f"  resumed from {cache} at step {done}", flush=True)
+        if not quiet:
+            print(f"  resumed from {cache} at step {done}", flush=True)
     total = max(chunk, steps // chunk * chunk)
     while done < total:
         carry, losses = run(carry)
@@ -77,14 +87,15 @@ def _fit(loss, params, steps, lr, wd, chunk=500, cache=None, report=None):
     return carry[0], final, done
 
 
-def train_modadd(p, frac, steps, seed=0, cache=None, stop_acc=None):
+def train_modadd(p, frac, steps, seed=0, cache=None, stop_acc=None, use_bias=False, quiet=False):
     pairs = np.array([(a, b) for a in range(p) for b in range(p)])
     perm = np.random.default_rng(seed).permutation(len(pairs))
     n_tr = int(frac * len(pairs))
     x = models.one_hot_pairs(p, pairs)
     y = jnp.asarray((pairs[:, 0] + pairs[:, 1]) % p)
     tr, te = perm[:n_tr], perm[n_tr:]
-    module = models.Transformer(vocab=p + 1, seq_len=3, d_model=128, num_heads=4, d_mlp=512, num_out=p)
+    module = models.Transformer(vocab=p + 1, seq_len=3, d_model=128, num_heads=4, d_mlp=512, num_out=p,
+                                use_bias=use_bias)
     v = module.init(jax.random.key(seed), x[:2])
     xtr, ytr = x[tr], y[tr]
 
@@ -92,13 +103,13 @@ def train_modadd(p, frac, steps, seed=0, cache=None, stop_acc=None):
         return optax.softmax_cross_entropy_with_integer_labels(module.apply(q, xtr), ytr).mean()
 
     def report(step, train_loss, q):
-        if step % 1000 == 0:
+        if step % 1000 == 0 and not quiet:
             acc = float(jnp.mean((jnp.argmax(module.apply(q, x[te]), -1) == y[te]).astype(jnp.float32)))
             print(f"  step {step}: train loss {train_loss:.2e}, held-out acc {acc:.3f}", flush=True)
             return stop_acc is not None and acc >= stop_acc
         return False
 
-    v, final, done = _fit(loss, v, steps, 1e-3, 1.0, cache=cache, report=report)
+    v, final, done = _fit(loss, v, steps, 1e-3, 1.0, cache=cache, report=report, quiet=quiet)
     return module, v, x, y, tr, te, (final, done)
 
 
@@ -163,9 +174,11 @@ def _scan_sum(fn, xs):
     return jax.lax.scan(lambda c, e: (jax.tree.map(jnp.add, c, fn(e)), None), zero, xs)[0]
 
 
-def naive_lib_edges(model, params, x, dims):
-    """The same maths with one ``jax.jacrev`` per example (``lax.scan``), float64 accumulation."""
+def naive_lib_edges(model, params, x, dims, output=True):
+    """The same maths with one ``jax.jacrev`` per example (``lax.scan``), float64 accumulation, on the model's own
+    node layers (folded: the constant is differentiated and the target is the next layer's full C)."""
     L = len(model)
+    fold = model.constant == "last"
     _, acts = dj.forward(model, params, x)
     Cs = [None] * L
     Cps = [None] * L
@@ -173,13 +186,15 @@ def naive_lib_edges(model, params, x, dims):
     for l in reversed(range(L)):
         h = acts[l]
         hf = jnp.reshape(h, (-1, h.shape[-1])).astype(jnp.float64)
+        if fold:
+            hf = hf[:, :-1]
         mu = jnp.mean(hf, axis=0)
         cov = (hf - mu[None]).T @ (hf - mu[None]) / hf.shape[0]
         Cn = None if l == L - 1 else Cs[l + 1]
 
         def g(he, l=l, Cn=Cn):
             y = model.fns[l](params, he[None])[0]
-            return y if Cn is None else y @ Cn[:-1].astype(y.dtype)
+            return y if Cn is None else to_hat(y, Cn)
 
         def jtj(he, g=g):
             J = jax.jacrev(g)(he)  # (out..., positions..., d)
@@ -189,20 +204,21 @@ def naive_lib_edges(model, params, x, dims):
         M = _scan_sum(jtj, h) / hf.shape[0]
         Cs[l], Cps[l], lams[l] = layer_basis(cov, mu, M, keep=dims[l], jit=False)[:3]
     edges = []
-    for l in range(L - 1):
+    for l in range(L if output else L - 1):
         h = acts[l]
+        d_in = h.shape[-1]
 
-        def edge_ex(he, l=l):
+        def edge_ex(he, l=l, d_in=d_in):
             hh = to_hat(he, Cs[l])
 
             def fh(hh):
-                return to_hat(model.fns[l](params, from_hat(hh, Cps[l])[None])[0], Cs[l + 1])
+                y = model.fns[l](params, from_hat(hh, Cps[l], d_in)[None])[0]
+                return y if l + 1 == L else to_hat(y, Cs[l + 1])
 
-            J = jax.jacrev(fh)(hh)  # (P_out.., d^_{l+1}, P_in.., d^_l)
-            n_in = hh.ndim
-            J = jnp.reshape(J, (-1, Cs[l + 1].shape[1], hh.size // hh.shape[-1], hh.shape[-1]))
+            J = jax.jacrev(fh)(hh)  # (P_out.., d_{l+1}, P_in.., d^_l)
+            d_next = J.shape[J.ndim - hh.ndim - 1]  # the last output axis: features
+            J = jnp.reshape(J, (-1, d_next, hh.size // hh.shape[-1], hh.shape[-1]))
             a = jnp.einsum("tisj,sj->tij", J, jnp.reshape(hh, (-1, hh.shape[-1]))).astype(jnp.float64)
-            del n_in
             return jnp.sum(a * a, axis=0)
 
         P = h.size // (h.shape[0] * h.shape[-1])
@@ -210,32 +226,41 @@ def naive_lib_edges(model, params, x, dims):
     return lams, edges
 
 
-def fast_lib_edges(model, params, x, dims, batch, structured=True):
+def fast_lib_edges(model, params, x, dims, batch, structured=True, output=True):
     batches = [x[i:i + batch] for i in range(0, x.shape[0], batch)]
     b = dj.interaction_basis(model, params, batches, dims=dims, jacobian_kwargs={"structured": structured})
-    return list(b.Lambda), dj.interaction_edges(model, params, b, batches, structured=structured)
+    return list(b.Lambda), dj.interaction_edges(model, params, b, batches, structured=structured, output=output)
 
 
 def _block(tree):
     return jax.tree.map(lambda a: a.block_until_ready(), tree)
 
 
-def time_pair(name, model, params, x, batch):
+def _cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def time_pair(name, model, params, x, batch, output=True, repeats=3):
     dims0 = dj.interaction_basis(model, params, [x[i:i + batch] for i in range(0, x.shape[0], batch)]).dims
     dims = tuple(d - 1 for d in dims0)
-    fast = jax.jit(lambda q, xx: fast_lib_edges(model, q, xx, dims, batch))
-    generic = jax.jit(lambda q, xx: fast_lib_edges(model, q, xx, dims, batch, structured=False))
-    naive = jax.jit(lambda q, xx: naive_lib_edges(model, q, xx, dims))
+    fast = jax.jit(lambda q, xx: fast_lib_edges(model, q, xx, dims, batch, output=output))
+    generic = jax.jit(lambda q, xx: fast_lib_edges(model, q, xx, dims, batch, structured=False, output=output))
+    naive = jax.jit(lambda q, xx: naive_lib_edges(model, q, xx, dims, output=output))
     structured = "".join("s" if f else "-" for f in dj.structured_sections(model, params, x[:2]))
     out = {}
     for label, fn in (("degenjax", fast), ("per-example", generic), ("jacrev", naive)):
         t0 = time.perf_counter()
         res = _block(fn(params, x))
         first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = _block(fn(params, x))
-        out[label] = (first, time.perf_counter() - t0, res)
-        print(f"  {name} {label}: first call {first:.2f}s, warm {out[label][1]:.3f}s", flush=True)
+        warm = []
+        for _ in range(repeats if label == "degenjax" else 1):
+            t0 = time.perf_counter()
+            res = _block(fn(params, x))
+            warm.append(time.perf_counter() - t0)
+        out[label] = (first, float(np.median(warm)), res)
+        print(f"  {name} {label}: first call {first:.2f}s, warm {out[label][1]:.3f}s (median of {len(warm)})",
+              flush=True)
     (lf, ef), (ln, en) = out["degenjax"][2], out["jacrev"][2]
     agree = max(max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c))) for a, c in zip(lf, ln)),
                 max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c))) for a, c in zip(ef, en)))
@@ -243,6 +268,66 @@ def time_pair(name, model, params, x, batch):
             f"{out['per-example'][1]:.3f}", f"{out['jacrev'][1]:.3f}",
             f"**{out['jacrev'][1] / out['degenjax'][1]:.1f}x**",
             f"{out['degenjax'][0]:.1f} / {out['per-example'][0]:.1f} / {out['jacrev'][0]:.1f}", f"{agree:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference (rib) convention: one call in a fresh process (compile included), peak memory
+
+
+def reference_sections(module, v, x):
+    """The mod-add transformer as rib analyses it: folded residual-stream node layers before attention, the MLP and
+    the unembedding (biases tied to the constant), with the embedded inputs as batches."""
+    ts = models.transformer_sections(module, x[:2])
+    res = dj.forward(ts, v, x)[1][1]
+    return dj.Sections(ts.fns[1:], names=ts.names[1:], constant="last"), res
+
+
+def first_call_main(args):
+    """Runs in a fresh process: the one-call LIB + edges (+ output edges) and its peak memory."""
+    module, v, x, y, tr, te, _ = train_modadd(args.p, args.frac, args.steps, cache=args.train_cache,
+                                              use_bias=not args.no_bias, quiet=True)
+    model, res = reference_sections(module, v, x[tr])
+    res = jax.block_until_ready(jnp.asarray(res, jnp.float64))
+    v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kw = {} if args.rib_cut is False else {"rtol": 0.0, "atol": 1e-15}
+    t0, c0 = time.perf_counter(), _cpu()
+    b = dj.interaction_basis(model, v, [res], **kw)
+    e = dj.interaction_edges(model, v, b, [res], output=True)
+    _block(e)
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak_rss_gib": rss / 2**20, "rss_before_gib": rss0 / 2**20,
+                      "dims": list(b.dims), "lambda0": [float(l[0]) for l in b.Lambda],
+                      "edge00": [float(a[0, 0]) for a in e[:-1]]}))
+
+
+def gpt2_main(args):
+    """Runs in a fresh process: LIB + edges of a GPT-2-small-shaped model on n random token sequences."""
+    cfg = models.GPT2Config(n_layer=args.gpt2_layers, n_positions=max(64, args.gpt2_context))
+    mod = models.GPT2(cfg, param_dtype=jnp.float64)
+    v = mod.init(jax.random.key(0), jnp.zeros((1, args.gpt2_context), jnp.int32))
+    ids = jax.random.randint(jax.random.key(1), (args.gpt2_n, args.gpt2_context), 0, cfg.vocab_size)
+    model = models.gpt2_sections(cfg)
+    batches = [models.gpt2_embed(v, ids[i:i + args.gpt2_batch]) for i in range(0, args.gpt2_n, args.gpt2_batch)]
+    _block(batches)
+    flags = dj.structured_sections(model, v, batches[0][:1])
+    t0, c0 = time.perf_counter(), _cpu()
+    b = dj.interaction_basis(model, v, batches, jacobian_kwargs={"chunk_size": 1})
+    t1 = time.perf_counter()
+    e = dj.interaction_edges(model, v, b, batches, chunk_size=32)
+    _block(e)
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": args.gpt2_n, "wall": wall, "basis": t1 - t0, "cpu": cpu, "peak_rss_gib": rss / 2**20,
+                      "dims": list(b.dims), "structured": "".join("s" if f else "-" for f in flags)}))
+
+
+def _subprocess(argv):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"subprocess {argv} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,25 +354,60 @@ def main(argv=None):
                     help="file for the transformer's training state: written after every 500 steps, resumed from")
     ap.add_argument("--stop-acc", type=float, default=None,
                     help="stop training early once held-out accuracy reaches this (checked every 1000 steps)")
+    ap.add_argument("--no-bias", action="store_true",
+                    help="train the transformer without attention/unembedding biases (default: biases, as rib's)")
+    ap.add_argument("--rib-cut", action="store_true",
+                    help="reference rows with rib's truncation (rtol=0, atol=1e-15) instead of degenjax's default")
     ap.add_argument("--skip-sparsity", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-reference", action="store_true", help="skip the fresh-process first-call measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="warm repeats of the degenjax timing (median)")
+    ap.add_argument("--gpt2-ns", default="", help="comma-separated sample counts for the GPT-2-small-shaped row "
+                    "(empty: skip), each in a fresh process")
+    ap.add_argument("--gpt2-context", type=int, default=4, help="tokens per sample in the GPT-2 row")
+    ap.add_argument("--gpt2-layers", type=int, default=1, help="blocks of the GPT-2-small-shaped model")
+    ap.add_argument("--gpt2-batch", type=int, default=2, help="samples per streamed batch in the GPT-2 row")
+    ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gpt2-n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
                     help="markdown file the results section is appended to")
     args = ap.parse_args(argv)
+    if args.first_call_only:
+        args.rib_cut = bool(args.rib_cut)
+        return first_call_main(args)
+    if args.gpt2_n:
+        return gpt2_main(args)
 
-    sp_rows, t_rows, notes = [], [], []
+    sp_rows, t_rows, ref_rows, g_rows, notes = [], [], [], [], []
     t_start = time.perf_counter()
+    load = os.getloadavg()
     print("training the modular-addition transformer ...", flush=True)
     module, v, x, y, tr, te, (final, trained) = train_modadd(args.p, args.frac, args.steps, cache=args.train_cache,
-                                                  stop_acc=args.stop_acc)
+                                                             stop_acc=args.stop_acc, use_bias=not args.no_bias)
     acc_tr = float(_accuracy(y[tr])(module.apply(v, x[tr])))
     acc_te = float(_accuracy(y[te])(module.apply(v, x[te])))
     notes.append(f"mod-add transformer p={args.p}: {len(tr)} training pairs ({args.frac:.0%}), {trained} AdamW "
-                 f"steps (lr 1e-3, wd 1.0), d_model 128, 4 heads, d_mlp 512; train loss {final:.2e}, train acc "
-                 f"{acc_tr:.3f}, held-out acc {acc_te:.3f}")
+                 f"steps (lr 1e-3, wd 1.0), d_model 128, 4 heads, d_mlp 512, biases "
+                 f"{'none in attention' if args.no_bias else 'everywhere (as rib)'}; train loss {final:.2e}, train "
+                 f"acc {acc_tr:.3f}, held-out acc {acc_te:.3f}")
     print("  " + notes[-1], flush=True)
     tmodel = models.transformer_sections(module, x[:2])
+    if not args.skip_reference:
+        print("the reference convention: one call in a fresh process ...", flush=True)
+        fc_args = ["--first-call-only", "--p", str(args.p), "--frac", str(args.frac), "--steps", str(trained)]
+        fc_args += ["--no-bias"] if args.no_bias else []
+        fc_args += ["--train-cache", args.train_cache] if args.train_cache else []
+        fc_args += ["--rib-cut"] if args.rib_cut else []
+        runs = [_subprocess(fc_args) for _ in range(args.repeats)]
+        for r in runs:
+            print(f"  first call: {r}", flush=True)
+        walls = sorted(r["wall"] for r in runs)
+        ref_rows.append((f"modadd p={args.p}, folded, 3 node layers + output", len(tr),
+                         "dims " + ",".join(map(str, runs[0]["dims"])),
+                         " / ".join(f"{w:.2f}" for w in walls), f"{np.median(walls):.2f}",
+                         " / ".join(f"{r['cpu']:.1f}" for r in runs),
+                         f"{max(r['peak_rss_gib'] for r in runs):.2f}", f"{runs[0]['rss_before_gib']:.2f}"))
     if not args.skip_sparsity:
         te_sub = te[: args.req_n]
         sp_rows += sparsity_rows(f"modadd p={args.p}", tmodel, v, x[tr], x[te_sub], y[te_sub], None, args.batch)
@@ -301,13 +421,25 @@ def main(argv=None):
                                  args.batch)
     if not args.skip_timing:
         print("timing LIB + edges vs per-example jacrev ...", flush=True)
-        t_rows.append(time_pair(f"modadd p={args.p} transformer", tmodel, v, x[tr], args.batch))
+        rmodel, res = reference_sections(module, v, x[tr])
+        v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
+        t_rows.append(time_pair(f"modadd p={args.p} transformer (reference convention)", rmodel, v64,
+                                jnp.asarray(res, jnp.float64), res.shape[0], repeats=args.repeats))
         w = args.mlp_width
         mlp = models.MLP(features=(w, w, 10))
         xm = jax.random.normal(jax.random.key(3), (args.mlp_n, 784), jnp.float32)
         mv = mlp.init(jax.random.key(4), xm[:2])
-        t_rows.append(time_pair(f"MLP 784-{w}-{w}-10 (random data)", models.mlp_sections(mlp, xm[:2]), mv, xm,
-                                args.batch))
+        t_rows.append(time_pair(f"MLP 784-{w}-{w}-10 (random data, folded)", models.mlp_sections(mlp, xm[:2]), mv,
+                                xm, args.batch, repeats=args.repeats))
+    for n in [int(a) for a in args.gpt2_ns.split(",") if a.strip()]:
+        print(f"GPT-2-small-shaped, n={n} ...", flush=True)
+        r = _subprocess(["--gpt2-n", str(n), "--gpt2-context", str(args.gpt2_context), "--gpt2-layers",
+                         str(args.gpt2_layers), "--gpt2-batch", str(args.gpt2_batch)])
+        print(f"  {r}", flush=True)
+        g_rows.append((n, args.gpt2_context, args.gpt2_layers, r["structured"], f"{r['wall']:.1f}",
+                       f"{r['basis']:.1f}", f"{r['wall'] / n:.2f}", f"{r['peak_rss_gib']:.2f}"))
+    notes.append(f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min; 2 cores "
+                 f"shared with other jobs), at the end: {os.getloadavg()[0]:.2f}")
 
     devices = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
     cmd = "python benchmarks/basis.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -324,16 +456,33 @@ def main(argv=None):
                     "edges + ablations.", "",
                     _table(("model", "kind", "layer", "dims", "edges", "50%", "90%", "99%", "required @ acc-0.001"),
                            sp_rows), ""]
+    if ref_rows:
+        section += ["The reference (ApolloResearch rib) convention, float64: folded node layers (the residual stream "
+                    "before attention, the MLP and the unembedding, biases tied to the constant), Lambda_0 = M~_00, "
+                    "the next layer's full C as target, and the last node layer -> raw output edges. One call of "
+                    "`interaction_basis` + `interaction_edges(output=True)` in a fresh Python process (compilation "
+                    "included), on one batch of all training pairs; repeats are separate processes. Peak memory = "
+                    "the process's peak RSS (before the call: the model, data and JAX runtime).", "",
+                    _table(("model", "N", "LIB dims", "first call, each (s)", "median (s)", "CPU time (s)",
+                            "peak RSS (GiB)", "RSS before the call (GiB)"), ref_rows), ""]
     if t_rows:
-        section += ["Full LIB (stats, Jacobian Grams, bases) + all edges, float64 accumulation, warm (compiled) "
-                    "times in seconds, all under `jax.jit`. `degenjax` = the default (sections of the form "
-                    "[h +] phi(h @ W) [@ V + c], marked `s` in the `fast path` column, use the factorised Jacobian; the others "
-                    "`vmap` of `jvp`/`vjp`); `per-example` = degenjax with `structured=False`; `jacrev` = the same "
-                    "maths with one `jax.jacrev` per example (`lax.scan` with a running sum). Speed-up = jacrev / "
-                    "degenjax. First call includes compilation. Agreement = max relative difference of Lambda and edges, degenjax vs "
+        section += ["Full LIB (stats, Jacobian Grams, bases) + all edges including the output edges, float64 "
+                    "accumulation, warm (compiled) times in seconds, all under `jax.jit` (degenjax: median of the "
+                    "repeats). `degenjax` = the default (sections marked `s` in the `fast path` column take the exact "
+                    "structured Jacobians: affine-elementwise sections and softmax attention; the others `vmap` of "
+                    "`jvp`/`vjp`); `per-example` = degenjax with `structured=False`; `jacrev` = the same maths with one "
+                    "`jax.jacrev` per example (`lax.scan` with a running sum). Speed-up = jacrev / degenjax. First "
+                    "call includes compilation. Agreement = max relative difference of Lambda and edges, degenjax vs "
                     "jacrev.", "",
                     _table(("model", "N", "LIB dims", "fast path", "degenjax (s)", "per-example (s)", "jacrev (s)",
                             "speed-up", "first call incl. compile (s)", "agreement"), t_rows), ""]
+    if g_rows:
+        section += ["GPT-2-small-shaped (d_model 768, 12 heads, d_mlp 3072, vocab 50257; random init, float64) with "
+                    "fewer blocks and a short context: LIB of every residual-stream node layer + edges between "
+                    "them, each n in a fresh process (compilation included). Sections marked `-` (LayerNorm inside) "
+                    "take the per-example path; the unembedding is structured.", "",
+                    _table(("samples n", "context", "blocks", "fast path", "wall (s)", "of which basis (s)",
+                            "wall per sample (s)", "peak RSS (GiB)"), g_rows), ""]
     text = "\n".join(section) + "\n"
     print(text)
     if not args.no_results:

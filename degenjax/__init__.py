@@ -1,6 +1,6 @@
 """degenjax: degeneracy in the loss landscape for mechanistic interpretability, in JAX."""
 
-# models as sections (DESIGN 1)
+# models as sections (docs/maths.md#sections)
 from degenjax._src.sections import as_sections as as_sections
 from degenjax._src.sections import forward as forward
 from degenjax._src.sections import from_linen as from_linen
@@ -9,7 +9,7 @@ from degenjax._src.sections import section_shapes as section_shapes
 from degenjax._src.sections import Sections as Sections
 from degenjax._src.structure import structured_sections as structured_sections
 
-# Gram matrices (DESIGN 2)
+# Gram matrices (docs/maths.md#grams)
 from degenjax._src.grams import activation_grams as activation_grams
 from degenjax._src.grams import activation_stats as activation_stats
 from degenjax._src.grams import ActivationStats as ActivationStats
@@ -21,14 +21,14 @@ from degenjax._src.grams import GramSums as GramSums
 from degenjax._src.grams import jacobian_gram as jacobian_gram
 from degenjax._src.grams import jacobian_grams as jacobian_grams
 
-# eigensolvers (DESIGN 4)
+# eigensolvers (docs/maths.md#eigensolvers)
 from degenjax._src.eigen import eigh as eigh
 from degenjax._src.eigen import eigh_topk as eigh_topk
 from degenjax._src.eigen import EigResult as EigResult
 from degenjax._src.spectral import spectral_density as spectral_density
 from degenjax._src.spectral import SpectralDensity as SpectralDensity
 
-# interaction basis and edges (DESIGN 3)
+# interaction basis and edges (docs/maths.md#interaction-basis)
 from degenjax._src.basis import interaction_basis as interaction_basis
 from degenjax._src.basis import InteractionBasis as InteractionBasis
 from degenjax._src.basis import layer_basis as layer_basis
@@ -39,7 +39,7 @@ from degenjax._src.edges import edges_required as edges_required
 from degenjax._src.edges import interaction_edges as interaction_edges
 from degenjax._src.edges import node_ablation_curves as node_ablation_curves
 
-# local learning coefficient (DESIGN 5)
+# local learning coefficient (docs/maths.md#llc)
 from degenjax._src.sgld import rmsprop_sgld as rmsprop_sgld
 from degenjax._src.sgld import RMSPropSGLDState as RMSPropSGLDState
 from degenjax._src.sgld import sgld as sgld
@@ -72,7 +72,7 @@ from degenjax._src.calibrate import CalibrationGrid as CalibrationGrid
 from degenjax._src.calibrate import plot_calibration as plot_calibration
 from degenjax._src.calibrate import recommend as recommend
 
-# degeneracy accounting and modularity (DESIGN 6)
+# degeneracy accounting and modularity (docs/maths.md#degeneracy-accounting)
 from degenjax._src.degeneracy import degeneracy_report as degeneracy_report
 from degenjax._src.degeneracy import DegeneracyReport as DegeneracyReport
 from degenjax._src.degeneracy import sync_accumulator as sync_accumulator

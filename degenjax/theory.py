@@ -1,4 +1,4 @@
-"""Exact learning coefficients of reference models (DESIGN.md section 5): targets for LLC estimates.
+"""Exact learning coefficients of reference models (docs/maths.md#exact-learning-coefficients): targets for LLC estimates.
 
 ``dln_learning_coefficient(widths, rank)`` (Aoyagi 2024), ``rrr_learning_coefficient(M, H, N, r)`` (Aoyagi &
 Watanabe 2005) and ``regular(d) = d / 2``. Exact `fractions.Fraction` results for integer inputs.

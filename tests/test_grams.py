@@ -25,7 +25,7 @@ def mlp():
     module = models.MLP(features=(7, 6, 3), param_dtype=jnp.float64)
     x = jnp.asarray(0.5 + np.random.default_rng(0).normal(size=(40, 5)))
     variables = jax.jit(module.init)(jax.random.key(1), x)
-    return module, variables, x, models.mlp_sections(module, x)
+    return module, variables, x, models.mlp_sections(module, x, fold_bias=False)
 
 
 def _hand_mlp():
@@ -88,7 +88,7 @@ def transformer():
     pairs = np.array([(a, b) for a in range(5) for b in range(5)])[:24]
     x = models.one_hot_pairs(5, pairs, dtype=jnp.float64)
     variables = jax.jit(module.init)(jax.random.key(2), x)
-    model = models.transformer_sections(module, x)
+    model = models.transformer_sections(module, x, fold_bias=False)
     _, acts = jax.jit(dj.forward, static_argnums=0)(model, variables, x)
     return module, variables, x, model, acts
 
@@ -166,7 +166,7 @@ def test_grams_linen_nnx_hand_sections_agree(mlp):
     nmod = models.NnxMLP(5, (7, 6, 3), rngs=nnx.Rngs(0), param_dtype=jnp.float64)
     state = models.nnx_state_from_linen(nmod, variables)
     graphdef, _ = nnx.split(nmod)
-    nnx_model = models.nnx_mlp_sections(graphdef, 3, x)
+    nnx_model = models.nnx_mlp_sections(graphdef, 3, x, fold_bias=False)
     p = variables["params"]
     hand = HAND_MLP
     batches = [x[:20], x[20:]]
@@ -179,6 +179,11 @@ def test_grams_linen_nnx_hand_sections_agree(mlp):
     # the nnx sections here (one layer, to keep compile time down).
     m_nnx = dj.jacobian_gram(nnx_model, state, batches, 1)
     assert_trees_all_close(m_nnx, _np_jtj(_np_mlp_jacobians(variables, x)[1]), rtol=1e-11, atol=1e-13)
+    # folded sections (the default): the same Grams of the features; a last feature that is not 1 is refused
+    folded = models.mlp_sections(module, x)
+    assert_trees_all_close(dj.activation_grams(folded, variables, batches), g_linen, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="last feature is not 1"):
+        dj.activation_grams(HAND_MLP, p, batches, constant="last")
 
 
 # ------------------------------------------------------------------------------------------------------------------

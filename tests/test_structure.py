@@ -38,28 +38,48 @@ def test_recognises_dense_elementwise_sections():
     x = jnp.ones((4, 5), jnp.float32)
     mlp = models.MLP(features=(8, 8, 3))
     v = mlp.init(jax.random.key(0), x)
-    assert dj.structured_sections(models.mlp_sections(mlp, x), v, x) == (True, True, True)
+    for fold in (True, False):  # folded (bias-as-input) sections take the fast path too
+        assert dj.structured_sections(models.mlp_sections(mlp, x, fold_bias=fold), v, x) == (True, True, True)
     gd, state = nnx.split(models.NnxMLP(5, (8, 8, 3), rngs=nnx.Rngs(0)))
     assert dj.structured_sections(models.nnx_mlp_sections(gd, 3, x), state, x) == (True, True, True)
-    t = models.Transformer(vocab=6, seq_len=3, d_model=16, num_heads=2, d_mlp=32, num_out=5)
+    t = models.Transformer(vocab=6, seq_len=3, d_model=16, num_heads=2, d_mlp=32, num_out=5, use_bias=True)
     xt = models.one_hot_pairs(5, np.array([[1, 2], [3, 4]]))
     vt = t.init(jax.random.key(0), xt)
-    # embed (one-hot @ W_E + positions), the residual MLP block and the last-position read-out; not attention
-    assert dj.structured_sections(models.transformer_sections(t, xt), vt, xt) == (True, False, True, True)
+    # embed (one-hot @ W_E + positions), attention, the residual MLP block and the last-position read-out
+    assert dj.structured_sections(models.transformer_sections(t, xt), vt, xt) == (True, True, True, True)
     W = jnp.ones((5, 5), jnp.float32)
     not_structured = [
-        lambda p, h: h + jax.nn.relu(h @ W),              # h added to post(z) itself (h + post(z) @ V is fine)
         lambda p, h: jax.nn.softmax(h @ W, axis=-1),      # reduction over features
-        lambda p, h: jnp.reshape(h @ W, (h.shape[0], 5, 1)),  # reshape after the product
+        lambda p, h: jnp.reshape(h @ W, (h.shape[0], 5, 1)),  # a second feature axis in the output
         lambda p, h: (W @ h.T).T,                          # h on the right of the product
         lambda p, h: jax.nn.relu(jax.nn.relu(h @ W) @ W),  # a nonlinearity after the second product
-        lambda p, h: jax.nn.relu(h @ W) @ W + h @ W,       # h in two products
-        lambda p, h: h[:, :2] @ W[:2],                     # a slice of the feature axis
         lambda p, h: jnp.cumsum(h @ W, axis=-1),
-        lambda p, h: h * 2.0,                              # no product at all
+        lambda p, h: jax.nn.relu(h @ W) * jax.nn.relu(h @ (2 * W)),  # two different pre-activations
     ]
     flags = [dj.structured_sections([f], None, x)[0] for f in not_structured]
     assert flags == [False] * len(not_structured)
+    # affine parts around the elementwise one: pass-throughs, feature slices, no nonlinearity, a folded constant
+    W = jnp.asarray(np.random.default_rng(1).normal(size=(5, 5)))
+    structured = [
+        lambda p, h: h + jax.nn.relu(h @ W),
+        lambda p, h: jax.nn.relu(h @ W) @ W + h @ W,
+        lambda p, h: h[:, :2] @ W[:2],
+        lambda p, h: h * 2.0,
+        lambda p, h: jax.nn.gelu(0.5 * (h @ W)) * 3.0,
+        lambda p, h: jnp.concatenate([jax.nn.relu(h[:, :-1] @ W[:4] + h[:, -1:] * W[0][None]), h[:, -1:]], -1),
+    ]
+    xx = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)))
+    for f in structured:
+        def parts(h, f=f):  # traced under jit: no op-by-op execution of the reader
+            sp = affine_elementwise(f, None, h)
+            assert sp is not None
+            V = jnp.eye(sp.W.shape[1], dtype=h.dtype) if sp.V is None else sp.V
+            return sp.W, sp.slope, V, (jnp.zeros((h.shape[1], V.shape[1]), h.dtype) if sp.A0 is None else sp.A0)
+
+        W_, s_, V_, A0_ = (np.asarray(a) for a in jax.jit(parts)(xx))
+        J = np.asarray(jax.jit(jax.vmap(jax.jacfwd(lambda e, f=f: f(None, e[None])[0])))(xx))  # (n, out, in)
+        Jr = np.einsum("ik,nk,ko->noi", W_, s_, V_) + A0_.T[None]
+        np.testing.assert_allclose(J, Jr, rtol=1e-12, atol=1e-14)
 
 
 def test_split_matches_jacfwd():
@@ -179,7 +199,7 @@ def test_residual_block_and_position_readout(dtype):
     x = jnp.asarray(x64, dtype)
     assert dj.structured_sections(model, p, x) == (True, True, True)
     split = affine_elementwise(model.fns[0], p, x)
-    assert split.skip and split.V is not None
+    assert split.A0 is not None and split.V is not None
     assert affine_elementwise(model.fns[1], p, x).select(x).shape == (30, 6)
     batches = [x[:17], x[17:]]
     b = dj.interaction_basis(model, p, batches)

@@ -1,4 +1,4 @@
-"""Degeneracy accounting (DESIGN.md section 6): synchronized ReLU units and free-direction counts per layer.
+"""Degeneracy accounting (docs/maths.md#degeneracy-accounting): synchronized ReLU units and free-direction counts per layer.
 
 Two parts:
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import acc_dtype
+from degenjax._src.basis import acc_dtype, warn_float32
 from degenjax._src.eigen import eigh
 from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
 from degenjax._src.hashing import fmix32
@@ -107,7 +107,7 @@ class SyncResult(NamedTuple):
 
     @property
     def num_degenerate_directions(self) -> jax.Array:
-        """``sum over groups k (k - 1)`` (DESIGN section 6); always-on and dead units are not included."""
+        """``sum over groups k (k - 1)`` (docs/maths.md#synchronized-neurons); always-on and dead units are not included."""
         return jnp.sum(jnp.maximum(self.group_size - 1, 0))
 
 
@@ -224,7 +224,7 @@ def _as_batches(batches) -> list:
 
 
 def synchronized_neurons(preactivations, *, tol: float = 0.0) -> SyncResult:
-    """Finds ReLU units with identical on/off patterns over the data set (DESIGN.md section 6).
+    """Finds ReLU units with identical on/off patterns over the data set (docs/maths.md#synchronized-neurons).
 
     A unit is *on* at a point when its pre-activation is > 0. Expectations run over data points and positions:
     every leading axis is flattened, so ``(batch, seq, d)`` is treated as ``batch * seq`` points.
@@ -281,7 +281,7 @@ _REPORT_META = ("names", "d_in", "d_out", "num_params", "rtol", "dense")
 @functools.partial(jax.tree_util.register_dataclass, data_fields=list(_REPORT_DATA), meta_fields=list(_REPORT_META))
 @dataclasses.dataclass(frozen=True)
 class DegeneracyReport:
-    """Free directions per section ``l`` (node layer ``l`` -> ``l + 1``, weights ``W^l``), DESIGN.md section 6.
+    """Free directions per section ``l`` (node layer ``l`` -> ``l + 1``, weights ``W^l``), docs/maths.md#degeneracy-accounting.
 
     A pytree (counts are arrays, so the report can be computed under ``jax.jit``); the layer names, sizes, nominal
     parameter counts and ``rtol`` are static metadata. Arrays of shape ``(L,)`` are indexed by section.
@@ -399,15 +399,25 @@ def _default_rtol(dtype) -> float:
 
 
 def _dense_rank(A, rtol: float):
-    """(rank, cutoff, (rank at 10x cutoff, rank at 0.1x cutoff), spectrum descending) of a symmetric PSD matrix."""
-    vals = eigh(A)[0]
+    """(rank, cutoff, (rank at 10x cutoff, rank at 0.1x cutoff), spectrum descending) of a symmetric PSD matrix.
+
+    Without x64 the eigenvalues of a concrete matrix are computed in float64 on the host (float32 ``eigh`` loses the
+    small eigenvalues that decide a rank); under an outer ``jax.jit`` they stay in float32 (a warning says so).
+    """
+    if not jax.config.jax_enable_x64 and not is_traced(A):
+        a = np.asarray(A, np.float64)
+        vals = jnp.asarray(np.linalg.eigvalsh(0.5 * (a + a.T))[::-1].copy(), jnp.result_type(A))
+    else:
+        if not jax.config.jax_enable_x64:
+            warn_float32("degeneracy_report's ranks (eigenvalues under jax.jit)")
+        vals = eigh(A)[0]
     cut = rtol * jnp.maximum(vals[0], 0.0)
     rank = lambda c: jnp.sum(vals > c).astype(_count_dtype())  # noqa: E731
     return rank(cut), cut, jnp.stack([rank(10.0 * cut), rank(0.1 * cut)]), vals
 
 
 def _slq_rank(A, rtol: float, key, num_probes: int, num_lanczos: int):
-    """Rank from a stochastic Lanczos quadrature density (DESIGN.md section 4) for layers too large for ``eigh``."""
+    """Rank from a stochastic Lanczos quadrature density (docs/maths.md#spectral-density) for layers too large for ``eigh``."""
     d = A.shape[0]
     dens = spectral_density(A, key=key, num_probes=num_probes, num_lanczos=min(num_lanczos, d))
     nodes = jnp.asarray(dens.nodes)
@@ -428,23 +438,24 @@ def _with_input_relu(model, relu_flags):
         return section
 
     fns = (model.fns[0],) + tuple(wrap(f, flag) for f, flag in zip(model.fns[1:], relu_flags))
-    return type(model)(fns, names=model.names)
+    return dataclasses.replace(model, fns=fns)
 
 
 def degeneracy_report(model, params, batches, *, rtol: float | None = None,
                       param_counts: Sequence[int] | None = None, relu_layers: str | Sequence[int] = "auto",
                       sync_tol: float = 0.0, jacobian_target: str = "output", max_dense_dim: int = 4096,
-                      key=None, num_probes: int = 16, num_lanczos: int = 64) -> DegeneracyReport:
-    """Counts free directions of the weights per section (DESIGN.md section 6).
+                      key=None, num_probes: int = 16, num_lanczos: int = 64,
+                      constant: str | None = None) -> DegeneracyReport:
+    """Counts free directions of the weights per section (docs/maths.md#degeneracy-accounting).
 
     For section ``l`` (weights ``W^l`` mapping node layer ``l`` to ``l + 1``):
 
     - activations: a null direction of the bias-augmented Gram ``G^l`` (``activation_grams``, ``d_l + 1`` square)
       can be added to any column of ``W^l``: ``(d_l + 1 - rank G^l) d_{l+1}`` directions (with ``center=True``
-      this is ``(d_l - rank Cov) d_{l+1}``, DESIGN's formula);
+      this is ``(d_l - rank Cov) d_{l+1}``, the rank-deficit formula in docs/maths.md#rank-deficits);
     - Jacobians: a direction of node layer ``l + 1`` to which the rest of the network is insensitive (null space of
       ``M^{l+1}`` from ``jacobian_grams``, by default the Jacobian to the output) can be added to the output of
-      ``W^l`` from any input: ``(d_{l+1} - rank M^{l+1}) d_l`` (DESIGN's count; the bias adds one more per null
+      ``W^l`` from any input: ``(d_{l+1} - rank M^{l+1}) d_l`` (docs/maths.md#rank-deficits; the bias adds one more per null
       direction). For a ReLU node layer the Jacobian is taken with respect to the pre-activation (what ``W^l``
       moves): ``M = E[D J^T J D]`` with ``D = 1[h_{l+1} > 0]``, so a direction that only dead or inactive units
       carry counts as free;
@@ -471,6 +482,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       max_dense_dim: largest matrix size diagonalised densely.
       key: PRNG key for `spectral_density` (only needed when a matrix exceeds ``max_dense_dim``).
       num_probes, num_lanczos: stochastic Lanczos quadrature settings.
+      constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own. On folded node
+        layers the counts are those of the features without the constant (the same report as for the plain model).
 
     Returns:
       `DegeneracyReport` (``.table()`` for a markdown summary, ``.totals()`` for the totals).
@@ -479,7 +492,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       ValueError: empty batches, a layer with zero units, wrong ``param_counts``/``relu_layers``/``jacobian_target``,
         NaN activations (when concrete), or a large layer without ``key``.
     """
-    model = as_sections(model)
+    model = as_sections(model, constant)
+    fold = int(model.constant == "last")
     L = len(model)
     if jacobian_target not in ("output", "next"):
         raise ValueError(f"jacobian_target must be 'output' or 'next'; got {jacobian_target!r}.")
@@ -492,9 +506,10 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
         if not hasattr(s, "shape") or len(s.shape) < 1:
             raise ValueError(f"node layer {l} is not an array with a feature axis; split the model so that every "
                              "node layer is one array (..., d).")
-        if s.shape[-1] == 0:
+        units = int(s.shape[-1]) - (fold if l < L else 0)
+        if units <= 0:
             raise ValueError(f"node layer {l} has zero units (shape {s.shape}); every layer needs at least one unit.")
-        dims.append(int(s.shape[-1]))
+        dims.append(units)
     d_in, d_out = tuple(dims[:-1]), tuple(dims[1:])
     if param_counts is None:
         num_params = tuple(d_in[l] * d_out[l] + d_out[l] for l in range(L))
@@ -520,6 +535,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
         _, acts = forward(model, params, b)
         for l in range(1, L):
             h = jnp.asarray(acts[l])
+            if fold:
+                h = h[..., :-1]
             if not is_traced(h) and not bool(jnp.all(jnp.isfinite(h))):
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has NaN or inf activations; check params "
                                  "and inputs before counting degeneracies.")
@@ -532,13 +549,15 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
     else:
         relu_flags = [jnp.asarray(l in relu_fixed) for l in range(1, L)]
     grams = activation_grams(model, params, batches, center=True)
-    # Jacobians with respect to the pre-activations of ReLU node layers (DESIGN section 6): a weight change of W^l
+    # Jacobians with respect to the pre-activations of ReLU node layers (docs/maths.md#degeneracy-accounting): a weight change of W^l
     # moves the pre-activation z_{l+1}, which reaches the rest of the network through D = 1[h_{l+1} > 0]. On the data
     # h_{l+1} >= 0, so relu(h_{l+1}) = h_{l+1} and prepending a ReLU to section l + 1 leaves every activation
     # unchanged while its derivative inserts D: M'^{l+1} = E[D J^T J D]. (Inner ReLUs of the tail already carry
     # their D; D^2 = D.)
     jgrams = (jacobian_grams(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target)
               if L > 1 else [])
+    if fold:  # the features without the constant
+        jgrams = [m[:-1, :-1] for m in jgrams]
     act_dtype = [jnp.result_type(s) for s in shapes]
     cdt = _count_dtype()
 

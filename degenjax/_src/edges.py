@@ -1,12 +1,14 @@
-"""Interaction edges between basis directions, their sparsity, and edge/node ablations (DESIGN.md section 3).
+"""Interaction edges between basis directions, their sparsity, and edge/node ablations (arXiv 2405.10928, sec. 2).
 
 ``E^l_{ij} = (1/(N P_l)) sum_x sum_t ( sum_s d h^_{l+1,(t,i)} / d h^_{l,(s,j)} * h^_{l,(s,j)} )^2``: gradient times
 activation, summed over input positions inside the square, squared, summed over output positions ``t``, averaged
 over data points and normalised by the node layer's number of positions ``P_l`` (the normalisation of the Jacobian
 Gram ``M^l``, so that for a linear section ``sum E^l = sum Lambda^l``; with no positions axis ``P_l = 1``).
-Derivatives are taken at the data's activations; the tangent of ``h^_{l,j}`` is ``C^{l+}[j, :d]``. Edges run
-between consecutive node layers ``l -> l+1`` for ``l = 0..L-2``; the last section (to the raw output) has no
-basis on its output side and is not included. Row 0 and column 0 are the constant nodes (row 0 is zero).
+Derivatives are taken at the data's activations; the tangent of ``h^_{l,j}`` is row ``j`` of ``C^{l+}`` over the
+features the section takes (on folded node layers the constant included: the constant node then has edges, the bias
+contributions). Edges run between consecutive node layers ``l -> l+1`` for ``l = 0..L-2``, and with
+``output=True`` also from the last node layer to the raw output (no basis there). Row 0 and column 0 are the
+constant nodes.
 """
 
 from __future__ import annotations
@@ -18,17 +20,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, to_hat
+from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, section_width, to_hat
 from degenjax._src.grams import _HIGHEST, as_batch_list
 from degenjax._src.sections import as_sections, forward, section_shapes
-from degenjax._src.structure import affine_elementwise
+from degenjax._src.attention import attention_edges
+from degenjax._src.structure import affine_elementwise, attention_structure
 from degenjax._src.validation import (check_batch_list, check_finite_nonnegative, check_finite_params,
                                       check_positive_int, is_traced)
 
 
 def _section_to_hat(model, params, C_next, l):
+    """``h -> f_l(h) C^{l+1}`` (basis coordinates of the next node layer), or the raw output when ``C_next`` is
+    None."""
     f = model.fns[l]
-    return lambda h: f(params, h) @ C_next[:-1].astype(h.dtype)
+    if C_next is None:
+        return lambda h: f(params, h)
+    return lambda h: to_hat(f(params, h), C_next)
 
 
 def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
@@ -36,7 +43,7 @@ def _batch_edges(g, h, hh, Cp, chunk_size: int, mode: str):
     dt = acc_dtype()
     d = h.shape[-1]
     dh = hh.shape[-1]
-    Cp_h = Cp[:, :-1].astype(h.dtype)  # (d^_l, d_l): tangent of each basis coordinate in activation space
+    Cp_h = Cp[:, :d].astype(h.dtype)  # (d^_l, d_l): tangent of each basis coordinate in the section's input space
     if mode == "jvp":
         _, lin = jax.linearize(g, h)
         cols = []
@@ -67,22 +74,26 @@ _EDGE_CHUNK_ELEMENTS = 1 << 22
 
 
 def _structured_edges(split, hh, Cp, C_next):
-    """Edge sums for a section ``[h +] phi(h @ W) [@ V]`` (see structure.py), one row ``r`` at a time in chunks:
-    ``sum_r (h^_rj (A0 + A diag(s_r) B)_ji)^2`` with ``A = C^+ W``, ``B = V C'``, ``A0 = C^+ C'`` (residual only).
+    """Edge sums for an affine-elementwise section ``post(h W) [V] [+ h A0]`` (see structure.py), one row ``r`` at
+    a time in chunks: ``sum_r (h^_rj (A0' + A diag(s_r) B)_ji)^2`` with ``A = C^+ W``, ``B = V C'``,
+    ``A0' = C^+ A0 C'`` (``C'`` the next layer's basis over the section's output features, or the identity on the
+    raw output).
 
     Rows are data points times (selected) positions: the section acts on each position separately, so the
-    input-position sum of DESIGN section 3 has one term. One large matrix product per chunk of rows, in the
+    input-position sum of the edge definition has one term. One large matrix product per chunk of rows, in the
     section's dtype at full precision; each chunk's squares are summed in that dtype (at most ``c`` positive
     terms) and the chunks in the accumulation dtype. Returns ``(d^_{l+1}, d^_l)``.
     """
     dt = acc_dtype()
     cdt = split.z.dtype
     dk = split.slope.shape[-1]
-    Cp_h = Cp[:, :-1].astype(cdt)
-    Bn = C_next[:-1].astype(cdt)  # (d_out, d^_{l+1})
+    d_in, d_out = split.W.shape[0], split.d_out
+    Cp_h = Cp[:, :d_in].astype(cdt)
+    Bn = jnp.eye(d_out, dtype=cdt) if C_next is None else C_next[:d_out].astype(cdt)  # (d_out, d^_{l+1})
     A = jnp.matmul(Cp_h, split.W.astype(cdt), precision=_HIGHEST)  # (d^_l, d_k)
     B = Bn if split.V is None else jnp.matmul(split.V.astype(cdt), Bn, precision=_HIGHEST)  # (d_k, d^_{l+1})
-    A0 = jnp.matmul(Cp_h, Bn, precision=_HIGHEST) if split.skip else None  # (d^_l, d^_{l+1})
+    A0 = None if split.A0 is None else jnp.matmul(jnp.matmul(Cp_h, split.A0.astype(cdt), precision=_HIGHEST), Bn,
+                                                    precision=_HIGHEST)  # (d^_l, d^_{l+1})
     dh, dn = A.shape[0], B.shape[1]
     s = jnp.reshape(split.slope, (-1, dk)).astype(cdt)
     hr = jnp.reshape(split.select(hh), (-1, dh)).astype(cdt)
@@ -112,17 +123,24 @@ def _structured_edges(split, hh, Cp, C_next):
 
 
 def _edges_step(params, x, Cs, Cps, *, model, chunk_size: int, modes: tuple, structured: bool = False):
-    """Unnormalised edge sums of every layer for one input batch."""
+    """Unnormalised edge sums of every layer for one input batch (``len(modes)`` layers; the last one maps to the
+    raw output when ``len(modes) == L``)."""
     _, acts = forward(model, params, x)
     out = []
+    L = len(model)
     for l, m in enumerate(modes):
         h = acts[l]
         hh = to_hat(h, Cs[l])
+        C_next = Cs[l + 1] if l + 1 < L else None
         split = affine_elementwise(model.fns[l], params, h) if structured else None
         if split is not None:
-            out.append(_structured_edges(split, hh, Cps[l], Cs[l + 1]))
+            out.append(_structured_edges(split, hh, Cps[l], C_next))
             continue
-        g = _section_to_hat(model, params, Cs[l + 1], l)
+        att = attention_structure(model.fns[l], params, h) if structured else None
+        if att is not None:
+            out.append(attention_edges(att, hh, Cps[l], C_next, acc_dtype()))
+            continue
+        g = _section_to_hat(model, params, C_next, l)
         out.append(_batch_edges(g, h, hh, Cps[l], chunk_size, m))
     return out
 
@@ -131,8 +149,12 @@ _edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "
 
 
 def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
-                      mode: str = "auto", jit: bool = True, structured: bool = True) -> list[jax.Array]:
+                      mode: str = "auto", jit: bool = True, structured: bool = True, output: bool = False,
+                      constant: str | None = None) -> list[jax.Array]:
     """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
+
+    With ``output=True`` the list also holds ``E^{L-1}``, from the last node layer to the raw network output
+    (output features as nodes, no basis and no constant node there; ApolloResearch rib's convention).
 
     Sections of the form ``[h +] phi(h @ W) [@ V + c]`` (dense layers around an elementwise activation, with an
     optional residual connection and position read-out; see `degenjax.structured_sections`) use the exact
@@ -152,10 +174,13 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
       jit: compile the per-batch step (cached per model and shapes), as the Gram functions do; False runs it op
         by op. Inside the user's ``jax.jit`` either way works.
       structured: use the factorised path where a section allows it; False always uses ``vmap`` of ``jvp``/``vjp``.
+      output: also return the edges from the last node layer to the raw output.
+      constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own.
 
     Returns:
-      List of ``L - 1`` arrays, ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the accumulation dtype (float64 with x64);
-      row 0 / column 0 belong to the constant nodes.
+      List of ``L - 1`` arrays (``L`` with ``output=True``), ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the
+      accumulation dtype (float64 with x64); row 0 / column 0 belong to the constant nodes (``E^{L-1}``: shape
+      ``(d_out, d^_{L-1})``, rows the output features).
 
     Raises:
       ValueError: a basis for another model (layer count or feature sizes), NaN params, bad mode.
@@ -163,7 +188,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     if mode not in ("auto", "jvp", "vjp"):
         raise ValueError(f"mode must be 'auto', 'jvp' or 'vjp'; got {mode!r}.")
     check_positive_int(chunk_size, "chunk_size", "interaction_edges")
-    model = as_sections(model)
+    model = as_sections(model, constant)
     check_basis_matches(model, basis)
     check_finite_params(params, "edges need a finite network")
     batches = as_batch_list(batches, "interaction_edges")
@@ -171,24 +196,36 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     shapes = section_shapes(model, params, batches[0])
     check_basis_matches(model, basis, shapes)
     L = len(model)
+    n_layers = L if output else L - 1
     modes = []
-    for l in range(L - 1):
-        n_out = math.prod(shapes[l + 1].shape[1:-1]) * basis.C[l + 1].shape[1]
+    for l in range(n_layers):
+        nxt = shapes[l + 1]
+        if l == L - 1 and (not isinstance(nxt, jax.ShapeDtypeStruct) or len(nxt.shape) < 2):
+            raise ValueError("interaction_edges(output=True): the network output must be one array of shape (batch, "
+                             "[positions...,] features).")
+        width = basis.C[l + 1].shape[1] if l + 1 < L else nxt.shape[-1]
+        n_out = math.prod(nxt.shape[1:-1]) * width
         modes.append(mode if mode != "auto" else ("jvp" if basis.C[l].shape[1] <= n_out else "vjp"))
     step = _edges_step_jit if jit else _edges_step
-    totals, count = None, [0] * (L - 1)
+    totals, count = None, [0] * n_layers
     for x in batches:
         sums = step(params, x, tuple(basis.C), tuple(basis.C_pinv), model=model, chunk_size=int(chunk_size),
                     modes=tuple(modes), structured=bool(structured))
+        if not is_traced(sums):  # summed on the host: no small device programs to compile
+            sums = [np.asarray(a) for a in sums]
         totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
         n = jnp.shape(jax.tree.leaves(x)[0])[0]
         count = [c + n * math.prod(shapes[l].shape[1:-1]) for l, c in enumerate(count)]
+    if totals is None:
+        return []
     edges = [t / c for t, c in zip(totals, count)]
     if not is_traced(edges):
+        edges = [jnp.asarray(e) for e in edges]
         for l, e in enumerate(edges):
-            if not bool(jnp.all(jnp.isfinite(e))):
-                raise ValueError(f"edges E^{l} ({model.layer_name(l)} -> {model.layer_name(l + 1)}) are not finite; "
-                                 "check the inputs and params.")
+            if not bool(np.all(np.isfinite(np.asarray(e)))):
+                nxt = model.layer_name(l + 1) if l + 1 < L else "output"
+                raise ValueError(f"edges E^{l} ({model.layer_name(l)} -> {nxt}) are not finite; check the inputs and "
+                                 "params.")
     return edges
 
 
@@ -236,8 +273,9 @@ def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)
 # ablations
 
 
-def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, *, chunk_size: int = 64):
-    """The network output with the edges of section ``layer`` masked (DESIGN section 3, sparsity).
+def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, *, chunk_size: int = 64,
+                   constant: str | None = None):
+    """The network output with the edges of section ``layer`` masked (docs/maths.md#sparsity).
 
     Output node ``i`` of node layer ``layer + 1`` is computed from ``h^_layer * mask[i]``: an ablated input is set to
     its mean over the data, which is 0 for every centred (non-constant) basis coordinate. The remaining sections run
@@ -250,29 +288,29 @@ def ablated_output(model, params, basis: InteractionBasis, x, layer: int, mask, 
       layer: ``l`` in ``0..L-2``.
       mask: ``(d^_{l+1}, d^_l)`` array of 0/1 (float) entries.
       chunk_size: output nodes evaluated per ``vmap``.
+      constant: the model's constant convention (default its own; see `degenjax.Sections`).
 
     Returns:
       The output ``h_L`` for ``x``.
     """
     check_positive_int(chunk_size, "chunk_size", "ablated_output")
-    model = as_sections(model)
+    model = as_sections(model, constant)
     L = len(model)
     _, acts = forward(model, params, x)
     hh = to_hat(acts[layer], basis.C[layer])
     g = _section_to_hat(model, params, basis.C[layer + 1], layer)
+    d_in = section_width(model, basis.C[layer])
     mask = jnp.asarray(mask).astype(hh.dtype)
     n_next = mask.shape[0]
-    C_next_const = basis.C[layer + 1][-1]
     parts = []
     for start in range(0, n_next, chunk_size):
         i = np.arange(start, min(start + chunk_size, n_next))
         m = jnp.reshape(mask[i], (len(i),) + (1,) * (hh.ndim - 1) + (hh.shape[-1],))
-        outs = jax.vmap(lambda mm: g(from_hat(hh * mm, basis.C_pinv[layer])))(m)  # (k, B, ..., d^_{l+1})
+        outs = jax.vmap(lambda mm: g(from_hat(hh * mm, basis.C_pinv[layer], d_in)))(m)  # (k, B, ..., d^_{l+1})
         parts.append(jnp.take_along_axis(outs, jnp.reshape(jnp.asarray(i), (len(i),) + (1,) * (outs.ndim - 1)),
                                          axis=-1)[..., 0])
     h_next = jnp.moveaxis(jnp.concatenate(parts, axis=0), 0, -1)
-    h_next = h_next + jnp.reshape(C_next_const.astype(h_next.dtype), (1,) * (h_next.ndim - 1) + (n_next,))
-    h = from_hat(h_next, basis.C_pinv[layer + 1])
+    h = from_hat(h_next, basis.C_pinv[layer + 1], section_width(model, basis.C[layer + 1]))
     for f in model.fns[layer + 1:L]:
         h = f(params, h)
     return h
@@ -291,7 +329,7 @@ def _top_mask(weights, k: int, dtype):
 
 def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, metric: Callable, *,
                    tol: float = 1e-3, layers: Sequence[int] | None = None, chunk_size: int = 64,
-                   jit: bool = False) -> list[dict]:
+                   jit: bool = False, constant: str | None = None) -> list[dict]:
     """The fewest edges to keep in each layer so that ``metric`` stays within ``tol``, by bisection.
 
     For each layer separately (the other layers intact), the ``k`` largest non-constant edges of ``E^l`` are kept
@@ -307,12 +345,13 @@ def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, m
       layers: which layers to analyse (default all ``0..L-2``).
       chunk_size: output nodes per ``vmap`` in `ablated_output`.
       jit: compile the per-step evaluation with ``jax.jit`` (opt-in; the mask is its only changing argument).
+      constant: the model's constant convention (default its own; see `degenjax.Sections`).
 
     Returns:
       One dict per analysed layer: ``layer``, ``required`` (edges kept), ``num_edges``, ``metric_full``,
       ``metric_at_required``.
     """
-    model = as_sections(model)
+    model = as_sections(model, constant)
     check_basis_matches(model, basis)
     L = len(model)
     layers = range(L - 1) if layers is None else layers
@@ -348,7 +387,8 @@ def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, m
 
 
 def node_ablation_curves(model, params, basis: InteractionBasis, x, metric: Callable, *,
-                         layers: Sequence[int] | None = None, num_points: int | None = None) -> list[tuple]:
+                         layers: Sequence[int] | None = None, num_points: int | None = None,
+                         constant: str | None = None) -> list[tuple]:
     """Metric when only the top-``n`` basis directions of one node layer are kept (the rest mean-ablated).
 
     Directions are ranked by ``Lambda`` (descending); the constant direction is always kept; ablated centred
@@ -360,11 +400,12 @@ def node_ablation_curves(model, params, basis: InteractionBasis, x, metric: Call
       metric: ``metric(output) -> scalar``.
       layers: node layers to ablate (default all).
       num_points: number of ``n`` values (evenly spaced, always including 0 and all); default every ``n``.
+      constant: the model's constant convention (default its own; see `degenjax.Sections`).
 
     Returns:
       Per layer, ``(ns, values)``: int array of kept counts and float array of metric values.
     """
-    model = as_sections(model)
+    model = as_sections(model, constant)
     check_basis_matches(model, basis)
     L = len(model)
     _, acts = forward(model, params, x)
@@ -381,7 +422,7 @@ def node_ablation_curves(model, params, basis: InteractionBasis, x, metric: Call
             keep[0] = 1.0
             keep[order[:n]] = 1.0
             h = from_hat(hh * jnp.reshape(jnp.asarray(keep, hh.dtype), (1,) * (hh.ndim - 1) + (n_dirs + 1,)),
-                         basis.C_pinv[l])
+                         basis.C_pinv[l], section_width(model, basis.C[l]))
             for f in model.fns[l:]:
                 h = f(params, h)
             vals.append(float(metric(h)))

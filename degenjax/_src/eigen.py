@@ -1,4 +1,4 @@
-"""Symmetric eigensolvers: dense ``eigh`` and a sharded top-k solver (DESIGN.md section 4).
+"""Symmetric eigensolvers: dense ``eigh`` and a sharded top-k solver (docs/maths.md#eigensolvers).
 
 ``eigh`` wraps the dense ``jax.numpy.linalg.eigh`` with the conventions used across degenjax: eigenvalues in
 descending order, eigenvectors as columns, the input symmetrised, float64 where x64 is enabled. ``eigh_topk`` is
@@ -319,7 +319,7 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
               dim: int | None = None, num_iters: int = 200, tol: float | None = None, oversample: int = 10,
               mesh: Mesh | None = None, dtype=None, symmetry_rtol: float | None = None,
               check: bool = True) -> EigResult:
-    """Leading eigenpairs of a symmetric operator by block subspace iteration with Rayleigh-Ritz (DESIGN.md s.4).
+    """Leading eigenpairs of a symmetric operator by block subspace iteration with Rayleigh-Ritz (docs/maths.md#eigensolvers).
 
     Iterates ``Q <- orth(A Q)`` on a ``(d, b)`` block, ``b = k + oversample``, with CholeskyQR2 orthonormalisation
     (a shifted first pass, and random completion of rank-deficient blocks), solves the small ``(b, b)`` projected

@@ -1,4 +1,4 @@
-"""Streamed activation and Jacobian Gram matrices (DESIGN.md section 2).
+"""Streamed activation and Jacobian Gram matrices (docs/maths.md#grams).
 
 Two layers of API:
 
@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
-from degenjax._src.structure import affine_elementwise
+from degenjax._src.attention import attention_jtj
+from degenjax._src.structure import affine_elementwise, attention_structure
 from degenjax._src.validation import check_batches, check_positive_int, is_traced
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -106,7 +107,7 @@ class GramStats(NamedTuple):
     """Result of ``finalize``.
 
     Attributes:
-      gram: ``(d + 1, d + 1)``, the Gram matrix with the constant coordinate last (DESIGN.md section 2).
+      gram: ``(d + 1, d + 1)``, the Gram matrix with the constant coordinate last (docs/maths.md#grams).
       mean: ``(d,)``, the mean activation mu.
       count: ``()``, number of samples it was computed from.
     """
@@ -126,7 +127,7 @@ class GramAccumulator(NamedTuple):
 
 
 def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int = 4096) -> GramAccumulator:
-    """Streamed activation Gram ``G = E[(h~ - mu~)(h~ - mu~)^T]`` with ``h~ = (h, 1)`` (DESIGN.md section 2).
+    """Streamed activation Gram ``G = E[(h~ - mu~)(h~ - mu~)^T]`` with ``h~ = (h, 1)`` (docs/maths.md#grams).
 
     ``update`` flattens all axes but the last (data points and positions count as samples), so it accepts a node
     layer of shape ``(batch, d)`` or ``(batch, positions, d)``. Under ``jax.shard_map`` pass ``axis_name`` (the
@@ -306,6 +307,12 @@ class _BatchChecker:
                     f"{self.fn}: node layer {l} ({self.model.layer_name(l)}) has non-finite values (NaN or Inf) in "
                     f"batch {i} (0-based); check that batch's inputs and the model parameters (diverged training, "
                     "overflow in low precision), or drop the batch.")
+            if ok.shape[1] > 1 and not ok[row, 1] and what == "constant":
+                raise ValueError(
+                    f"{self.fn}: node layer {l} ({self.model.layer_name(l)}) is declared folded (constant='last') but "
+                    f"its last feature is not 1 everywhere in batch {i} (0-based); sections written on folded node "
+                    "layers must carry the constant 1 as their last feature (fold the input batches with a trailing "
+                    "1, and return the constant last from every section but the last), or use constant='append'.")
             if ok.shape[1] > 1 and not ok[row, 1]:
                 raise ValueError(
                     f"{self.fn}: the {what} for node layer {l} ({self.model.layer_name(l)}) is non-finite in batch "
@@ -383,13 +390,27 @@ class ActivationStats(NamedTuple):
     counts: tuple[jax.Array, ...]
 
 
+def _constant_flag(a, axes):
+    """Whether the last feature of a folded node layer is exactly 1 everywhere (over all devices)."""
+    bad = jnp.logical_not(jnp.all(a[..., -1] == 1))
+    if axes is not None:
+        return jax.lax.psum(bad.astype(jnp.int32), axes) == 0
+    return jnp.logical_not(bad)
+
+
 def _activation_step(states, params, x, *, model, accum_dtype, chunk_size, mesh, axes):
     acc = gram_accumulator(accum_dtype=accum_dtype, chunk_size=chunk_size)  # `center` only matters in finalize
+    fold = model.constant == "last"
 
     def local(states, params, x):
         _, acts = forward(model, params, x)
-        new = [acc.update(s, a, axis_name=axes) for s, a in zip(states, acts)]
-        flags = jnp.stack([_finite_flag(a, axes) for a in acts])[:, None]
+        feats = [a[..., :-1] for a in acts] if fold else acts
+        new = [acc.update(s, a, axis_name=axes) for s, a in zip(states, feats)]
+        flags = [_finite_flag(a, axes) for a in acts]
+        if fold:
+            flags = jnp.stack([jnp.stack([f, _constant_flag(a, axes)]) for f, a in zip(flags, acts)])
+        else:
+            flags = jnp.stack(flags)[:, None]
         return new, flags
 
     if mesh is None:
@@ -417,8 +438,8 @@ _activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accu
 
 
 def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 4096,
-                     mesh=None, batch_axis=None, jit: bool = True) -> ActivationStats:
-    """Streams the activation Grams and means of every node layer over ``batches`` (DESIGN.md section 2).
+                     mesh=None, batch_axis=None, jit: bool = True, constant: str | None = None) -> ActivationStats:
+    """Streams the activation Grams and means of every node layer over ``batches`` (docs/maths.md#grams).
 
     Memory is O(sum_l d_l^2) whatever the number of batches. Each batch is checked: dtypes equal to the first
     batch's, feature sizes accepted by the model, activations finite (checked one batch late, so the host does
@@ -439,16 +460,20 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
         way on its own mesh.
       batch_axis: mesh axis name(s) the batch is split over; default all axes of ``mesh``.
       jit: compile the per-batch step (once per model and batch shape); False runs it op by op.
+      constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own. On folded node
+        layers (``"last"``) the last feature must be the constant 1 (checked); the Gram and mean are those of the
+        other ``d_h = d_l - 1`` features with the constant coordinate last, i.e. the same as for plain layers.
 
     Returns:
-      `ActivationStats` with per node layer ``gram`` ``(d_l + 1, d_l + 1)``, ``mean`` ``(d_l,)`` and ``count``.
+      `ActivationStats` with per node layer ``gram`` ``(d_h + 1, d_h + 1)``, ``mean`` ``(d_h,)`` and ``count``
+      (``d_h`` the features without the constant: ``d_l`` for plain layers, ``d_l - 1`` for folded ones).
 
     Raises:
       ValueError: empty ``batches``, a batch the model rejects (feature size), mixed dtypes, non-finite
         activations (naming the layer and batch), a batch size not divisible by the mesh.
     """
     fn = "activation_grams"
-    model = as_sections(model)
+    model = as_sections(model, constant)
     acc_dt = _resolve_accum_dtype(accum_dtype)
     check_positive_int(chunk_size, "chunk_size", fn)
     axes = _batch_axes(mesh, batch_axis)
@@ -459,14 +484,20 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
     for i, batch in enumerate(_batch_iterable(batches, fn)):
         shapes = checker.check(i, batch)
         if states is None:
-            states = [_zero_state(shapes[l].shape[-1], acc_dt) for l in layers]
+            fold = int(model.constant == "last")
+            for l in layers:
+                if fold and shapes[l].shape[-1] < 2:
+                    raise ValueError(f"{fn}: node layer {l} ({model.layer_name(l)}) has {shapes[l].shape[-1]} "
+                                     "feature(s); a folded layer (constant='last') needs at least one feature before "
+                                     "the constant.")
+            states = [_zero_state(shapes[l].shape[-1] - fold, acc_dt) for l in layers]
         mesh_i, axes_i = (mesh, axes) if mesh is not None else (_batch_mesh(batch) or (None, None))
         if mesh_i is not None:
             _check_divisible(fn, i, batch, mesh_i, axes_i)
             states = _replicate(states, mesh_i)
         states, flags = step(states, params, batch, model=model, accum_dtype=acc_dt,
                              chunk_size=int(chunk_size), mesh=mesh_i, axes=axes_i)
-        checker.finite(i, flags, "activation")
+        checker.finite(i, flags, "constant" if model.constant == "last" else "activation")
     checker.flush()
     if states is None:
         raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
@@ -478,7 +509,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
 def activation_grams(model, params, batches, *, center: bool = True, **kwargs) -> list[jax.Array]:
     """Activation Gram ``G^l`` of every node layer, shape ``(d_l + 1, d_l + 1)``, constant coordinate last.
 
-    ``G^l = E[(h~ - mu~)(h~ - mu~)^T]`` over data points and positions (DESIGN.md section 2). Keyword arguments
+    ``G^l = E[(h~ - mu~)(h~ - mu~)^T]`` over data points and positions (docs/maths.md#grams). Keyword arguments
     are those of `activation_stats`, which also returns the means.
     """
     return list(activation_stats(model, params, batches, center=center, **kwargs).grams)
@@ -504,7 +535,7 @@ def _per_example_rows(g, h, key, num_sources: int | None, axes=None):
 
     Exact: all output coordinates (``vjp``) or all input coordinates (``jvp``, whichever side is smaller), so that
     ``sum_{o,s} rows[o, s]^T rows[o, s] = sum_s J_{., s}^T J_{., s}``. With ``num_sources = R``: ``r^T J`` for R
-    random +-1 vectors r, scaled by ``R^{-1/2}``, an unbiased estimate of the same sum (DESIGN.md section 2).
+    random +-1 vectors r, scaled by ``R^{-1/2}``, an unbiased estimate of the same sum (docs/maths.md#grams).
     Inside ``shard_map`` (``axes`` set) the unit directions are marked device-varying like the data.
     """
     vary = (lambda a: a) if axes is None else (lambda a: jax.lax.pcast(a, axes, to="varying"))
@@ -528,27 +559,34 @@ def _per_example_rows(g, h, key, num_sources: int | None, axes=None):
 
 
 def _structured_jtj(split, out_basis, accum_dtype):
-    """``sum_rows J^T J`` for a section ``[h +] phi(h @ W) [@ V]`` from ``s = phi'(h W)`` (see structure.py).
+    """``sum_rows J^T J`` for an affine-elementwise section ``post(h W) [V] [+ h A0]`` (see structure.py).
 
-    Per row ``J = [P +] W diag(s) Q`` with ``Q = V B`` (``B`` the target basis) and ``P = B``, so the sum is
+    Per row ``J = [P +] W diag(s) Q`` with ``Q = V B`` (``B`` the target basis) and ``P = A0 B``, so the sum is
     ``W [(Q Q^T) o sum s s^T] W^T [+ W diag(sum s) Q P^T + transpose + rows P P^T]``.
     """
     dt = accum_dtype
     s = jnp.reshape(split.slope, (-1, split.slope.shape[-1])).astype(dt)
-    S = jnp.matmul(s.T, s, precision=_HIGHEST)
     W = split.W.astype(dt)
     Bo = None if out_basis is None else out_basis.astype(dt)
     V = None if split.V is None else split.V.astype(dt)
     Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=_HIGHEST))
-    K = jnp.diag(jnp.diagonal(S)) if Q is None else jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
-    M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
-    if split.skip:  # a residual section (always with V, so Q is set) maps d_in -> d_in: P = B or the identity
-        P = Bo if Bo is not None else jnp.eye(W.shape[0], dtype=dt)
+    if split.linear:  # s = 1: rows (W Q)(W Q)^T, no (d_k, d_k) Gram of the slopes (d_k may be a vocabulary)
+        WQ = W if Q is None else jnp.matmul(W, Q, precision=_HIGHEST)
+        M = jnp.asarray(s.shape[0], dt) * jnp.matmul(WQ, WQ.T, precision=_HIGHEST)
+    elif Q is None:  # K = diag(sum s^2)
+        M = jnp.matmul(W * jnp.sum(s * s, axis=0)[None, :], W.T, precision=_HIGHEST)
+    else:
+        S = jnp.matmul(s.T, s, precision=_HIGHEST)
+        K = jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
+        M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+    if split.A0 is not None:  # a linear pass-through (residual, carried constant): P = A0 B
+        A0 = split.A0.astype(dt)
+        P = A0 if Bo is None else jnp.matmul(A0, Bo, precision=_HIGHEST)
+        QPt = P.T if Q is None else jnp.matmul(Q, P.T, precision=_HIGHEST)
         # W diag(sum s) Q P^T, with the diagonal applied to (Q P^T): the form (W * sum_s[None]) @ (Q P^T) is
         # miscompiled by XLA:CPU under jit in jax 0.10.2 (a fused reduce + broadcast multiply + two dots gave
         # entries off by O(1); tests/test_structure.py::test_residual_block_at_transformer_sizes guards this)
-        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * jnp.matmul(Q, P.T, precision=_HIGHEST),
-                           precision=_HIGHEST)
+        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * QPt, precision=_HIGHEST)
         M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=_HIGHEST)
     return M
 
@@ -561,6 +599,9 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
         split = affine_elementwise(fns[0], params, h)
         if split is not None:
             return _structured_jtj(split, out_basis, accum_dtype)
+        att = attention_structure(fns[0], params, h)
+        if att is not None:
+            return attention_jtj(att, out_basis, accum_dtype)
 
     def g(h_ex):
         y = h_ex[None]
@@ -690,17 +731,24 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
     if totals is None:
         raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
                          "generator of arrays). A generator can only be consumed once.")
+    if not is_traced(totals):  # on the host: no small device programs to compile for the last steps
+        return [jnp.asarray((np.asarray(t) + np.asarray(c)) / n) for (t, c), n in zip(totals, counts)]
     return [(t + c) / jnp.asarray(n, acc_dt) for (t, c), n in zip(totals, counts)]
 
 
 def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target: str = "next",
                   num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
-                  mesh=None, batch_axis=None, jit: bool = True, structured: bool = True) -> jax.Array:
-    """Jacobian Gram ``M^l`` of one node layer, shape ``(d_l, d_l)`` (no constant coordinate).
+                  mesh=None, batch_axis=None, jit: bool = True, structured: bool = True,
+                  constant: str | None = None) -> jax.Array:
+    """Jacobian Gram ``M^l`` of one node layer, shape ``(d_l, d_l)`` over the features the section takes.
+
+    On plain node layers (``constant="append"``) these are the features without the constant (whose derivative is
+    zero); on folded ones (``"last"``) the constant is the last feature and its row and column carry the bias
+    paths (arXiv 2405.10928, section 2).
 
     ``M^l_{jk} = (1 / (N P_l)) sum_x sum_{t,i} sum_s J_{(t,i),(s,j)} J_{(t,i),(s,k)}`` with ``J`` the Jacobian of
     the target coordinates with respect to ``h_l`` for one data point (all its positions ``s``), ``P_l`` the
-    positions of node layer ``l`` (DESIGN.md section 2). Computed per example with ``vmap`` of ``vjp`` over output
+    positions of node layer ``l`` (docs/maths.md#grams). Computed per example with ``vmap`` of ``vjp`` over output
     coordinates, or of ``jvp`` over input coordinates when fewer, in chunks of ``chunk_size`` examples.
 
     Args:
@@ -709,9 +757,10 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
       batches: an iterable of input batches (a single array or dict is one batch); must be re-iterable if you
         call this once per layer (e.g. a list).
       layer: the node layer ``l``.
-      out_basis: ``(d_t, k)`` or ``(d_t + 1, k)`` matrix (constant coordinate last, ignored): target coordinates
-        are ``h_t @ out_basis[:d_t]``; ``h_t`` is ``h_{l+1}`` for ``target="next"``, the network output for
-        ``"output"``. None is the identity.
+      out_basis: ``(d_t, k)`` or ``(d_t + 1, k)`` matrix: target coordinates are ``h_t @ out_basis[:d_t]``;
+        ``h_t`` is ``h_{l+1}`` for ``target="next"`` (on folded layers its constant included, so a folded basis
+        ``C^{l+1}`` of ``d_t`` rows is used whole), the network output for ``"output"``. A ``d_t + 1``-st row
+        belongs to an appended constant, which has no derivative, and is ignored. None is the identity.
       target: ``"next"`` (local, LIB) or ``"output"`` (global).
       num_sources: R for the unbiased estimate with R random +-1 vectors over the target coordinates per data
         point; None for the exact Gram.
@@ -720,6 +769,7 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
       accum_dtype: float64 (default with x64) or float32 (compensated).
       mesh, batch_axis: split each batch over mesh devices (``jax.shard_map`` + ``psum``), as in `activation_stats`.
       jit: compile the per-batch step; False runs it op by op.
+      constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own.
       structured: for an exact Gram of one section of the form ``[h +] phi(h @ W) [@ V + c]`` (``phi``
         elementwise: a dense layer plus activation, or a residual MLP block; see `degenjax.structured_sections`),
         use ``W [(Q Q^T) o sum_x s s^T] W^T`` (``Q = V B``, ``s = phi'(h W)``, plus residual cross terms) instead of
@@ -733,7 +783,7 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
       ValueError: bad target, layer, basis shape or ``num_sources``; empty or inconsistent batches; non-finite
         activations or Jacobians (naming the layer and batch).
     """
-    model = as_sections(model)
+    model = as_sections(model, constant)
     return _jacobian_driver(model, params, batches, (int(layer),), (out_basis,), target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
                             mesh=mesh, batch_axis=batch_axis, jit=jit, fn="jacobian_gram",
@@ -742,7 +792,8 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
 
 def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", output_basis=None,
                    num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
-                   mesh=None, batch_axis=None, jit: bool = True, structured: bool = True) -> list[jax.Array]:
+                   mesh=None, batch_axis=None, jit: bool = True, structured: bool = True,
+                   constant: str | None = None) -> list[jax.Array]:
     """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` in one pass over ``batches``.
 
     See `jacobian_gram` for the definition and the remaining arguments.
@@ -758,7 +809,7 @@ def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", 
       ``[M^0, ..., M^{L-1}]``, ``M^l`` of shape ``(d_l, d_l)``.
     """
     fn = "jacobian_grams"
-    model = as_sections(model)
+    model = as_sections(model, constant)
     L = len(model)
     if target == "next":
         if basis is not None:

@@ -69,14 +69,17 @@ def _causal_attention(q, k, v):
 class _Attention(nn.Module):
     num_heads: int
     param_dtype: jnp.dtype
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, h):
         d = h.shape[-1]
         dh = d // self.num_heads
-        qkv = nn.DenseGeneral((3, self.num_heads, dh), use_bias=False, param_dtype=self.param_dtype, name="qkv")(h)
+        qkv = nn.DenseGeneral((3, self.num_heads, dh), use_bias=self.use_bias, param_dtype=self.param_dtype,
+                              name="qkv")(h)
         z = _causal_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :])
-        return h + nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, param_dtype=self.param_dtype, name="out")(z)
+        return h + nn.DenseGeneral(d, axis=(-2, -1), use_bias=self.use_bias, param_dtype=self.param_dtype,
+                                   name="out")(z)
 
 
 class _MLPBlock(nn.Module):
@@ -92,10 +95,11 @@ class _MLPBlock(nn.Module):
 class _Unembed(nn.Module):
     num_out: int
     param_dtype: jnp.dtype
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, h):
-        return nn.Dense(self.num_out, use_bias=False, param_dtype=self.param_dtype, name="W_U")(h[..., -1, :])
+        return nn.Dense(self.num_out, use_bias=self.use_bias, param_dtype=self.param_dtype, name="W_U")(h[..., -1, :])
 
 
 class Transformer(nn.Module):
@@ -108,24 +112,30 @@ class Transformer(nn.Module):
     d_mlp: int = 64
     num_out: int | None = None
     param_dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False  # biases in attention (b_Q, b_K, b_V, b_O) and the unembedding (b_U), as rib's model
 
     @nn.compact
     def __call__(self, x):
         pd = self.param_dtype
         h = _Embed(self.d_model, self.seq_len, pd, name="embed")(x)
-        h = _Attention(self.num_heads, pd, name="attn")(h)
+        h = _Attention(self.num_heads, pd, self.use_bias, name="attn")(h)
         h = _MLPBlock(self.d_mlp, pd, name="mlp")(h)
-        return _Unembed(self.num_out or self.vocab, pd, name="unembed")(h)
+        return _Unembed(self.num_out or self.vocab, pd, self.use_bias, name="unembed")(h)
 
 
-def mlp_sections(module: MLP, example_input) -> Sections:
-    """Sections of a linen `MLP`, one per dense layer."""
-    return from_linen(module, [f"layers_{i}" for i in range(1, len(module.features))], example_input)
+def mlp_sections(module: MLP, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of a linen `MLP`, one per dense layer (biases folded into the constant unless ``fold_bias=False``;
+    see `degenjax.from_linen`)."""
+    return from_linen(module, [f"layers_{i}" for i in range(1, len(module.features))], example_input,
+                      fold_bias=fold_bias)
 
 
-def transformer_sections(module: Transformer, example_input) -> Sections:
-    """Sections of a linen `Transformer`: embed | attn | mlp | unembed."""
-    return from_linen(module, ["attn", "mlp", "unembed"], example_input)
+def transformer_sections(module: Transformer, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of a linen `Transformer`: embed | attn | mlp | unembed (biases folded unless ``fold_bias=False``).
+
+    Folded, each bias is tied to the constant of the position where it is added; the position embedding is not a
+    bias (it is not tied)."""
+    return from_linen(module, ["attn", "mlp", "unembed"], example_input, fold_bias=fold_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,12 +207,14 @@ class NnxTransformer(nnx.Module):
         return self.unembed(self.mlp(self.attn(self.embed(x))))
 
 
-def nnx_mlp_sections(graphdef, num_layers: int, example_input) -> Sections:
-    return from_nnx(graphdef, [f"layers_{i}" for i in range(1, num_layers)], example_input)
+def nnx_mlp_sections(graphdef, num_layers: int, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of an `NnxMLP` (``graphdef`` from ``nnx.split``), one per dense layer."""
+    return from_nnx(graphdef, [f"layers_{i}" for i in range(1, num_layers)], example_input, fold_bias=fold_bias)
 
 
-def nnx_transformer_sections(graphdef, example_input) -> Sections:
-    return from_nnx(graphdef, ["attn", "mlp", "unembed"], example_input)
+def nnx_transformer_sections(graphdef, example_input, *, fold_bias: bool = True) -> Sections:
+    """Sections of an `NnxTransformer`: embed | attn | mlp | unembed."""
+    return from_nnx(graphdef, ["attn", "mlp", "unembed"], example_input, fold_bias=fold_bias)
 
 
 def nnx_state_from_linen(module: nnx.Module, variables) -> nnx.State:

@@ -1,4 +1,4 @@
-"""Modules of the interaction graph (DESIGN.md section 6).
+"""Modules of the interaction graph (docs/maths.md#modularity).
 
 Nodes are basis directions of the node layers, edges connect consecutive layers with weights from the interaction
 edges ``E^l`` (shape ``(d^_{l+1}, d^_l)``, see `interaction_edges`). Edge weights are log-scaled,
@@ -161,7 +161,7 @@ def _modularity(n, src, dst, wts, membership) -> float:
 
 def find_modules(edges, *, resolution: float = 1.0, seed: int = 0, method: str = "leiden",
                  drop_constant: bool | Sequence[bool] = True, num_null: int = 20, null_z: float = 3.0) -> ModuleResult:
-    """Clusters the interaction graph into modules (DESIGN.md section 6).
+    """Clusters the interaction graph into modules (docs/maths.md#modularity).
 
     Args:
       edges: list of ``E^l``, ``l = 0..L-1``, shape ``(d^_{l+1}, d^_l)``, entries >= 0 (from `interaction_edges`);

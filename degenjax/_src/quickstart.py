@@ -3,7 +3,7 @@
 An MLP (64 -> hidden -> hidden -> 10, ReLU) is trained on scikit-learn's bundled handwritten digits (no download);
 then, at the trained parameters:
 
-1. activation Grams and the LIB and PCA bases of the three node layers (DESIGN.md sections 2-3);
+1. activation Grams and the LIB and PCA bases of the three node layers (docs/maths.md#grams and #interaction-basis);
 2. interaction edges and their sparsity in both bases;
 3. the degeneracy report (free directions from activation/Jacobian rank deficits, synchronized/dead ReLUs, section 6)
    and modules of the LIB interaction graph;
@@ -189,7 +189,7 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
            for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te))}
     timings["train_s"] = time.perf_counter() - t0
 
-    # -- Grams, bases, edges (float64 when enabled): DESIGN sections 2-3
+    # -- Grams, bases, edges (float64 when enabled): docs/maths.md#grams, #interaction-basis
     t1 = time.perf_counter()
     fdt = acc_dtype()
     p_an = jax.tree.map(lambda a: jnp.asarray(a, fdt), params)
@@ -203,13 +203,13 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
     sparsity = {kind: edge_sparsity(e) for kind, e in edges.items()}
     timings["basis_s"] = time.perf_counter() - t1
 
-    # -- degeneracy and modules: DESIGN section 6
+    # -- degeneracy and modules: docs/maths.md#degeneracy-accounting
     t2 = time.perf_counter()
     degen = degeneracy_report(model, p_an, batches)
     modules = find_modules(edges["lib"], seed=config.seed)
     timings["degeneracy_modules_s"] = time.perf_counter() - t2
 
-    # -- LLC: DESIGN section 5 (float32 parameters, as trained)
+    # -- LLC: docs/maths.md#llc (float32 parameters, as trained)
     t3 = time.perf_counter()
 
     def loss_fn(p, batch):

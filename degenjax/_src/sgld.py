@@ -1,4 +1,4 @@
-"""Stochastic-gradient MCMC kernels for the localized tempered posterior (DESIGN.md section 5).
+"""Stochastic-gradient MCMC kernels for the localized tempered posterior (docs/maths.md#sgld-update).
 
 Every sampler targets ``p(w) ~ exp(-U(w))`` with the minibatch potential
 

@@ -1,4 +1,4 @@
-"""Stochastic Lanczos quadrature: the eigenvalue density of a large symmetric operator (DESIGN.md section 4).
+"""Stochastic Lanczos quadrature: the eigenvalue density of a large symmetric operator (docs/maths.md#spectral-density).
 
 For a unit probe ``v`` the Lanczos tridiagonal ``T_m`` (``m`` steps from ``v``) gives the Gauss quadrature rule
 ``v^T f(A) v ~= sum_i tau_i f(theta_i)`` with nodes ``theta_i`` (eigenvalues of ``T_m``) and weights ``tau_i``

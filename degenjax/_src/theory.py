@@ -1,4 +1,4 @@
-"""Exact learning coefficients (real log canonical thresholds) of reference models (DESIGN.md section 5).
+"""Exact learning coefficients (real log canonical thresholds) of reference models (docs/maths.md#exact-learning-coefficients).
 
 These are the analytic targets that LLC estimates are validated against:
 
