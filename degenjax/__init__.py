@@ -55,6 +55,9 @@ from degenjax._src.diagnostics import Convergence as Convergence
 from degenjax._src.llc import behavioral_loss as behavioral_loss
 from degenjax._src.llc import effective_parameter_count as effective_parameter_count
 from degenjax._src.llc import estimate_llc as estimate_llc
+from degenjax._src.cells import estimate_llc_batched as estimate_llc_batched
+from degenjax._src.cells import cells_per_group_for_memory as cells_per_group_for_memory
+from degenjax._src.cells import bitwise_compiler_options as bitwise_compiler_options
 from degenjax._src.llc import LLCDivergenceError as LLCDivergenceError
 from degenjax._src.llc import LLCResult as LLCResult
 from degenjax._src.llc import MetricsState as MetricsState
@@ -100,6 +103,7 @@ from degenjax._src.plots import plot_spectra as plot_spectra
 
 from degenjax import models as models
 from degenjax import theory as theory
+from degenjax import distributed as distributed
 
 __version__ = "0.1.0"
 
@@ -150,6 +154,9 @@ __all__ = [
     "behavioral_loss",
     "effective_parameter_count",
     "estimate_llc",
+    "estimate_llc_batched",
+    "cells_per_group_for_memory",
+    "bitwise_compiler_options",
     "LLCDivergenceError",
     "LLCResult",
     "MetricsState",
@@ -190,4 +197,5 @@ __all__ = [
     "plot_spectra",
     "models",
     "theory",
+    "distributed",
 ]

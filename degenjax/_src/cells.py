@@ -13,10 +13,10 @@ cell, one cell after another (``lax.map``), as `estimate_llc` computes it.
 sharded over devices and processes, provided the compiler emits each chain's operations the same way whatever the
 size of the chain axis. On CPUs, XLA does so for matrix products but routes some reductions (e.g. a loss's mean)
 through YNNPACK only above a size threshold of the kept axes, which changes their summation order (a difference of
-about 1e-7 relative in float32); `compiler_options` turns that routing off for reductions, and the compiled programs
+about 1e-7 relative in float32); `bitwise_compiler_options` turns that routing off for reductions, and the compiled programs
 here use it. Measured on CPU (tests/test_cells.py): float32 and float64 traces and estimates bitwise equal across 1
 to 24 cells per program, 1 to 8 devices, groupings, and `estimate_llc` under ``jax.jit(...,
-compiler_options=compiler_options())``. On GPUs and TPUs, the batched and the one-cell programs agree to rounding
+compiler_options=bitwise_compiler_options())``. On GPUs and TPUs, the batched and the one-cell programs agree to rounding
 (not tested here).
 
 **Groups.** Cells are run in groups of ``cells_per_group`` (default: as many as fit in memory, see
@@ -121,7 +121,7 @@ def _ynn_option_supported() -> bool:
     return True
 
 
-def compiler_options(devices=None) -> dict | None:
+def bitwise_compiler_options(devices=None) -> dict | None:
     """XLA options under which a chain's arithmetic does not depend on the size of the chain axis.
 
     On CPU: YNNPACK fusions for matrix products only (not for reductions, whose summation order it picks by the
@@ -481,7 +481,7 @@ def estimate_llc_batched(rng_keys, loss_fn: Callable, params: ArrayTree, data: A
         return out._replace(step_size=steps.astype(out.loss_trace.dtype))
 
     devices = list(np.asarray(mesh.devices).flat) if mesh is not None else None
-    options = compiler_options(devices)
+    options = bitwise_compiler_options(devices)
     multi = distributed.spans_processes(mesh)
     out_sharding = NamedSharding(mesh, P()) if mesh is not None else None
     program = _compiled_group(tuple(sorted(static.items(), key=lambda kv: kv[0])),
