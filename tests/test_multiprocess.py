@@ -36,12 +36,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(commands, cwd, timeout=240):
-    """Starts one process per command (2 simulated CPU devices each); waits for all; fails with their output."""
+def _start(commands, cwd):
+    """Starts one process per command, each with 2 simulated CPU devices."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(HERE)}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in commands]
+    return [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for c in commands]
+
+
+def _wait(procs, timeout=240):
+    """Waits for every process; fails with their output if one fails (and kills the others)."""
     outputs = []
     try:
         for p in procs:
@@ -66,29 +70,33 @@ def _numpy_grams(sections_np, X):
 
 def test_api_cells_and_grams_over_two_processes(tmp_path):
     port, out = _free_port(), tmp_path / "mp.npz"
-    _launch([[sys.executable, str(HERE / "mp_worker.py"), str(port), "2", str(i), str(out)] for i in range(2)],
-            tmp_path)
-    got = dict(np.load(out))
-    assert int(got["devices"]) == 4
+    procs = _start([[sys.executable, str(HERE / "mp_worker.py"), str(port), "2", str(i), str(out)]
+                    for i in range(2)], tmp_path)
+    # the references, while the workers run: the cell-by-cell path in one process (8 devices, no mesh) ...
     loss_fn, sections, params, (X, Y) = mp_worker.problem()
     keys = jax.random.split(jax.random.key(7), mp_worker.NUM_CELLS)
-    for c in range(mp_worker.NUM_CELLS):  # the cell-by-cell path in one process, 8 devices, no mesh
-        r = dj.estimate_llc(keys[c], loss_fn, jax.tree.map(lambda x: jnp.asarray(x[c]), params),
-                            (jnp.asarray(X), jnp.asarray(Y)), num_chains=mp_worker.NUM_CHAINS,
-                            num_draws=mp_worker.NUM_DRAWS, batch_size=mp_worker.BATCH,
-                            step_size=mp_worker.STEP_SIZES[c], nbeta=mp_worker.NBETAS[c], warn=False)
-        assert_trees_all_close(got["loss_trace"][c], r.loss_trace, rtol=1e-12)
-        assert_trees_all_close(got["llc_mean"][c], r.llc_mean, rtol=1e-9)
-        assert_trees_all_close(got["init_loss"][c], r.init_loss, rtol=1e-12)
-    w1, w2 = params["w1"][0], params["w2"][0]
-    ref = _numpy_grams(lambda x: [x, np.tanh(x @ w1)], X)
-    for l in range(2):
-        assert_trees_all_close(got[f"grams{l}"], ref[l], rtol=1e-10, atol=1e-13)
+    cells = [dj.estimate_llc(keys[c], loss_fn, jax.tree.map(lambda x: jnp.asarray(x[c]), params),
+                             (jnp.asarray(X), jnp.asarray(Y)), num_chains=mp_worker.NUM_CHAINS,
+                             num_draws=mp_worker.NUM_DRAWS, batch_size=mp_worker.BATCH,
+                             step_size=mp_worker.STEP_SIZES[c], nbeta=mp_worker.NBETAS[c], warn=False)
+             for c in range(mp_worker.NUM_CELLS)]
+    # ... and the basis and edges on all rows in one process
     p0 = jax.tree.map(lambda x: jnp.asarray(x[0]), params)
     one = [jnp.asarray(X[i:i + 64]) for i in range(0, len(X), 64)]
     basis = dj.interaction_basis(sections, p0, one)
     jg = dj.jacobian_grams(sections, p0, one)
     edges = dj.interaction_edges(sections, p0, basis, one)
+    _wait(procs)
+    got = dict(np.load(out))
+    assert int(got["devices"]) == 4
+    for c, r in enumerate(cells):
+        assert_trees_all_close(got["loss_trace"][c], r.loss_trace, rtol=1e-12)
+        assert_trees_all_close(got["llc_mean"][c], r.llc_mean, rtol=1e-9)
+        assert_trees_all_close(got["init_loss"][c], r.init_loss, rtol=1e-12)
+    w1 = params["w1"][0]
+    ref = _numpy_grams(lambda x: [x, np.tanh(x @ w1)], X)  # float64 NumPy
+    for l in range(2):
+        assert_trees_all_close(got[f"grams{l}"], ref[l], rtol=1e-10, atol=1e-13)
     for l in range(2):
         assert_trees_all_close(got[f"jgrams{l}"], jg[l], rtol=1e-10, atol=1e-13)
         assert_trees_all_close(got[f"Lambda{l}"], basis.Lambda[l], rtol=1e-8, atol=1e-12)
@@ -144,9 +152,9 @@ def test_sweep_distributed_resumes_a_single_process_sweep_with_its_numbers(tmp_p
     kept = b"".join((out / "results.jsonl").read_bytes().splitlines(keepends=True)[:4])
     (out / "results.jsonl").write_bytes(kept)
     port = _free_port()
-    _launch([[EXE, "sweep", "mp.toml", "--out", str(out), "--no-progress", "--no-plots", "--x64", "--distributed",
-              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
-             for i in range(2)], tmp_path)
+    command = [EXE, "sweep", "mp.toml", "--out", str(out), "--no-progress", "--no-plots", "--x64", "--distributed",
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    _wait(_start([command + ["--process-id", str(i)] for i in range(2)], tmp_path))
     data = (out / "results.jsonl").read_bytes()
     assert data.startswith(kept)
     rows = [json.loads(line) for line in data.splitlines()]

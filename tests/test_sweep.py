@@ -477,3 +477,17 @@ def test_shipped_example_converges_everywhere(tmp_path):
     for r in rows:
         trace = sweep.load_traces(tmp_path / "o", r)["loss_trace"]
         assert _split_rhat(trace) <= 1.05 and r["ess"] >= 100 and r["converged"], r["cell"]
+
+
+def test_sweep_cli_multiprocess_options_need_distributed(tmp_path):
+    from typer.testing import CliRunner
+
+    from degenjax.cli import app
+
+    _write_problem(tmp_path)
+    (tmp_path / "sweep.toml").write_text(CONFIG)
+    res = CliRunner().invoke(app, ["sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"),
+                                   "--process-id", "1"])
+    assert res.exit_code == 1
+    assert "add --distributed" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -9,26 +9,26 @@ any grid of hyperparameters) compile once and advance together. Cell ``c``'s cha
 cell, one cell after another (``lax.map``), as `estimate_llc` computes it.
 
 **Bitwise the same numbers.** No arithmetic of one chain depends on the other chains, so a cell's loss traces,
-``L_n(w*)`` and lambda^ do not depend on how many cells run beside it, on how cells are grouped, or on how chains are
-sharded over devices and processes, provided the compiler emits each chain's operations the same way whatever the
-size of the chain axis. On CPUs, XLA does so for matrix products but routes some reductions (e.g. a loss's mean)
+``L_n(w*)`` and lambda^ do not depend on how many cells run beside it, on how cells are grouped, or on how chains
+are sharded over devices and processes, provided the compiler emits each chain's operations the same way whatever
+the size of the chain axis. On CPUs, XLA does so for matrix products but routes some reductions (e.g. a loss's mean)
 through YNNPACK only above a size threshold of the kept axes, which changes their summation order (a difference of
-about 1e-7 relative in float32); `bitwise_compiler_options` turns that routing off for reductions, and the compiled programs
-here use it. Tested on CPU (tests/test_cells.py): in float32 and float64, each cell's loss trace, ``L_n(w*)``
-and lambda^ are bitwise those of the eager `estimate_llc` with the same key, for groups of 2 or 3 cells, one device
-or chains sharded over 4, eagerly or under ``jax.jit(..., compiler_options=bitwise_compiler_options())``; the MALA
-acceptance (a sum over parameters in a program compiled without these options) agrees to rounding. Exception: a
-chain axis of size 1 (`estimate_llc` with ``num_chains=1``, or one chain per device) compiles differently, so groups
-here hold at least 2 chains per device. Over 2 processes (tests/test_multiprocess.py) the traces agree with the
-single-process run to 1e-12 relative. On GPUs and TPUs, the batched and the one-cell programs agree to rounding
-(not measured here).
+about 1e-7 relative in float32); `bitwise_compiler_options` turns that routing off for reductions, and the compiled
+programs here use it. Tested on CPU (tests/test_cells.py): in float32 and float64, each cell's loss trace,
+``L_n(w*)`` and lambda^ are bitwise those of the eager `estimate_llc` with the same key, for groups of 2 or 3 cells,
+one device or chains sharded over 4, eagerly or under ``jax.jit(..., compiler_options=bitwise_compiler_options())``;
+the MALA acceptance (a sum over parameters in a program compiled without these options) agrees to rounding.
+Exception: a chain axis of size 1 (`estimate_llc` with ``num_chains=1``, or one chain per device) compiles
+differently, so groups here hold at least 2 chains per device. Over 2 processes (tests/test_multiprocess.py) the
+traces agree with the single-process run to 1e-12 relative. On GPUs and TPUs, the batched and the one-cell programs
+agree to rounding (not measured here).
 
 **Groups.** Cells are run in groups of ``cells_per_group`` (default: as many as fit in memory, see
 `cells_per_group_for_memory`); every group has the same shape (the last is padded with copies of its last cell,
-whose results are dropped), so one compilation serves all groups. A group holds at least 2 chains per device
-(padded if needed): XLA compiles a chain axis of size 1 differently, which changes the last bits of the numbers. Under the caller's ``jax.jit`` the groups are a
-``lax.map``; eagerly they are a Python loop over one compiled program, which `degenjax.run_sweep` uses to write
-each group's results as soon as they are done.
+whose results are dropped), so one compilation serves all groups. A group holds at least 2 chains per device (padded
+if needed): XLA compiles a chain axis of size 1 differently, which changes the last bits of the numbers. Under the
+caller's ``jax.jit`` the groups are a ``lax.map``; eagerly they are a Python loop over one compiled program, which
+`degenjax.run_sweep` uses to write each group's results as soon as they are done.
 """
 
 from __future__ import annotations

@@ -37,9 +37,10 @@ the checkpoints (sending them to the others, bitwise), and a restart of all proc
 
 **Identity.** A cell's result is determined by the checkpoint's *content* (SHA-256), the entry point's code (the
 ``.py`` files of its module's folder, or ``entry_version``), the sampler settings (after defaults are filled in),
-the seed, the grid values, float64 on/off, the JAX backend, and the versions of degenjax, jax and jaxlib. ``OUT/sweep.json`` records the sweep-wide part and every result line the
-rest, so a rerun never reuses a result that another checkpoint, entry point or setting produced: it refuses with a
-message naming what changed. The grid and the list of checkpoints may grow between runs.
+the seed, the grid values, float64 on/off, the JAX backend, and the versions of degenjax, jax and jaxlib.
+``OUT/sweep.json`` records the sweep-wide part and every result line the rest, so a rerun never reuses a result that
+another checkpoint, entry point or setting produced: it refuses with a message naming what changed. The grid and the
+list of checkpoints may grow between runs.
 
 **Failures.** Everything that can be checked before computing (the config, the entry point, the sampler settings
 against the data, a writable ``OUT``) is checked before ``sweep.json`` is written. A checkpoint that cannot be
