@@ -2,9 +2,9 @@
 
 Starts ``jax.distributed`` with 2 simulated CPU devices in this process (gloo collectives), then, with every process
 making the same calls: a batch of LLC cells whose chains are sharded over the devices of all processes
-(`estimate_llc_batched`), and Grams, the interaction basis and edges on data of which each process holds and
-streams only its own rows. Process 0 writes the results to ``OUT`` (npz). The problem is `problem()`, which the test
-imports to compute its single-process and NumPy references.
+(`estimate_llc_batched`), and activation Grams, the interaction basis (from activation and Jacobian Grams) and
+edges on data of which each process holds and streams only its own rows. Process 0 writes the results to ``OUT``
+(npz). The problem is `problem()`, which the test imports to compute its single-process and NumPy references.
 """
 
 import sys
@@ -61,11 +61,10 @@ def main(port: str, nproc: int, pid: int, out: str) -> None:
     batches = [distributed.global_batch(local[i:i + half], data_mesh, "data") for i in (0, half)]
     p0 = jax.tree.map(lambda x: jnp.asarray(x[0]), params)
     grams = dj.activation_grams(sections, p0, batches)
-    jgrams = dj.jacobian_grams(sections, p0, batches)
     basis = dj.interaction_basis(sections, p0, batches)
     edges = dj.interaction_edges(sections, p0, basis, batches)
     host = distributed.to_host({"llc_mean": res.llc_mean, "loss_trace": res.loss_trace, "init_loss": res.init_loss,
-                                "grams": list(grams), "jgrams": list(jgrams), "Lambda": list(basis.Lambda),
+                                "grams": list(grams), "Lambda": list(basis.Lambda),
                                 "edges": list(edges)})
     if jax.process_index() == 0:
         flat = {}

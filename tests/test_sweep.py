@@ -402,6 +402,18 @@ def test_real_cell_saves_traces_and_flags_convergence(tmp_path):
     assert len(lines) == 2 and all(l.startswith("not converged: ") and "R-hat" in l or "ESS" in l for l in lines)
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"converged", "trace_file", "error", "step"} <= set(header)
+    # the sweep's batched cells give each cell the numbers of estimate_llc with the cell's key (bitwise)
+    from degenjax import estimate_llc
+
+    loss_fn, template, data = sweep.load_problem("toy_problem:make", [str(tmp_path)])
+    params = checkpoints.load_checkpoint(tmp_path / "ckpts" / "step_1.msgpack", template)
+    for r in rows:
+        one = estimate_llc(sweep.cell_key(3, r), loss_fn, params, data, num_chains=2, num_draws=10, batch_size=2,
+                           step_size=r["step_size"], localization=r["localization"], warn=False)
+        got = sweep.load_traces(out, r)["loss_trace"]  # saved as float64
+        assert np.asarray(one.loss_trace).dtype == np.float32
+        assert np.array_equal(np.asarray(one.loss_trace, np.float64), got)
+        assert np.asarray(one.llc_per_chain, np.float64).tolist() == r["llc_per_chain"]
 
 
 def test_sweep_plots_mark_unconverged_cells_and_use_training_steps(tmp_path):
