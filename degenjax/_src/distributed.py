@@ -45,11 +45,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       ValueError: JAX was already used in this process (``jax.distributed`` must start first), or the arguments are
         incomplete outside a cluster JAX recognises.
     """
-    from jax._src import xla_bridge
-
     if jax.distributed.is_initialized():
         return
-    if xla_bridge.backends_are_initialized():
+    try:  # a private JAX function: if it moves, jax.distributed.initialize's own error is the message
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        started = False
+    if started:
         raise ValueError("jax.distributed must be initialized before any other JAX call in the process (devices "
                          "were already created); start it first, e.g. `degenjax sweep --distributed ...`.")
     if num_cpu_devices is not None:
