@@ -73,6 +73,9 @@ _LAZY = {
     "behavioral_loss": "degenjax._src.llc",
     "effective_parameter_count": "degenjax._src.llc",
     "estimate_llc": "degenjax._src.llc",
+    "estimate_llc_batched": "degenjax._src.cells",
+    "cells_per_group_for_memory": "degenjax._src.cells",
+    "bitwise_compiler_options": "degenjax._src.cells",
     "LLCDivergenceError": "degenjax._src.llc",
     "LLCResult": "degenjax._src.llc",
     "MetricsState": "degenjax._src.llc",
@@ -118,6 +121,7 @@ _LAZY = {
     "plot_spectra": "degenjax._src.plots",
     "models": "degenjax.models",  # submodule
     "theory": "degenjax.theory",  # submodule
+    "distributed": "degenjax.distributed",  # submodule
 }
 
 if TYPE_CHECKING:
@@ -170,6 +174,9 @@ if TYPE_CHECKING:
     from degenjax._src.llc import behavioral_loss as behavioral_loss
     from degenjax._src.llc import effective_parameter_count as effective_parameter_count
     from degenjax._src.llc import estimate_llc as estimate_llc
+    from degenjax._src.cells import estimate_llc_batched as estimate_llc_batched
+    from degenjax._src.cells import cells_per_group_for_memory as cells_per_group_for_memory
+    from degenjax._src.cells import bitwise_compiler_options as bitwise_compiler_options
     from degenjax._src.llc import LLCDivergenceError as LLCDivergenceError
     from degenjax._src.llc import LLCResult as LLCResult
     from degenjax._src.llc import MetricsState as MetricsState
@@ -213,6 +220,7 @@ if TYPE_CHECKING:
     from degenjax._src.plots import plot_spectra as plot_spectra
     from degenjax import models as models
     from degenjax import theory as theory
+    from degenjax import distributed as distributed
 
 
 def __getattr__(name: str):
@@ -281,6 +289,9 @@ __all__ = [
     "behavioral_loss",
     "effective_parameter_count",
     "estimate_llc",
+    "estimate_llc_batched",
+    "cells_per_group_for_memory",
+    "bitwise_compiler_options",
     "LLCDivergenceError",
     "LLCResult",
     "MetricsState",
@@ -324,4 +335,5 @@ __all__ = [
     "plot_spectra",
     "models",
     "theory",
+    "distributed",
 ]

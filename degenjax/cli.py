@@ -350,14 +350,40 @@ def sweep(
     plots: bool = typer.Option(True, help="Write llc_vs_checkpoint.png and calibration_heatmap.png at the end."),
     progress: bool = typer.Option(True, help="Show a progress bar over cells."),
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
+    cells_per_group: Optional[int] = typer.Option(
+        None, "--cells-per-group", min=1,
+        help="Cells per compiled program (default: as many as fit in memory). Results are written per group; the "
+             "numbers do not depend on it."),
+    distributed: bool = typer.Option(
+        False, "--distributed",
+        help="Run as one process of a multi-process JAX job (jax.distributed): start the same command in every "
+             "process; process 0 writes --out. On SLURM, Open MPI and Cloud TPU pods nothing else is needed; "
+             "elsewhere give --coordinator, --num-processes and --process-id."),
+    coordinator: Optional[str] = typer.Option(
+        None, "--coordinator", help="With --distributed: host:port of process 0, reachable from every process."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1,
+                                                help="With --distributed: the number of processes."),
+    process_id: Optional[int] = typer.Option(None, "--process-id", min=0,
+                                             help="With --distributed: this process's index, 0 to N-1."),
 ):
     """LLC over checkpoints x a grid of step size / nbeta / localization; resumable after a crash."""
     from degenjax._src.sweep import load_sweep_config, run_sweep
 
+    if not distributed and (coordinator is not None or num_processes is not None or process_id is not None):
+        raise ValueError("--coordinator, --num-processes and --process-id start a multi-process job; add "
+                         "--distributed.")
     cfg = load_sweep_config(config)  # validate before importing JAX-heavy code
+    if distributed:
+        from degenjax._src.distributed import initialize
+
+        initialize(coordinator, num_processes, process_id)
     _setup_jax(x64)
+    import jax
+
+    lead = jax.process_index() == 0
     try:
-        rows = run_sweep(cfg, out, progress=progress, plots=plots, log=typer.echo)
+        rows = run_sweep(cfg, out, progress=progress and lead, plots=plots, log=typer.echo,
+                         cells_per_group=cells_per_group)
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: finished cells are kept in {out / 'results.jsonl'}; rerun the same command to "
                    "resume.", err=True)
@@ -367,8 +393,9 @@ def sweep(
     unconverged = sum(r.get("converged") is False and not r.get("diverged") for r in rows)
     notes = [f"{n} {what}" for n, what in ((diverged, "diverged"), (unconverged, "not converged (R-hat > 1.05 or "
                                            "ESS < 100)"), (failed, "failed")) if n]
-    typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv, traces/)"
-               + (f"; {', '.join(notes)}" if notes else "") + ".")
+    if lead:
+        typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv, traces/)"
+                   + (f"; {', '.join(notes)}" if notes else "") + ".")
     if failed:
         raise ValueError(f"{failed} of {len(rows)} cells failed (reasons above and in the error column of "
                          f"{out / 'results.csv'}); fix them and rerun the same command to compute only those.")
