@@ -22,22 +22,23 @@ from degenjax._src.quickstart import analysis_stage, load_digits_split
 NUM_BATCHES = 2
 
 
-def _problem():
-    """A 3-section ReLU MLP (64 -> 6 -> 6 -> 4) on 40 digits in two batches; plain functions (cheap eagerly)."""
+def _problem(sizes=(64, 6, 6, 4)):
+    """A ReLU MLP (default 64 -> 6 -> 6 -> 4, the quickstart's shape) on 40 digits in two batches; plain functions
+    (cheap eagerly)."""
     x, _, _, _ = load_digits_split(60, 0, dtype=np.float64)
     x = jnp.asarray(x[:40])
-    keys = jax.random.split(jax.random.key(0), 3)
-    sizes = (64, 6, 6, 4)
-    params = {f"W{i}": jax.random.normal(keys[i], sizes[i:i + 2], jnp.float64) / np.sqrt(sizes[i]) for i in range(3)}
-    params.update({f"b{i}": jnp.full((sizes[i + 1],), 0.1, jnp.float64) for i in range(3)})
+    n = len(sizes) - 1
+    keys = jax.random.split(jax.random.key(0), n)
+    params = {f"W{i}": jax.random.normal(keys[i], sizes[i:i + 2], jnp.float64) / np.sqrt(sizes[i]) for i in range(n)}
+    params.update({f"b{i}": jnp.full((sizes[i + 1],), 0.1, jnp.float64) for i in range(n)})
 
     def section(i):
         def f(p, h):
             z = h @ p[f"W{i}"] + p[f"b{i}"][None, :]
-            return jax.nn.relu(z) if i < 2 else z
+            return jax.nn.relu(z) if i < n - 1 else z
         return f
 
-    model = dj.Sections(tuple(section(i) for i in range(3)), names=("input", "hidden 1", "hidden 2"))
+    model = dj.Sections(tuple(section(i) for i in range(n)))
     return model, params, [x[:20], x[20:]]
 
 
@@ -69,7 +70,8 @@ def passes(monkeypatch):
 
 
 def test_quickstart_analysis_makes_one_pass_per_statistic(passes):
-    model, params, batches = _problem()
+    # two node layers (eager runs compile every primitive; the quickstart's three give 8 passes, 11 before)
+    model, params, batches = _problem((64, 6, 4))
     counted, calls = _counted(model)
     with jax.disable_jit():
         res = analysis_stage(counted, params, batches)
@@ -79,7 +81,8 @@ def test_quickstart_analysis_makes_one_pass_per_statistic(passes):
                 + ["interaction edges"] * 2  # LIB and PCA edges
                 + ["ReLU patterns", "Jacobian Grams"])  # the degeneracy report's own statistics
     assert passes == expected
-    assert len(calls) == len(expected) * NUM_BATCHES == 8 * NUM_BATCHES  # 11 passes before statistics were shared
+    # every pass runs the first section once per batch, and no pass is hidden (2L + 3; before: 3L + 5 = 11 for L = 3)
+    assert len(calls) == len(expected) * NUM_BATCHES == (2 * L + 3) * NUM_BATCHES
     assert sorted(set(calls)) == [20]
     assert res.bases["lib"].dims[0] >= 2 and len(res.edges["pca"]) == L - 1
 
@@ -107,6 +110,13 @@ def test_shared_statistics_give_the_same_numbers(passes):
         dj.degeneracy_report(model, params, batches, stats=dj.activation_stats(model, params, batches, center=False))
     with pytest.raises(ValueError, match="jacobian_grams= needs 2 matrices"):
         dj.degeneracy_report(model, params, batches, jacobian_grams=own.jacobian_grams[:1])
+
+
+def test_pass_names_of_the_three_layer_quickstart(passes):
+    """The quickstart's shape (three node layers) with compiled steps: 8 named passes (11 before)."""
+    model, params, batches = _problem()
+    analysis_stage(model, params, batches)
+    assert len(passes) == 8 and passes.count("interaction edges") == 2 and passes[0] == "activation Grams"
 
 
 def test_progress_bars_are_off_by_default_and_on_when_asked(capsys):

@@ -1,4 +1,4 @@
-"""Shared numerics: accumulation and compute dtypes, matmul precision, compensated sums, float32 warnings.
+"""Shared numerics: accumulation and compute dtypes, matmul precision, scale exponents, float32 warnings.
 
 One home for the dtype and precision conventions every numerical module follows (arXiv 2405.10928, section 2 needs
 eigenvalues far below float32's resolution, hence float64 accumulation where x64 is enabled; see docs/maths.md).
@@ -30,6 +30,7 @@ def compute_dtype(dtype):
 
 
 def default_symmetry_rtol(dtype) -> float:
+    """``10 sqrt(eps)`` of ``dtype``: the asymmetry ``max|A - A^T| / max|A|`` the eigensolvers tolerate."""
     return float(10.0 * np.sqrt(np.finfo(jnp.dtype(dtype)).eps))
 
 
