@@ -304,7 +304,6 @@ def main(argv=None):
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--cells-per-group", type=int, default=None, help="batched mode: cells per program")
     p.add_argument("--no-results", action="store_true")
-    p.add_argument("--results", default=None, help="append the section to this markdown file instead of results.jsonl")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--problem", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -381,14 +380,10 @@ def main(argv=None):
     section += [f"| {k} | {v} |" for k, v in rows]
     text = "\n".join(section) + "\n"
     print(text)
-    if args.results:  # a markdown file (e.g. from another machine, to `_results.py ingest` later)
-        with open(args.results, "a") as f:
-            f.write(text)
-    else:  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _results import append_section
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
 
-        append_section(text, benchmark="sweep")
+    append_section(text, benchmark="sweep")
 
 
 if __name__ == "__main__":

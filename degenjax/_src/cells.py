@@ -56,9 +56,8 @@ from degenjax._src.diagnostics import convergence
 from degenjax._src.llc import (LLCResult, cached_runner, chain_shardings, chunk_runner, constrain,
                                parameter_mask, summarize)
 from degenjax._src.minibatch import chain_keys, chain_streams, full_loss, init_key
+from degenjax._src.types import ArrayTree
 from degenjax._src.validation import check_finite_params, is_traced
-
-ArrayTree = Any
 
 
 class CellChainState(NamedTuple):
