@@ -65,7 +65,7 @@ import numpy as np
 from degenjax._src import llc as llc_lib
 from degenjax._src import sgld as sgld_lib
 from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_inputs, check_positive_int,
-                                  default_nbeta)
+                                  check_rng_key, default_nbeta)
 from degenjax._src.diagnostics import LLCDivergenceError, convergence
 from degenjax._src.validation import is_traced
 
@@ -242,6 +242,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     if is_traced((rng_key, params, data)) or isinstance(jnp.zeros(()), jax.core.Tracer):
         raise ValueError("step_size='auto' chooses the step size on the host from measured runs and cannot run "
                          "under jax.jit; call it eagerly (it compiles its own programs).")
+    check_rng_key(rng_key)
     algo = sgld_lib.resolve_sampler(sampler)
     num_chains = check_positive_int("num_chains", num_chains)
     num_rungs = check_positive_int("num_rungs", num_rungs, minimum=2)
