@@ -91,6 +91,8 @@ class LLCRecipe:
       diffusion_time: ``T = steps x step_size`` of every rung.
       total_steps: SGLD steps per chain over all rungs.
       seconds: wall time of the recipe.
+      localization_check: the coarsest rung rerun with ``loc_factor`` times the localization (a rung dict with
+        ``localization``), or None when skipped.
     """
 
     llc: float
@@ -105,6 +107,7 @@ class LLCRecipe:
     diffusion_time: float
     total_steps: int
     seconds: float
+    localization_check: dict | None = None
 
     def table(self) -> list[dict]:
         """The rungs as a list of dicts (one row per step size)."""
@@ -164,6 +167,18 @@ def _power_step(loss_fn):
     return jax.jit(step)
 
 
+def _sq_distance(params, state) -> dict:
+    """``||w - w*||^2`` of one chain (a metrics function of `chunk_runner`): the recipe's equilibration observable.
+
+    Along the flat directions of a singular model (e.g. the symmetries of a deep linear network) nothing but the
+    localization ``gamma`` confines the chains, so ``||w - w*||^2`` relaxes only at rate ~``gamma`` per unit of
+    diffusion time (an Ornstein-Uhlenbeck process), far slower than the loss's fast fluctuations; lambda^ depends on
+    where the chains are along those directions, so it is biased until this observable has equilibrated.
+    """
+    return {"dist2": sum(jnp.sum(jnp.square(p - c)) for p, c in
+                         zip(jax.tree.leaves(params), jax.tree.leaves(state.center)))}
+
+
 def _lagrange_at_zero(nodes: np.ndarray) -> np.ndarray:
     """Weights ``w_k`` with ``sum_k w_k f(x_k) = p(0)`` for the polynomial ``p`` through ``(x_k, f(x_k))``."""
     w = np.ones(len(nodes))
@@ -181,6 +196,7 @@ class _Rung:
         self.ctx, self.run_chunk, self.carry = ctx, run_chunk, carry
         self.chunk_len, self.step_size = chunk_len, step_size
         self.losses = []  # (chunk_len, chains) per chunk
+        self.dist2 = []  # (chunk_len, chains) per chunk: ||w - w*||^2
         self.steps = 0
         self.seconds = 0.0
 
@@ -198,6 +214,7 @@ class _Rung:
             self.carry, out = self.run_chunk(self.carry, ts, self.ctx)
             losses = np.asarray(out[0])
             self.losses.append(losses)
+            self.dist2.append(np.asarray(out[2]["dist2"]))
             self.steps += self.chunk_len
             if not np.all(np.isfinite(losses)):
                 return False
@@ -208,6 +225,11 @@ class _Rung:
         trace = np.concatenate(self.losses, axis=0)
         return trace[trace.shape[0] // 2:].T
 
+    def dist_window(self) -> np.ndarray:
+        """``||w - w*||^2`` over the second half of the run, ``(chains, steps / 2)``."""
+        trace = np.concatenate(self.dist2, axis=0)
+        return trace[trace.shape[0] // 2:].T
+
 
 def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *, batch_size: int,
                num_chains: int = 4, nbeta=None, localization=1.0, sampler="sgld", sampler_kwargs: dict | None = None,
@@ -215,6 +237,8 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                data_axis: str | None = None, scale: float = 0.5, ratio: float = 3.0, num_rungs: int = 3,
                initial_steps: int = 2000, max_steps: int = 400_000, min_ess: float = 200.0,
                target_rel: float = 0.02, nonlinear_tol: float = 0.05, first_step_size: float | None = None,
+               equilibration: float = 2.5, warm_start: bool = True, loc_factor: float = 10.0,
+               loc_tol: float = 0.10,
                progress: bool = False, on_divergence: str = "raise", warn: bool = True) -> llc_lib.LLCResult:
     """Runs the step-size recipe (module docstring) and returns its `LLCResult` (``recipe`` = `LLCRecipe`).
 
@@ -230,6 +254,14 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
       target_rel: target relative uncertainty of the estimate (sets how long the rungs run).
       nonlinear_tol: largest last extrapolation correction, relative to lambda^, for a trustworthy result.
       first_step_size: start the ladder here instead of at ``scale / h_max``.
+      equilibration: the discarded first half of every rung must span this many relaxation times of the slowest
+        observable, ``||w - w*||^2`` (its ESS over the second half must reach ``equilibration x num_chains``); the
+        first rung doubles until it does, and a rung that does not makes the result untrustworthy.
+      loc_factor, loc_tol: the coarsest rung is rerun with ``loc_factor`` times the localization; when lambda^
+        changes by more than ``loc_tol`` (relative, with two standard errors) the result is untrustworthy, and the
+        change over ``sqrt(loc_factor) - 1`` is part of the reported bias. ``loc_factor <= 1`` skips this check.
+      warm_start: start every finer rung where the previous rung's chains stopped (already equilibrated along the
+        slow directions up to the step-size bias) instead of at ``w*``.
       progress: print one line per rung.
       on_divergence: ``"raise"`` raises `LLCDivergenceError` when even a rung below the divergent one diverges.
       warn: warn when the result is not trustworthy.
@@ -278,14 +310,17 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     check_init_loss(init_loss)
     states0, perm_keys, noise_keys = llc_lib.constrain((states0, perm_keys, noise_keys), chain_sharding)
     run_chunk = llc_lib.cached_runner(llc_lib.chunk_runner, loss_fn, algo, tuple(sorted(sampler_kwargs.items())), n,
-                                batch_size, 0, chain_sharding, batch_sharding, None, 1, True, True)
+                                batch_size, 0, chain_sharding, batch_sharding, _sq_distance, 1, True, True)
     dtype = jnp.result_type(init_loss)
     init = float(init_loss)
 
-    def new_rung(eps):
+    def new_rung(eps, start=None, gamma=None):
+        """A rung at step ``eps``: its chains start at ``w*`` or, warm, where the chains of ``start`` stopped."""
+        gamma = localization if gamma is None else gamma
         ctx = (data, params, perm_keys, noise_keys, jnp.asarray(eps, dtype), jnp.asarray(nbeta, dtype),
-               jnp.asarray(localization, dtype), mask, init_loss, jnp.asarray(0, jnp.int32))
-        carry = (states0, jnp.zeros((num_chains,), dtype), jnp.zeros((num_chains,), jnp.int32))
+               jnp.asarray(gamma, dtype), mask, init_loss, jnp.asarray(0, jnp.int32))
+        states = states0 if start is None or not warm_start else start.carry[0]
+        carry = (states, jnp.zeros((num_chains,), dtype), jnp.zeros((num_chains,), jnp.int32))
         return _Rung(ctx, run_chunk, carry, chunk_len, eps)
 
     def stats(rung):
@@ -294,9 +329,19 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         conv = convergence(w)
         mcse = nbeta * conv.mcse
         se = float(np.std(per_chain, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else float("nan")
+        # equilibration along the slowest direction: ESS of ||w - w*||^2 over the window (thinned to <= 2^14 draws
+        # per chain, which keeps every slow correlation); the window (= the discarded burn-in) then spans
+        # ``num_chains * draws / ESS`` relaxation times
+        d = rung.dist_window()
+        d = d[:, ::max(1, d.shape[1] // 16384)]
+        dconv = convergence(d)
+        ess_d = dconv.ess if np.isfinite(dconv.ess) else 0.0
+        relax = rung.steps // 2 * num_chains / max(ess_d, 1e-9) * rung.step_size  # diffusion time per relaxation
         return dict(step_size=rung.step_size, num_steps=rung.steps, num_burnin=rung.steps // 2,
                     llc_mean=float(per_chain.mean()), llc_se=float(np.nanmax([se, mcse])), rhat=conv.rhat,
-                    ess=conv.ess, converged=conv.converged, diverged=False, seconds=rung.seconds), per_chain
+                    ess=conv.ess, converged=conv.converged, diverged=False, seconds=rung.seconds,
+                    dist2=float(d.mean()), ess_dist2=ess_d, relaxation_time=float(relax),
+                    equilibrated=bool(ess_d >= equilibration * num_chains)), per_chain
 
     tried = []  # every rung run, for the report
     used = 0
@@ -330,8 +375,8 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         drift_ok = previous is not None and abs(row["llc_mean"] - previous["llc_mean"]) <= max(
             3.0 * math.hypot(row["llc_se"], previous["llc_se"]), target_rel * abs(row["llc_mean"]))
         say(f"rung 0: step {eps0:.3g}, {rung.steps} steps: lambda^ {row['llc_mean']:.4g} +- {row['llc_se']:.2g}, "
-            f"R-hat {row['rhat']:.3f}, ESS {row['ess']:.0f}")
-        settled = row["converged"] and row["ess"] >= min_ess and drift_ok
+            f"R-hat {row['rhat']:.3f}, ESS {row['ess']:.0f}, ESS of |w - w*|^2 {row['ess_dist2']:.1f}")
+        settled = row["converged"] and row["ess"] >= min_ess and drift_ok and row["equilibrated"]
         next_total = used + rung.steps * (1 + 2 * (cost_factor - 1))
         first_rung_settled = settled
         if (settled and rel <= target_rel / 2) or next_total > max_steps:
@@ -359,7 +404,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                 f"{scale / h_run:.3g} with the same diffusion time")
             tried.append(dict(stats(rung)[0], note="restarted: stiffer along the chains"))
             eps0, h_max = scale / h_run, h_run
-            rung = new_rung(eps0)
+            rung = new_rung(eps0, start=rung)
             ok = rung.extend(steps_new)
             used += rung.steps
             first_rung_settled = first_rung_settled and ok
@@ -373,7 +418,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     eps = eps0
     while len(rungs) < num_rungs:
         eps = eps / ratio
-        r = new_rung(eps)
+        r = new_rung(eps, start=rungs[-1])
         ok = r.extend(int(round(steps0 * (eps0 / eps) / chunk_len)) * chunk_len)
         used += r.steps
         rungs.append(r)
@@ -420,7 +465,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             break
         eps = eps / ratio
         say(f"the ladder is not linear yet (last correction {bias:.3g}); adding step {eps:.3g}")
-        r = new_rung(eps)
+        r = new_rung(eps, start=rungs[-1])
         r.extend(int(round(steps0 * (eps0 / eps) / chunk_len)) * chunk_len)
         used += r.steps
         rungs.append(r)
@@ -428,15 +473,58 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             dict(step_size=eps, num_steps=r.steps, num_burnin=r.steps // 2, llc_mean=float("nan"),
                  llc_se=float("nan"), rhat=float("nan"), ess=float("nan"), converged=False, diverged=True), None))
 
+    # Sensitivity to the localization: lambda^ is defined for gamma -> 0 (with n beta -> infinity), but along
+    # directions that only the localization confines (a singular model's flat directions) the chains explore a ball
+    # of radius ~1 / sqrt(gamma), and at finite n beta lambda^ can depend on gamma (measured on the 3-3-3-3 deep
+    # linear network, rank 1, n = 10^4: 4.17 at gamma = 1, 3.23 at gamma = 10, exact 4). The coarsest rung is
+    # rerun (warm) with ``loc_factor`` times the localization; its change bounds the localization bias at gamma:
+    # |Delta| / (sqrt(k) - 1) if lambda^ moves like sqrt(gamma) (the conservative case; 1 / (k - 1) if linear).
+    loc_row = None
+    loc_bias = 0.0
+    loc_ok = True
+    if localization > 0 and loc_factor > 1 and eps0 * (loc_factor - 1) * localization <= 0.5:
+        r_loc = new_rung(eps0, start=rungs[0], gamma=loc_factor * localization)
+        ok = r_loc.extend(rungs[0].steps)
+        used += r_loc.steps
+        if ok:
+            loc_row, _ = stats(r_loc)
+            loc_row["localization"] = loc_factor * localization
+            delta = loc_row["llc_mean"] - results[0][0]["llc_mean"]
+            se_delta = math.hypot(loc_row["llc_se"], results[0][0]["llc_se"])
+            loc_bias = (abs(delta) + se_delta) / (math.sqrt(loc_factor) - 1)
+            loc_ok = abs(delta) + 2 * se_delta <= loc_tol * abs(results[0][0]["llc_mean"])
+            say(f"localization x{loc_factor:g}: lambda^ {loc_row['llc_mean']:.4g} (was {results[0][0]['llc_mean']:.4g}"
+                f" at step {eps0:.3g}); localization bias bound {loc_bias:.3g}")
+        else:
+            loc_ok = False
+
     rows = [row for row, _ in results]
     finest = rows[-1]
+    bias = math.hypot(bias, loc_bias)
     unc = math.sqrt(se ** 2 + bias ** 2)
     problems = []
+    if not loc_ok:
+        problems.append(
+            "lambda^ depends on the localization (" + (
+                f"{results[0][0]['llc_mean']:.4g} at gamma = {localization:g} vs {loc_row['llc_mean']:.4g} at "
+                f"{loc_factor * localization:g}, step {eps0:.3g}, more than {100 * loc_tol:g}% including "
+                f"2 standard errors; bias bound at gamma = {localization:g}: {loc_bias:.3g}"
+                if loc_row is not None else f"the run at {loc_factor * localization:g} diverged")
+            + "): the chains are confined by the localization, not the loss, along flat directions; a weaker "
+              "localization (with longer chains) or more data reduces it")
     if stiff_note is not None:
         problems.append(stiff_note + f" (budget max_steps={max_steps})")
     if not first_rung_settled:
         problems.append("the first rung did not settle within the budget (still drifting or not converged after "
                         f"{steps0} steps: the chains may not have reached equilibrium)")
+    used_rows = rows[-min(len(rows), 3):]
+    unsettled = [row for row in used_rows if not row["equilibrated"]]
+    if unsettled:
+        problems.append("not equilibrated along the slowest direction at step " + ", ".join(
+            f"{row['step_size']:.3g} (ESS of ||w - w*||^2 {row['ess_dist2']:.1f} < {equilibration:g} x "
+            f"{num_chains} chains: the discarded half spans fewer than {equilibration:g} relaxation times of "
+            f"~{row['relaxation_time']:.3g})" for row in unsettled)
+            + "; lambda^ is then biased (low when the chains start at w*)")
     if not finest["converged"]:
         problems.append(f"the finest rung is not converged (R-hat {finest['rhat']:.3f}, ESS {finest['ess']:.0f})")
     if not linear:
@@ -455,6 +543,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                    "batch size (less gradient noise).")
     report = LLCRecipe(llc=llc, uncertainty=unc, se=se, bias=bias, step_size=float(finest["step_size"]),
                        trustworthy=trust, message=message, rungs=tuple(tried + rows), h_max=h_max,
+                       localization_check=loc_row,
                        diffusion_time=float(steps0 * eps0), total_steps=int(used), seconds=seconds)
     trace = rungs[-1].window()
     result = llc_lib.summarize(np, trace, np.full((trace.shape[1], num_chains), np.nan, trace.dtype),
