@@ -30,15 +30,30 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    drifting along the flat directions for 10^5+ steps, a fixed number of steps per rung would compare different
    things.)
 4. *Length*: ``steps_0`` starts at ``initial_steps`` and doubles (the chains continue) until the second half of the
-   first rung has settled (split R-hat <= 1.05, ESS >= ``min_ess``, and its mean no longer drifts between the
-   windows of successive doublings) and is precise (its relative standard error below ``target_rel / 2``), or the
-   budget ``max_steps`` (per chain, all rungs) would be exceeded. Imprecision only widens the reported
-   uncertainty; a first rung that has not settled makes the result untrustworthy.
+   first rung has settled (split R-hat <= 1.05, ESS >= ``min_ess``, its mean no longer drifts between the windows of
+   successive doublings, and it is *equilibrated*: the discarded first half spans at least ``equilibration`` = 2.5
+   relaxation times of the slowest observable ``||w - w*||^2``, i.e. its ESS over the second half is at least 2.5
+   per chain) and is precise (its relative standard error below ``target_rel / 2``), or the budget ``max_steps``
+   (per chain, all rungs) would be exceeded. Imprecision only widens the reported uncertainty; a first rung that
+   has not settled makes the result untrustworthy. The loss alone cannot show equilibration: in a singular model
+   the chains drift along flat directions, confined only by the localization (relaxation time ~``2 / gamma`` of
+   diffusion time, e.g. ~2.6 measured on the 3-3-3-3 deep linear network), while the loss fluctuates fast; a ladder
+   run for a diffusion time of 1.2 there gave 4.86, 4.03, 3.54 and extrapolated to 3.26 (exact 4), versus 4.9, 4.2,
+   3.8 at equilibrium. The finer rungs start where the previous rung's chains stopped (``warm_start``).
 5. *Estimate*: per chain, the quadratic (3-point) Richardson extrapolation of lambda^(eps_k) to ``eps = 0``; its mean
    over chains is ``llc_mean``. The remaining-bias estimate is the change from the linear extrapolation of the two
    finest rungs (the size of the last correction), and the reported uncertainty is
    ``sqrt(se^2 + bias^2)`` with ``se`` the standard error over chains (at least the MCSE propagated from the rungs).
-6. *Trust*: the result is trustworthy when no rung diverged, the finest rung converged, and the ladder is in the
+6. *Localization*: the coarsest rung is rerun (warm) with ``loc_factor = 10`` times the localization. lambda^ is
+   the coefficient of the limit gamma -> 0, n beta -> infinity; where the chains are confined by the localization
+   rather than the loss (flat directions of a singular model), lambda^ at finite n beta depends on gamma (the
+   3-3-3-3 network: 4.2 at gamma = 1, 3.2 at gamma = 10 at the same step; ``L = (ab)^2``, n = 1000: 0.36 and 0.20
+   by quadrature, asymptotically 0.5). A change above ``loc_tol = 10%`` (with two standard errors) makes the result
+   untrustworthy, and ``(|change| + se) / (sqrt(10) - 1)`` (the bias at gamma if lambda^ moves like
+   ``sqrt(gamma)``) joins the reported bias. (A finite-n deficit that does not depend on gamma, e.g. the
+   ``log(n beta)`` corrections of a singular point of multiplicity ``m > 1``, is not detected by any check here.)
+7. *Trust*: the result is trustworthy when no rung diverged, every rung of the extrapolation is equilibrated, the
+   finest rung converged, lambda^ does not depend on the localization (step 6), and the ladder is in the
    asymptotic (near-linear) regime: the last correction is at most ``max(3 se, nonlinear_tol x |lambda^|)``. If the
    first rung diverges or the ladder is not yet linear, the ladder moves down by one rung while the budget allows;
    otherwise the report says so, with every rung tried.
@@ -83,7 +98,7 @@ class LLCRecipe:
       se: statistical standard error of ``llc``.
       bias: estimated remaining step-size bias (the size of the last extrapolation correction).
       step_size: the finest rung's step size (the chosen setting; ``LLCResult.step_size``).
-      trustworthy: whether the checks of the recipe passed (module docstring, step 5).
+      trustworthy: whether the checks of the recipe passed (module docstring, step 7).
       message: one line: the estimate and why, or why no setting is trustworthy and what was tried.
       rungs: one dict per rung run (``step_size, num_steps, num_burnin, llc_mean, llc_se, rhat, ess, converged,
         diverged``), coarsest first.
@@ -162,7 +177,9 @@ def _power_step(loss_fn):
         if masks is not None:
             hv = jax.tree.map(jnp.multiply, hv, masks)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(hv)))
-        return jax.tree.map(lambda x: x / norm, hv), norm
+        # a zero Hessian (e.g. a product of parameters at w* = 0) has curvature 0, not NaN: keep v
+        flat = norm > 0
+        return jax.tree.map(lambda x, y: jnp.where(flat, x / jnp.where(flat, norm, 1), y), hv, v), norm
 
     return jax.jit(step)
 
