@@ -188,7 +188,7 @@ def main(argv=None):
         rows.append(row)
         print(_line(row), flush=True)
     table = ["| case | params | n | exact | recipe lambda^ | error | trustworthy | chosen step | recipe (s) | "
-             "one estimate (s) | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "one estimate (s) | ratio | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [_line(r) for r in rows]
     text = "\n".join(table)
     untrusted = [r for r in rows if not r["trustworthy"]]
@@ -207,7 +207,7 @@ def _line(r):
     return (f"| {r['case']} | {r['num_params']} | {r['n']} | {r['exact']:.4g} | {r['llc_mean']:.4g} +- "
             f"{r['llc_uncertainty']:.2g} | {100 * r['rel_error']:+.1f}% | {'yes' if r['trustworthy'] else 'NO'} | "
             f"{r['step_size']:.3g} | {r['recipe_s']:.0f} | {r['one_estimate_s']:.0f} | "
-            f"{r['recipe_s'] / max(r['one_estimate_s'], 1e-9):.1f} |")
+            f"{r['recipe_s'] / max(r['one_estimate_s'], 1e-9):.1f} | {r.get('load', float('nan')):.0f} |")
 
 
 def _git():
