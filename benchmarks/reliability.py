@@ -978,7 +978,7 @@ def cli_cases():
     case("llc entry returns a basis problem", ["llc", "rel_problem:make_basis"])
     case("llc unknown option", llc + ["--stepsize", "1e-4"])
     case("llc valid run", llc + ["--out", "r.json"], "ok",
-         check=lambda d, t: np.isfinite(json.loads((d / "r.json").read_text())["llc"]))
+         check=lambda d, t: np.isfinite(json.loads((d / "r.json").read_text())["llc_mean"]))
     basis = ["basis", "rel_problem:make_basis", "--kind", "pca"]
     case("basis --rtol -1", basis + ["--rtol", "-1"])
     case("basis --rtol 1.5", basis + ["--rtol", "1.5"])
