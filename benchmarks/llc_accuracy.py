@@ -197,10 +197,12 @@ def main(argv=None):
     print(text)
     if not args.no_results:
         load = os.getloadavg()
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write(f"\n## LLC accuracy battery ({datetime.date.today()}, {platform.machine()} "
-                    f"{os.cpu_count()} cores, load {load[0]:.1f})\n\n`{shlex.join(['python'] + sys.argv)}` "
-                    f"(git {_git()})\n\n{text}\n")
+        sys.path.insert(0, HERE)
+        from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+        append_section(f"\n## LLC accuracy battery ({datetime.date.today()}, {platform.machine()} "
+                       f"{os.cpu_count()} cores, load {load[0]:.1f})\n\n`{shlex.join(['python'] + sys.argv)}` "
+                       f"(git {_git()})\n\n{text}\n", benchmark="llc_accuracy")
 
 
 def _line(r):
