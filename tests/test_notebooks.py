@@ -6,6 +6,7 @@ lambda = d/2 for a regular model), so a failing assertion fails the test.
 """
 
 import os
+import re
 import pathlib
 import sys
 
@@ -49,7 +50,11 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
                if o.output_type in ("execute_result", "display_data")
                and str(o.get("data", {}).get("text/plain", "")).startswith("<Figure")]
     assert all("image/png" in o["data"] for o in figures), "a figure printed as text: add %matplotlib inline"
-    # No warnings on import or use (e.g. tqdm's "IProgress not found" TqdmWarning in a kernel without ipywidgets).
+    # No warnings from the environment (e.g. tqdm's "IProgress not found" TqdmWarning in a kernel without
+    # ipywidgets, deprecations). degenjax's own RuntimeWarnings about a result (an untrustworthy LLC at the reduced
+    # DEGENJAX_FAST size) are the point of saying doubts out loud and are allowed.
     stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                      if o.output_type == "stream" and o.name == "stderr")
-    assert "Warning" not in stderr, stderr[-3000:]
+    other = [w for w in re.findall(r"(\w+Warning)\b", stderr) if w != "RuntimeWarning"]
+    assert not other, stderr[-3000:]
+    assert all("degenjax" in line for line in stderr.splitlines() if "RuntimeWarning" in line), stderr[-3000:]
