@@ -11,7 +11,7 @@ with per head ``g_ts = sum_r G_t[r, s] v_r`` and ``K_t = sum_u k_u g_tu^T`` (str
 ``Lam Core Lam^T`` with ``Lam = [WV | WQ | WK]`` plus the ``A0 B`` terms; ``Core`` is accumulated from
 per-example tensors of size ``H T^2 k`` (never a ``(T d_out) x (T d_in)`` Jacobian per example). The edges
 ``E_ij = sum_{x,t} (sum_s (C^+ J_ts C')_{ji} h^_sj)^2`` use the same pieces with ``C^+`` on the left. Both are the
-same maths as the per-example path (tests/test_attention.py checks them against a float64 NumPy reference).
+same maths as the per-example path (tests/test_lib_reference.py checks them against a float64 NumPy reference).
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
             "PP": _ein("nhts,ngts->hg", P, P),
             "OQ": _ein("nhtui,nuha->iha", Y, k),
             "OK": _ein("nhti,ntha->iha", Ytt, q),
-            "VQ": _ein("nht,ngtui,nugb->higb", Ptt, Y, k),
-            "VK": _ein("nhts,ngtsi,ntgb->higb", P, Y, q),
+            # two steps each, in this order: the weights first (a contraction over 3 positions), then one GEMM per
+            # head over (examples x positions); einsum's own path for the three operands is several times slower
+            "VQ": _ein("nhgui,nugb->higb", _ein("nht,ngtui->nhgui", Ptt, Y), k),
+            "VK": _ein("nhgti,ntgb->higb", _ein("nhts,ngtsi->nhgti", P, Y), q),
         }
         if use_yy:
             YY = _ein("nhtui,ngtwi->nhtugw", Y, Y)  # (n, H, T, T, H, T)
@@ -157,20 +159,28 @@ def attention_edges(att: AttentionStructure, hh, Cp, C_next, accum_dtype):
     H, dv, dn = Om.shape
     n, T, dj = hh.shape
 
+    AVO_all = _ein("jhe,hei->hji", aV, Om)  # (H, d^_l, d^'): the value path's coefficient per head
+    if A0p is not None:
+        AVO_all = jnp.concatenate([AVO_all, A0p[None]], axis=0)
+
     def chunk(q, k, v, P, G, h):
         h = h.astype(cdt)
         g = _ein("nhtrs,nrhe->nhtse", G, v)  # (n, H, T, T, dv)
-        w = _ein("nhts,nsj->nhtj", P, h)
-        aQk = _ein("jha,nuha->nhju", aQ, k)
-        QK = _ein("nhju,nhtue->nhtje", aQk, g)
-        aKq = _ein("jha,ntha->nhtj", aK, q)
-        hg = _ein("nsj,nhtse->nhtje", h, g)
-        F = (w[..., None] * jnp.transpose(aV, (1, 0, 2))[None, :, None] + h[:, None, :, :, None] * QK
-             + aKq[..., None] * hg)  # (n, H, T, d^_l, dv)
-        U = _ein("nhtje,hei->ntji", F, Om)
-        if A0p is not None:
-            U = U + h[..., None] * A0p[None, None]
+        Y = _ein("nhtse,hei->nhtsi", g, Om)  # (n, H, T, T, d^'): the key-weight derivatives projected to the target
+        w = _ein("nhts,nsj->nhtj", P, h)  # attention-weighted input coordinates
+        aQk = _ein("jha,nuha->nhju", aQ, k)  # (n, H, d^_l, T)
+        aKq = _ein("jha,ntha->nhtj", aK, q)  # (n, H, T, d^_l)
+        # query and key paths together: coefficients c[n, t, j, (h, u)] on Y[n, (h, u), t, :], one small GEMM per
+        # (example, position); the value path as a sum over heads of w * (aV Om); no (n, H, T, d^_l, dv) tensor
+        c = h[:, :, :, None, None] * jnp.transpose(aQk, (0, 2, 1, 3))[:, None] + (
+            jnp.transpose(aKq, (0, 2, 3, 1))[..., None] * jnp.transpose(h, (0, 2, 1))[:, None, :, None, :])
+        if A0p is not None:  # the pass-through as one more "head" with weights h and coefficient A0'
+            w = jnp.concatenate([w, h[:, None]], axis=1)
+        # sum over heads of w[n, h, t, j] AVO[h, j, i] as a broadcast product (an einsum makes it a GEMM batched over
+        # j with a contraction of H, about twice slower on CPU)
+        U = _ein("ntjhu,nhtui->ntji", c, Y) + jnp.sum(
+            jnp.transpose(w, (0, 2, 3, 1))[..., None] * jnp.transpose(AVO_all, (1, 0, 2))[None, None], axis=3)
         return jnp.sum(U * U, axis=(0, 1)).T.astype(dt)
 
-    c = _chunks(n, H * T * (T * dv + dj * dv) + T * dj * dn)
+    c = _chunks(n, H * T * T * (dv + dn) + T * dj * (H * T + 2 * dn))
     return _scan_chunks(chunk, (att.q, att.k, att.v, att.P, att.G, hh), n, c, jnp.zeros((dn, dj), dt))
