@@ -386,9 +386,7 @@ def main(argv=None):
     ap.add_argument("--gpt2-batch", type=int, default=2, help="samples per streamed batch in the GPT-2 row")
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gpt2-n", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
-                    help="markdown file the results section is appended to")
+    ap.add_argument("--no-results", action="store_true", help="do not record the run (benchmarks/results.jsonl -> RESULTS.md)")
     args = ap.parse_args(argv)
     if args.first_call_only:
         args.rib_cut = bool(args.rib_cut)
@@ -510,8 +508,10 @@ def main(argv=None):
     text = "\n".join(section) + "\n"
     print(text)
     if not args.no_results:
-        with open(args.results, "a") as f:
-            f.write(text)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+        append_section(text, benchmark="basis")
 
 
 if __name__ == "__main__":

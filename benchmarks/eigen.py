@@ -39,7 +39,8 @@ def parse_args():
     p.add_argument("--no-lobpcg", action="store_true", help="skip jax.experimental.sparse.linalg.lobpcg_standard")
     p.add_argument("--memory-d", type=int, default=4096, help="d for the per-device memory table (0: skip)")
     p.add_argument("--memory-devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+    p.add_argument("--results", default=None, help="record file: default benchmarks/results.jsonl (and the RESULTS.md "
+                   "/ history.md views); another .jsonl (e.g. on a lent machine, to `_results.py ingest` later)")
     return p.parse_args()
 
 
@@ -191,8 +192,9 @@ def main():
             lines.append(f"| {n} | {ideal:.3f} | {ex:.3f} | {au:.3f} | {full:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(ARGS.results, "a") as f:
-        f.write(text)
+    from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+    append_section(text, benchmark="eigen", results=ARGS.results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of issues 4 and 5 in one call, on a CUDA machine whose python3 has jax[cuda], torch, flax,
 # optax, numpyro and scikit-learn (devinterp can be put on PYTHONPATH from .whl/h5deps). Each part writes its own
-# results file and log into $OUT (default /tmp/degenjax-gpu); merge the sections into benchmarks/RESULTS.md.
+# results file and log into $OUT (default /tmp/degenjax-gpu); add them with `python benchmarks/_results.py ingest
+# $OUT/*.md` (records in benchmarks/results.jsonl; RESULTS.md and history.md are regenerated).
 #
 #   OUT=/tmp/out bash benchmarks/gpu.sh          # everything (about 8 minutes on an H200)
 #   OUT=/tmp/out bash benchmarks/gpu.sh dln      # DLN vs devinterp only (about 2.5 minutes)

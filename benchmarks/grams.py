@@ -10,7 +10,7 @@
     batch by batch (goal: the same).
 
 Run: .venv/bin/python benchmarks/grams.py [--n-act 200000 --d-act 256 --n-jac 2000 --n-naive 100 ...]
-The results are printed and appended to benchmarks/RESULTS.md.
+The results are printed and recorded in benchmarks/results.jsonl (RESULTS.md and history.md are generated from it).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--memory-ns", default="10000,100000", help="n values for the peak-memory comparison (c)")
     ap.add_argument("--memory-target", default="output", choices=["next", "output"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-append", action="store_true", help="do not record the results (benchmarks/results.jsonl)")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
@@ -234,10 +234,9 @@ def main():
         *rows,
         "",
     ])
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    with open(path, "a") as f:
-        f.write(section)
-    print(f"appended to {path}")
+    from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+    append_section(section, benchmark="grams")
 
 
 if __name__ == "__main__":

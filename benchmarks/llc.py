@@ -40,7 +40,6 @@ import warnings
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def _rss_mib() -> float:
@@ -654,8 +653,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-chains", type=int, default=4)
     p.add_argument("--mem-steps", type=int, default=20)
-    p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    p.add_argument("--results", default=RESULTS, help="markdown file the results section is appended to")
+    p.add_argument("--no-results", action="store_true", help="do not record the run (benchmarks/results.jsonl -> RESULTS.md)")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
     args.compiler_options = json.loads(args.compiler_options) or None
@@ -694,9 +692,11 @@ def main(argv=None):
                "", "| measurement | value |", "| --- | --- |"]
     section += [f"| {k} | {v} |" for k, v in rows]
     text = "\n".join(section) + "\n"
-    with open(args.results, "a") as f:
-        f.write(text)
     print(text)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+    append_section(text, benchmark="llc")
 
 
 if __name__ == "__main__":

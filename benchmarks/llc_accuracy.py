@@ -141,7 +141,10 @@ def run_case(name, args):
             "trustworthy": r.trustworthy, "step_size": r.step_size,
             "rungs": [(row["step_size"], row["llc_mean"]) for row in r.rungs], "total_steps": r.total_steps,
             "recipe_s": wall, "one_estimate_s": float(finest["seconds"]), "dtype": "float64" if x64 else "float32",
-            "message": r.message}
+            "equilibrated": [bool(row.get("equilibrated", False)) for row in r.rungs],
+            "localization_check": None if r.localization_check is None else (
+                r.localization_check["localization"], r.localization_check["llc_mean"]),
+            "load": os.getloadavg()[0], "max_steps": args.max_steps, "message": r.message}
 
 
 def main(argv=None):
@@ -149,7 +152,7 @@ def main(argv=None):
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=400_000)
+    p.add_argument("--max-steps", type=int, default=2_000_000)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "llc_accuracy.jsonl"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -185,7 +188,7 @@ def main(argv=None):
         rows.append(row)
         print(_line(row), flush=True)
     table = ["| case | params | n | exact | recipe lambda^ | error | trustworthy | chosen step | recipe (s) | "
-             "one estimate (s) | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "one estimate (s) | ratio | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [_line(r) for r in rows]
     text = "\n".join(table)
     untrusted = [r for r in rows if not r["trustworthy"]]
@@ -194,17 +197,19 @@ def main(argv=None):
     print(text)
     if not args.no_results:
         load = os.getloadavg()
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write(f"\n## LLC accuracy battery ({datetime.date.today()}, {platform.machine()} "
-                    f"{os.cpu_count()} cores, load {load[0]:.1f})\n\n`{shlex.join(['python'] + sys.argv)}` "
-                    f"(git {_git()})\n\n{text}\n")
+        sys.path.insert(0, HERE)
+        from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+        append_section(f"\n## LLC accuracy battery ({datetime.date.today()}, {platform.machine()} "
+                       f"{os.cpu_count()} cores, load {load[0]:.1f})\n\n`{shlex.join(['python'] + sys.argv)}` "
+                       f"(git {_git()})\n\n{text}\n", benchmark="llc_accuracy")
 
 
 def _line(r):
     return (f"| {r['case']} | {r['num_params']} | {r['n']} | {r['exact']:.4g} | {r['llc_mean']:.4g} +- "
             f"{r['llc_uncertainty']:.2g} | {100 * r['rel_error']:+.1f}% | {'yes' if r['trustworthy'] else 'NO'} | "
             f"{r['step_size']:.3g} | {r['recipe_s']:.0f} | {r['one_estimate_s']:.0f} | "
-            f"{r['recipe_s'] / max(r['one_estimate_s'], 1e-9):.1f} |")
+            f"{r['recipe_s'] / max(r['one_estimate_s'], 1e-9):.1f} | {r.get('load', float('nan')):.0f} |")
 
 
 def _git():

@@ -9,8 +9,8 @@ interaction graph. The seed paper's heuristic predicts (a) is more degenerate (l
 Timings (side by side, same machine, same work): `synchronized_neurons` (streamed, jitted) against NumPy's
 ``np.unique`` on the full boolean (points x units) pattern matrix; `find_modules` with Leiden against Louvain.
 
-Run: ``.venv/bin/python benchmarks/modularity.py`` (flags for sizes: ``--help``). Prints the tables and appends
-them to benchmarks/RESULTS.md (``--no-append`` to skip).
+Run: ``.venv/bin/python benchmarks/modularity.py`` (flags for sizes: ``--help``). Prints the tables and records
+them in benchmarks/results.jsonl (``--no-append`` to skip).
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def main(argv=None):
     p.add_argument("--sync-points", type=int, default=100_000)
     p.add_argument("--sync-units", type=int, default=256)
     p.add_argument("--graph-nodes", type=int, default=64)
-    p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--no-append", action="store_true", help="do not record the results (benchmarks/results.jsonl)")
     args = p.parse_args(argv)
 
     rows = study(args)
@@ -318,8 +318,9 @@ def main(argv=None):
                    "null graphs; when Q does not beat the null by 3 standard deviations, `modules` counts the "
                    "connected components (1 for a connected graph).\n\n"
                    + table + "\n" + timing)
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as fh:
-            fh.write(section)
+        from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+        append_section(section, benchmark="modularity")
     return rows
 
 

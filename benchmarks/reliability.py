@@ -14,7 +14,7 @@ resumed after something changed, a bad command-line option, ...) and classifies 
 Flipped checkpoint bytes are tried outside the arrays' raw data only: a changed byte inside raw data is a valid
 file holding other numbers (msgpack has no checksum), which no loader can tell.
 
-    .venv/bin/python benchmarks/reliability.py                 # full battery; appends the table to RESULTS.md
+    .venv/bin/python benchmarks/reliability.py                 # full battery; records the table (benchmarks/results.jsonl -> RESULTS.md)
     .venv/bin/python benchmarks/reliability.py --only eigen     # one area; --list prints the cases; --no-append
 """
 
@@ -978,7 +978,7 @@ def cli_cases():
     case("llc entry returns a basis problem", ["llc", "rel_problem:make_basis"])
     case("llc unknown option", llc + ["--stepsize", "1e-4"])
     case("llc valid run", llc + ["--out", "r.json"], "ok",
-         check=lambda d, t: np.isfinite(json.loads((d / "r.json").read_text())["llc"]))
+         check=lambda d, t: np.isfinite(json.loads((d / "r.json").read_text())["llc_mean"]))
     basis = ["basis", "rel_problem:make_basis", "--kind", "pca"]
     case("basis --rtol -1", basis + ["--rtol", "-1"])
     case("basis --rtol 1.5", basis + ["--rtol", "1.5"])
@@ -1066,7 +1066,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=list(AREAS), help="areas to run (default: all)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
-    p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
+    p.add_argument("--no-append", action="store_true", help="do not record the table in benchmarks/results.jsonl (and RESULTS.md)")
     p.add_argument("--details", type=pathlib.Path, help="write every case's outcome as JSON lines here")
     args = p.parse_args()
     areas = args.only or list(AREAS)
@@ -1109,20 +1109,24 @@ def main():
         import degenjax
 
         load = os.getloadavg()
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(f"\n## reliability: bad inputs through the API and the CLI "
-                    f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n")
-            f.write(f"Command: `.venv/bin/python benchmarks/reliability.py"
-                    f"{' --only ' + ' '.join(areas) if args.only else ''}`; degenjax {degenjax.__version__}, "
-                    f"jax {jax.__version__}, {platform.machine()} {platform.system()}, {os.cpu_count()} cores, "
-                    f"load average {load[0]:.1f}; {len(results)} inputs in {elapsed:.0f} s. Outcomes as defined in "
-                    "the script's docstring (goal: zero in the last three columns).\n\n")
-            f.write(table + "\n")
-            bad = [(c, o, d) for c, o, d in results if o not in ("clear error", "correct")]
-            if bad:
-                f.write("\nNot clear or correct:\n\n")
-                for c, o, d in bad:
-                    f.write(f"- [{o}] {c.area}: {c.name}: {d}\n")
+        out = []  # the section, recorded through the shared writer
+        out.append(f"\n## reliability: bad inputs through the API and the CLI "
+                   f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n")
+        out.append(f"Command: `.venv/bin/python benchmarks/reliability.py"
+                   f"{' --only ' + ' '.join(areas) if args.only else ''}`; degenjax {degenjax.__version__}, "
+                   f"jax {jax.__version__}, {platform.machine()} {platform.system()}, {os.cpu_count()} cores, "
+                   f"load average {load[0]:.1f}; {len(results)} inputs in {elapsed:.0f} s. Outcomes as defined in "
+                   "the script's docstring (goal: zero in the last three columns).\n\n")
+        out.append(table + "\n")
+        bad = [(c, o, d) for c, o, d in results if o not in ("clear error", "correct")]
+        if bad:
+            out.append("\nNot clear or correct:\n\n")
+            for c, o, d in bad:
+                out.append(f"- [{o}] {c.area}: {c.name}: {d}\n")
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+        append_section("".join(out), benchmark="reliability")
     shutil.rmtree(TMP, ignore_errors=True)
 
 

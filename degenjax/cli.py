@@ -1,8 +1,9 @@
 """The ``degenjax`` command line: quickstart report, LLC of a user's model, interaction basis, resumable sweeps.
 
-Run ``degenjax --help`` or ``degenjax COMMAND --help``. Errors in the user's input (a missing file, a malformed
-config, an entry point that does not exist) print one line ``Error: ...`` and exit with status 1; bugs still
-raise a traceback.
+Run ``degenjax --help``, ``degenjax --version`` or ``degenjax COMMAND --help``. JAX and the numerical modules
+are imported inside the commands, so ``--help`` answers without loading them. Errors in the user's input (a
+missing file, a malformed config, an entry point that does not exist) print one line ``Error: ...`` and exit with
+status 1; bugs still raise a traceback.
 """
 
 from __future__ import annotations
@@ -77,8 +78,18 @@ def _user_errors(fn):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"degenjax {version('degenjax')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed degenjax version and exit."),
     compile_cache: Optional[pathlib.Path] = typer.Option(
         None, "--compile-cache", envvar="DEGENJAX_COMPILE_CACHE",
         help="Folder for JAX's persistent compilation cache (or set DEGENJAX_COMPILE_CACHE): a rerun with the same "
@@ -106,8 +117,9 @@ def _search_dirs(*extra) -> list[str]:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    from degenjax._src.resultsio import write_json
+
+    write_json(path, obj, indent=2)
 
 
 def _setup_jax(x64: bool) -> None:
@@ -270,6 +282,7 @@ def basis(
     seed: int = typer.Option(0, help="PRNG seed (random basis, random source vectors)."),
     x64: bool = typer.Option(True, "--x64/--no-x64", help="Enable float64 (recommended for Grams)."),
     out: Optional[pathlib.Path] = typer.Option(None, help="Folder for basis.npz, summary.json and plots."),
+    progress: bool = typer.Option(True, help="Show a progress bar for every pass over the data."),
 ):
     """Compute an interaction basis, its edges and their sparsity for a user's model."""
     _setup_jax(x64)
@@ -295,8 +308,9 @@ def basis(
     batches = as_batch_list(batches, f"the batches of {target}")  # a generator is used by the basis and the edges
     if checkpoint is not None:
         params = load_checkpoint(checkpoint, params)
-    b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed))
-    edges = interaction_edges(model, params, b, batches)
+    b = interaction_basis(model, params, batches, kind=kind.value, rtol=rtol, key=jax.random.key(seed),
+                          progress=progress)
+    edges = interaction_edges(model, params, b, batches, progress=progress)
     sparsity = edge_sparsity(edges)
     dims = [int(d) for d in jax.device_get(b.dims)]
     counts = [int(np.count_nonzero(np.asarray(e))) for e in edges]
@@ -315,22 +329,17 @@ def basis(
             arrays[f"edges_{l}"] = np.asarray(e)
         np.savez(out / "basis.npz", **arrays)
         _write_json(out / "summary.json", summary)
-        plot_spectra({"Lambda": [np.asarray(v) for v in b.Lambda]}, path=out / "spectra.png")
+        plot_spectra({"activation covariance": [np.asarray(v) for v in b.gram_spectrum],
+                      "Lambda": [np.asarray(v) for v in b.Lambda]}, cutoffs=dims, cutoff_label=f"{kind.value} keeps",
+                     path=out / "spectra.png")
         plot_interaction_graph(edges, path=out / "interaction_graph.png")
         typer.echo(f"Wrote {out / 'basis.npz'}, {out / 'summary.json'} and plots.")
 
 
 def _jsonable(x):
-    import numpy as np
+    from degenjax._src.resultsio import json_ready
 
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "shape") or isinstance(x, np.generic):
-        a = np.asarray(x)
-        return a.tolist() if a.ndim else a.item()
-    return x
+    return json_ready(x)
 
 
 @app.command()
@@ -341,14 +350,40 @@ def sweep(
     plots: bool = typer.Option(True, help="Write llc_vs_checkpoint.png and calibration_heatmap.png at the end."),
     progress: bool = typer.Option(True, help="Show a progress bar over cells."),
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
+    cells_per_group: Optional[int] = typer.Option(
+        None, "--cells-per-group", min=1,
+        help="Cells per compiled program (default: as many as fit in memory). Results are written per group; the "
+             "numbers do not depend on it."),
+    distributed: bool = typer.Option(
+        False, "--distributed",
+        help="Run as one process of a multi-process JAX job (jax.distributed): start the same command in every "
+             "process; process 0 writes --out. On SLURM, Open MPI and Cloud TPU pods nothing else is needed; "
+             "elsewhere give --coordinator, --num-processes and --process-id."),
+    coordinator: Optional[str] = typer.Option(
+        None, "--coordinator", help="With --distributed: host:port of process 0, reachable from every process."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1,
+                                                help="With --distributed: the number of processes."),
+    process_id: Optional[int] = typer.Option(None, "--process-id", min=0,
+                                             help="With --distributed: this process's index, 0 to N-1."),
 ):
     """LLC over checkpoints x a grid of step size / nbeta / localization; resumable after a crash."""
     from degenjax._src.sweep import load_sweep_config, run_sweep
 
+    if not distributed and (coordinator is not None or num_processes is not None or process_id is not None):
+        raise ValueError("--coordinator, --num-processes and --process-id start a multi-process job; add "
+                         "--distributed.")
     cfg = load_sweep_config(config)  # validate before importing JAX-heavy code
+    if distributed:
+        from degenjax._src.distributed import initialize
+
+        initialize(coordinator, num_processes, process_id)
     _setup_jax(x64)
+    import jax
+
+    lead = jax.process_index() == 0
     try:
-        rows = run_sweep(cfg, out, progress=progress, plots=plots, log=typer.echo)
+        rows = run_sweep(cfg, out, progress=progress and lead, plots=plots, log=typer.echo,
+                         cells_per_group=cells_per_group)
     except KeyboardInterrupt:
         typer.echo(f"Interrupted: finished cells are kept in {out / 'results.jsonl'}; rerun the same command to "
                    "resume.", err=True)
@@ -358,8 +393,9 @@ def sweep(
     unconverged = sum(r.get("converged") is False and not r.get("diverged") for r in rows)
     notes = [f"{n} {what}" for n, what in ((diverged, "diverged"), (unconverged, "not converged (R-hat > 1.05 or "
                                            "ESS < 100)"), (failed, "failed")) if n]
-    typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv, traces/)"
-               + (f"; {', '.join(notes)}" if notes else "") + ".")
+    if lead:
+        typer.echo(f"{len(rows)} cells in {out / 'results.jsonl'} (and results.csv, traces/)"
+                   + (f"; {', '.join(notes)}" if notes else "") + ".")
     if failed:
         raise ValueError(f"{failed} of {len(rows)} cells failed (reasons above and in the error column of "
                          f"{out / 'results.csv'}); fix them and rerun the same command to compute only those.")

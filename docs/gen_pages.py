@@ -42,15 +42,16 @@ AREAS = [
     ("basis", "Interaction basis",
      "The (Local) Interaction Basis, its PCA and random baselines, and the network re-expressed in it "
      "([maths](../maths.md#interaction-basis)).",
-     ["interaction_basis", "InteractionBasis", "transform", "layer_basis"]),
+     ["interaction_basis", "InteractionBasis", "transform", "layer_basis", "LayerBasis"]),
     ("edges", "Edges and sparsity",
      "Interaction edges between basis directions, their sparsity and ablations "
      "([maths](../maths.md#edges)).",
-     ["interaction_edges", "edge_sparsity", "edges_required", "ablated_output", "node_ablation_curves"]),
+     ["interaction_edges", "edge_sparsity", "EdgeSparsity", "edges_required", "EdgesRequired", "ablated_output",
+      "node_ablation_curves"]),
     ("degeneracy", "Degeneracy and modules",
      "Free directions from rank deficits and synchronized ReLUs, and modules of the interaction graph "
      "([maths](../maths.md#degeneracy-accounting), [modularity](../maths.md#modularity)).",
-     ["degeneracy_report", "DegeneracyReport", "synchronized_neurons", "SyncResult", "sync_accumulator",
+     ["degeneracy_report", "DegeneracyReport", "SectionCounts", "synchronized_neurons", "SyncResult", "sync_accumulator",
       "SyncAccumulator", "find_modules", "ModuleResult", "plot_modules"]),
     ("llc", "Local learning coefficient",
      "The SGLD estimator of the local learning coefficient, its samplers and diagnostics, N_eff and behavioural "
@@ -61,7 +62,8 @@ AREAS = [
     ("calibration", "Calibration and theory",
      "Choosing sampler settings, and the exact learning coefficients that estimates are checked against "
      "([maths](../maths.md#exact-learning-coefficients)).",
-     ["calibrate", "Calibration", "calibration_sweep", "CalibrationGrid", "plot_calibration", "recommend",
+     ["calibrate", "Calibration", "CalibrationRow", "calibration_sweep", "CalibrationGrid", "CalibrationCell",
+      "plot_calibration", "recommend",
       "theory"]),
     ("toolkit", "Toolkit",
      "Resumable sweeps, checkpoints, the quickstart report and figures.",
@@ -79,7 +81,7 @@ MODULE_AREAS = {
     "degeneracy": "degeneracy", "modularity": "degeneracy",
     "llc": "llc", "sgld": "llc", "numpyro_kernel": "llc", "diagnostics": "llc", "convergence": "llc",
     "calibrate": "calibration", "theory": "calibration",
-    "sweep": "toolkit", "checkpoints": "toolkit", "quickstart": "toolkit", "plots": "toolkit",
+    "sweep": "toolkit", "checkpoints": "toolkit", "quickstart": "toolkit", "plots": "toolkit", "resultsio": "toolkit",
 }
 
 

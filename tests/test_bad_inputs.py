@@ -236,3 +236,55 @@ def test_entry_points_that_raise_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"'raises_when_called:make' raised KeyError") as info:
         sweep.load_problem("raises_when_called:make", [tmp_path])
     assert isinstance(info.value.__cause__, KeyError)  # the user's traceback stays available
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# estimate_llc: one clear error per bad input, before anything is compiled (issue 15 item 5)
+
+_LX = RNG.normal(size=(64, 3))
+_LDATA = (_LX, _LX @ np.array([1.0, -2.0, 0.5]))
+_LPARAMS = {"w": np.array([1.0, -2.0, 0.5])}
+
+
+def _lloss(p, b):
+    return jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("the bad input must be refused before anything runs")
+
+
+@pytest.mark.parametrize("step_size", [1e-4, "auto"])
+@pytest.mark.parametrize("bad, match", [
+    (dict(loss_fn=lambda p, b: (b[0] @ p["w"] - b[1]) ** 2),
+     r"loss_fn\(params, batch\) must return a floating-point scalar .* float64\[8\] .* jnp\.mean"),
+    (dict(params={"w": _LPARAMS["w"], "count": np.int32(3)}), r"params leaf \['count'\] has dtype int32; .*\(cast it"),
+    (dict(rng_key=0), r"rng_key must be a PRNG key; got int 0\. Pass jax\.random\.key\(seed\)"),
+    (dict(rng_key=np.arange(3)), r"rng_key must be a PRNG key; got an array of dtype int64 and shape \(3,\)"),
+    (dict(rng_key=jax.random.split(jax.random.key(0), 2)), r"rng_key must be a single PRNG key; .* shape \(2,\)"),
+    (dict(loss_fn=3), r"loss_fn must be callable as loss_fn\(params, batch\); got int"),
+])
+def test_estimate_llc_bad_inputs_are_one_line_errors(bad, match, step_size, monkeypatch):
+    from degenjax._src import llc as llc_lib
+
+    # nothing may be compiled or run for a bad input
+    monkeypatch.setattr(llc_lib, "prologue_runner", _never_called)
+    monkeypatch.setattr(llc_lib, "chunk_runner", _never_called)
+    kw = {"rng_key": jax.random.key(0), "loss_fn": _lloss, "params": _LPARAMS, **bad}
+    with pytest.raises(ValueError, match=match) as info:
+        dj.estimate_llc(kw["rng_key"], kw["loss_fn"], kw["params"], _LDATA, num_chains=2, num_draws=10,
+                        step_size=step_size, batch_size=8)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("step_size", ["1e-4", "Auto", ""])
+def test_estimate_llc_step_size_string_other_than_auto(step_size):
+    with pytest.raises(ValueError, match=r"step_size must be a positive finite scalar or 'auto'; got '"):
+        dj.estimate_llc(jax.random.key(0), _lloss, _LPARAMS, _LDATA, num_chains=2, num_draws=10,
+                        step_size=step_size, batch_size=8)
+
+
+def test_estimate_llc_accepts_a_legacy_uint32_key():
+    res = dj.estimate_llc(jax.random.PRNGKey(3), _lloss, _LPARAMS, _LDATA, num_chains=2, num_draws=10,
+                          step_size=1e-4, batch_size=8, warn=False)
+    assert np.all(np.isfinite(np.asarray(res.loss_trace)))

@@ -286,3 +286,14 @@ def test_bad_inputs(mlp):
         dj.transform(dj.Sections(model.fns[:2]), b)
     with pytest.raises(ValueError, match="expects"):
         dj.forward(dj.transform(model, b), params, jnp.ones((2, 3)))
+
+
+def test_layer_basis_is_a_named_tuple_with_closed_form_pca():
+    """PCA of cov = diag(3, 2, 0): the zero direction is dropped, Lambda = (1, 3, 2) (constant first)."""
+    lb = dj.layer_basis(np.diag([3.0, 2.0, 0.0]), np.zeros(3), None, kind="pca")
+    assert isinstance(lb, dj.LayerBasis) and len(lb) == 7
+    C, C_pinv, *_ = lb  # still unpacks like the former 7-tuple
+    np.testing.assert_allclose(np.asarray(lb.Lambda), [1.0, 3.0, 2.0], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(lb.gram_spectrum), [3.0, 2.0, 0.0], atol=1e-12)
+    assert int(lb.num_dropped_gram) == 1 and C.shape == (4, 3) and C_pinv.shape == (3, 4)
+    np.testing.assert_allclose(np.asarray(C_pinv @ C), np.eye(3), atol=1e-12)

@@ -87,14 +87,14 @@ def test_edge_sparsity_against_numpy():
         w = np.sort(e[1:, 1:].ravel())[::-1]
         cum = np.cumsum(w) / w.sum()
         ref = [int(np.argmax(cum >= f - 1e-12)) + 1 for f in fr]
-        np.testing.assert_array_equal(np.asarray(got["counts"][l]), ref)
-        assert int(got["num_edges"][l]) == w.size
-    jitted = jax.jit(lambda es: dj.edge_sparsity(es, fr)["counts"])([jnp.asarray(e) for e in edges])
-    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(got["counts"]))
+        np.testing.assert_array_equal(np.asarray(got.counts[l]), ref)
+        assert int(got.num_edges[l]) == w.size
+    jitted = jax.jit(lambda es: dj.edge_sparsity(es, fr).counts)([jnp.asarray(e) for e in edges])
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(got.counts))
     perm = [0] + list(range(6, 0, -1))  # permuting non-constant inputs leaves the counts unchanged
     stacked = jnp.stack([jnp.asarray(edges[0]), jnp.asarray(edges[0][:, perm])])
-    vm = jax.vmap(lambda e: dj.edge_sparsity([e], fr)["counts"][0])(stacked)
-    np.testing.assert_array_equal(np.asarray(vm), np.stack([np.asarray(got["counts"][0])] * 2))
+    vm = jax.vmap(lambda e: dj.edge_sparsity([e], fr).counts[0])(stacked)
+    np.testing.assert_array_equal(np.asarray(vm), np.stack([np.asarray(got.counts[0])] * 2))
     with pytest.raises(ValueError, match="fractions"):
         dj.edge_sparsity(edges, (0.0,))
 
@@ -127,7 +127,7 @@ def test_ablations_against_numpy(relu_net):
     tol = 1e-3
     res = dj.edges_required(model, params, b, e, x, metric, tol=tol)
     for r in res:
-        l, k = r["layer"], r["required"]
+        l, k = r.layer, r.required
         w = np.asarray(e[l])[1:, 1:].ravel()
         order = np.argsort(-w, kind="stable")
 
@@ -136,9 +136,9 @@ def test_ablations_against_numpy(relu_net):
             m[order[:k]] = 1
             full = np.ones(np.asarray(e[l]).shape)
             full[1:, 1:] = m.reshape(full[1:, 1:].shape)
-            return abs(np_metric(_np_ablated(p, acts, C, Cp, x, l, full)) - r["metric_full"])
+            return abs(np_metric(_np_ablated(p, acts, C, Cp, x, l, full)) - r.metric_full)
 
-        assert r["num_edges"] == w.size and 0 < k < w.size
+        assert r.num_edges == w.size and 0 < k < w.size
         assert np_dev(k) <= tol < np_dev(k - 1)  # the bisection's answer is a boundary of the tolerance
     curves = dj.node_ablation_curves(model, params, b, x, metric, layers=[1])
     ns, vals = curves[0]
@@ -197,7 +197,7 @@ def test_experiment_synchronized_neurons_sparser():
     counts = {}
     for kind in ("lib", "pca", "random"):
         b = dj.interaction_basis(model, params, x, kind=kind, key=jax.random.key(0))
-        counts[kind] = np.asarray(dj.edge_sparsity(dj.interaction_edges(model, params, b, x), (0.9,))["counts"][:, 0])
+        counts[kind] = np.asarray(dj.edge_sparsity(dj.interaction_edges(model, params, b, x), (0.9,)).counts[:, 0])
         if kind == "lib":
             assert b.dims[1] == 5  # 8 neurons, 4 synchronized pairs: rank 4 (+ constant)
     assert np.all(counts["lib"] < counts["pca"]) and np.all(counts["lib"] < counts["random"]), counts
@@ -275,7 +275,7 @@ def _sparsity_by_kind(model, params, x, kinds=("lib", "pca")):
     for kind in kinds:
         b = dj.interaction_basis(model, params, x, kind=kind, key=jax.random.key(0))
         e = dj.interaction_edges(model, params, b, x)
-        out[kind] = (b, e, np.asarray(dj.edge_sparsity(e)["counts"]))
+        out[kind] = (b, e, np.asarray(dj.edge_sparsity(e).counts))
     return out
 
 
@@ -304,7 +304,7 @@ def test_trained_digits_mlp():
     assert np.all(res["lib"][2][:, 1] < res["pca"][2][:, 1]), (res["lib"][2], res["pca"][2])
     req = dj.edges_required(model, v, b, res["lib"][1], X[te], acc, tol=1e-3, jit=True)
     for r in req:
-        assert abs(r["metric_at_required"] - r["metric_full"]) <= 1e-3 and r["required"] < r["num_edges"]
+        assert abs(r.metric_at_required - r.metric_full) <= 1e-3 and r.required < r.num_edges
 
 
 def test_trained_modular_addition_transformer():
@@ -331,3 +331,15 @@ def test_trained_modular_addition_transformer():
                                np.asarray(module.apply(v, x)), rtol=1e-6, atol=1e-6)
     assert [e.shape for e in res["lib"][1]] == [(b.dims[l + 1], b.dims[l]) for l in range(3)]
     assert np.all(res["lib"][2][:, 1] < res["pca"][2][:, 1]), (res["lib"][2], res["pca"][2])
+
+
+def test_typed_results_keep_dict_access():
+    """EdgeSparsity / EdgesRequired are NamedTuples: attributes, _asdict() and (for old code) string keys agree."""
+    sp = dj.edge_sparsity([np.array([[1.0, 1.0, 1.0], [1.0, 3.0, 1.0], [1.0, 0.0, 0.0]])], (0.5,))
+    assert isinstance(sp, dj.EdgeSparsity) and sp._asdict()["counts"] is sp.counts and sp["counts"] is sp.counts
+    # weights 3, 1, 0, 0: half of the total 4 needs the single largest edge
+    assert np.asarray(sp.counts).tolist() == [[1]] and np.asarray(sp.num_edges).tolist() == [4]
+    with pytest.raises(KeyError, match="no field 'count'"):
+        sp["count"]
+    row = dj.EdgesRequired(layer=0, required=3, num_edges=9, metric_full=1.0, metric_at_required=0.99)
+    assert row["required"] == row.required == row[1] == 3

@@ -43,3 +43,13 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
                                              if "force_host_platform_device_count" not in f))
     client = NotebookClient(nb, timeout=300, kernel_name="degenjax-test", resources={"metadata": {"path": str(path.parent)}})
     client.execute()
+    # Figures render inline (each notebook starts with %matplotlib inline): a Figure shown as a result carries a
+    # PNG, not only its text form "<Figure size ...>".
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if o.output_type in ("execute_result", "display_data")
+               and str(o.get("data", {}).get("text/plain", "")).startswith("<Figure")]
+    assert all("image/png" in o["data"] for o in figures), "a figure printed as text: add %matplotlib inline"
+    # No warnings on import or use (e.g. tqdm's "IProgress not found" TqdmWarning in a kernel without ipywidgets).
+    stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                     if o.output_type == "stream" and o.name == "stderr")
+    assert "Warning" not in stderr, stderr[-3000:]

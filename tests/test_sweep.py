@@ -191,7 +191,7 @@ def test_plot_helpers(tmp_path):
     np.testing.assert_allclose(plots.cumulative_edge_weight(e), np.cumsum(w) / w.sum(), rtol=1e-14)
     # the curve crosses each fraction at the count edge_sparsity reports
     from degenjax import edge_sparsity
-    counts = np.asarray(edge_sparsity([e], (0.5, 0.9))["counts"])[0]
+    counts = np.asarray(edge_sparsity([e], (0.5, 0.9)).counts)[0]
     c = plots.cumulative_edge_weight(e)
     assert [int(np.argmax(c >= f * (1 - 1e-12)) + 1) for f in (0.5, 0.9)] == list(counts)
     with pytest.raises(ValueError, match="consecutive"):
@@ -402,6 +402,18 @@ def test_real_cell_saves_traces_and_flags_convergence(tmp_path):
     assert len(lines) == 2 and all(l.startswith("not converged: ") and "R-hat" in l or "ESS" in l for l in lines)
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"converged", "trace_file", "error", "step"} <= set(header)
+    # the sweep's batched cells give each cell the numbers of estimate_llc with the cell's key (bitwise)
+    from degenjax import estimate_llc
+
+    loss_fn, template, data = sweep.load_problem("toy_problem:make", [str(tmp_path)])
+    params = checkpoints.load_checkpoint(tmp_path / "ckpts" / "step_1.msgpack", template)
+    for r in rows:
+        one = estimate_llc(sweep.cell_key(3, r), loss_fn, params, data, num_chains=2, num_draws=10, batch_size=2,
+                           step_size=r["step_size"], localization=r["localization"], warn=False)
+        got = sweep.load_traces(out, r)["loss_trace"]  # saved as float64
+        assert np.asarray(one.loss_trace).dtype == np.float32
+        assert np.array_equal(np.asarray(one.loss_trace, np.float64), got)
+        assert np.asarray(one.llc_per_chain, np.float64).tolist() == r["llc_per_chain"]
 
 
 def test_sweep_plots_mark_unconverged_cells_and_use_training_steps(tmp_path):
@@ -477,3 +489,17 @@ def test_shipped_example_converges_everywhere(tmp_path):
     for r in rows:
         trace = sweep.load_traces(tmp_path / "o", r)["loss_trace"]
         assert _split_rhat(trace) <= 1.05 and r["ess"] >= 100 and r["converged"], r["cell"]
+
+
+def test_sweep_cli_multiprocess_options_need_distributed(tmp_path):
+    from typer.testing import CliRunner
+
+    from degenjax.cli import app
+
+    _write_problem(tmp_path)
+    (tmp_path / "sweep.toml").write_text(CONFIG)
+    res = CliRunner().invoke(app, ["sweep", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "out"),
+                                   "--process-id", "1"])
+    assert res.exit_code == 1
+    assert "add --distributed" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -64,9 +64,12 @@ def _setup(tmp_path, draws, localization):
     (tmp_path / "ft.toml").write_text(CONFIG.format(draws=draws, localization=localization))
 
 
-def _command(out, cache=None):
+def _command(out, cache=None, group=None):
+    """The sweep command; interrupted runs use groups of ``group`` cells (the reference: the default grouping), so
+    that resumed cells run in other groups than in the reference and must still give bitwise its numbers."""
     cmd = [EXE] + (["--compile-cache", str(cache)] if cache else [])
-    return cmd + ["sweep", "ft.toml", "--out", str(out), "--no-progress", "--no-plots"]
+    extra = ["--cells-per-group", str(group)] if group else []
+    return cmd + ["sweep", "ft.toml", "--out", str(out), "--no-progress", "--no-plots"] + extra
 
 
 def _lines(path):
@@ -140,7 +143,7 @@ def test_sigkill_during_startup_and_mid_sweep_gives_bitwise_the_uninterrupted_re
     # Kill 1: at a random time before the first result (start-up, import, compile or the first cell), at the
     # latest right after the first result line is written (then likely inside the CSV rewrite).
     t_kill = rng.uniform(0.2, 1.0) * t_first
-    assert _run_until(_command(out, cache), tmp_path, lambda t: t >= t_kill or _lines(results) > 0)
+    assert _run_until(_command(out, cache, 2), tmp_path, lambda t: t >= t_kill or _lines(results) > 0)
     snap = _check_snapshot(results, b"")
     # Kill 2: mid-sweep, a random moment after this run's first finished cell (mid-cell or in the CSV rewrite).
     start = _lines(results)
@@ -151,10 +154,10 @@ def test_sigkill_during_startup_and_mid_sweep_gives_bitwise_the_uninterrupted_re
             state["t"] = t + rng.uniform(0.0, 0.15)
         return "t" in state and t >= state["t"]
 
-    assert _run_until(_command(out, cache), tmp_path, mid_sweep)
+    assert _run_until(_command(out, cache, 2), tmp_path, mid_sweep)
     snap = _check_snapshot(results, snap)
     assert 1 <= _lines(results) < 4, "the mid-sweep kill came too late"
-    assert not _run_until(_command(out, cache), tmp_path, lambda t: False)  # resume to the end
+    assert not _run_until(_command(out, cache, 2), tmp_path, lambda t: False)  # resume to the end
     _check_snapshot(results, snap)
     _compare(ref, out, num_cells=4)
 
@@ -171,7 +174,7 @@ def test_twenty_sigkills_at_random_times_give_bitwise_the_uninterrupted_results(
     while kills < 20:
         # uniform over this run's expected life: start-up and compilation, then the cells still to do
         t_kill = rng.uniform(0.0, t_first + per_cell * (8 - _lines(results)))
-        killed = _run_until(_command(out), tmp_path, lambda t: t >= t_kill)
+        killed = _run_until(_command(out, group=1 + kills % 3), tmp_path, lambda t: t >= t_kill)
         snap = _check_snapshot(results, snap)
         if not killed:
             finished = True

@@ -42,6 +42,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from degenjax._src.eigen import eigh
+from degenjax._src.numerics import acc_dtype, warn_float32
 from degenjax._src.grams import ActivationStats, activation_stats, as_batch_list, jacobian_gram
 from degenjax._src.sections import Sections, as_sections
 from degenjax._src.validation import check_dims, check_finite_params, is_traced
@@ -136,11 +137,6 @@ class InteractionBasis(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers shared with edges.py
-
-
-def acc_dtype():
-    """Accumulation dtype: float64 when x64 is enabled, else float32."""
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
 def to_hat(h, C) -> jax.Array:
@@ -333,9 +329,31 @@ def _run_layer(fn, cov, mu, M, cuts, key, kind, k):
     return tuple(jnp.asarray(r, out_dt if np.issubdtype(r.dtype, np.floating) else jnp.int32) for r in res)
 
 
+class LayerBasis(NamedTuple):
+    """The basis of one node layer, from `layer_basis` (a tuple, so ``C, C_pinv, *rest = layer_basis(...)`` works).
+
+    Attributes:
+      C: ``(d + 1, d^)``, constant direction in column 0, centring row last.
+      C_pinv: ``(d^, d + 1)`` with ``C_pinv @ C = I``.
+      Lambda: ``(d^,)`` second moment of each basis coordinate (``Lambda[0]`` the constant's).
+      gram_spectrum: ``(d,)`` all eigenvalues of the activation covariance, descending.
+      interaction_spectrum: all eigenvalues of ``M~[1:, 1:]`` (lib/global) or the kept variances (pca/random).
+      num_dropped_gram: int, covariance directions below the activation cutoff.
+      num_dropped_interaction: int, whitened directions below the interaction cutoff.
+    """
+
+    C: jax.Array
+    C_pinv: jax.Array
+    Lambda: jax.Array
+    gram_spectrum: jax.Array
+    interaction_spectrum: jax.Array
+    num_dropped_gram: jax.Array
+    num_dropped_interaction: jax.Array
+
+
 def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: str = "lib",
                 rtol=None, atol=None, key=None, keep: int | None = None, name: str = "layer",
-                jit: bool = True):
+                jit: bool = True) -> LayerBasis:
     """The basis of one node layer from its covariance, mean and Jacobian Gram (arXiv 2405.10928, section 2).
 
     Args:
@@ -355,7 +373,8 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
       jit: compile the linear algebra (cached per shape); False runs it op by op.
 
     Returns:
-      ``(C, C_pinv, Lambda, gram_spectrum, interaction_spectrum, num_dropped_gram, num_dropped_interaction)``.
+      `LayerBasis` ``(C, C_pinv, Lambda, gram_spectrum, interaction_spectrum, num_dropped_gram,
+      num_dropped_interaction)``.
 
     Raises:
       ValueError: a rank-0 layer (all activations constant), no direction with non-zero interaction, bad cutoffs
@@ -407,7 +426,7 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     if kind in ("pca", "random"):
         spec = spec[:n]
     out = (C[:, :n + 1], Cp[:n + 1], Lambda[:n + 1], D, spec, dropped_g, dropped_i)
-    return tuple(jnp.asarray(a) for a in out) if concrete else out
+    return LayerBasis(*(jnp.asarray(a) for a in out)) if concrete else LayerBasis(*out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +467,7 @@ def _targets_from(targets, L: int):
 def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, atol=None, key=None,
                       dims: Sequence[int] | None = None, constant: str | None = None, targets=None, stats=None,
                       jacobian_kwargs: dict | None = None, activation_kwargs: dict | None = None,
-                      jit: bool = True) -> InteractionBasis:
+                      jit: bool = True, progress: bool = False) -> InteractionBasis:
     """The (Local) Interaction Basis of every node layer, computed last layer first (arXiv 2405.10928, section 2).
 
     ``kind="lib"``: the Jacobian Gram of node layer ``l`` differentiates the next node layer's basis coordinates
@@ -487,6 +506,8 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
       activation_kwargs: extra keyword arguments for `degenjax.activation_stats` (e.g. ``mesh``, ``jit``).
       jit: compile the per-batch Gram steps and the per-layer linear algebra (each cached per shape), as the Gram
         functions do; False runs everything op by op. Inside the user's ``jax.jit`` either way works.
+      progress: show a tqdm progress bar for each pass over the data (the activation pass and one Jacobian pass per
+        node layer).
 
     Returns:
       `InteractionBasis` with tuples over node layers ``0..L-1``.
@@ -506,7 +527,8 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
     check_finite_params(params, "the interaction basis needs a finite network")
     batches = as_batch_list(batches, "interaction_basis")
     if stats is None:
-        st = activation_stats(model, params, batches, center=True, **{"jit": jit, **(activation_kwargs or {})})
+        st = activation_stats(model, params, batches, center=True,
+                              **{"jit": jit, "progress": progress, **(activation_kwargs or {})})
         grams, means = list(st.grams), list(st.means)
     else:
         grams, means = _stats_from(stats, L)
@@ -528,7 +550,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
                 raise ValueError(f"node layer {l} ({model.layer_name(l)}) has rank 0: its activations are constant "
                                  "on the data; there is nothing to interpret. Check the params (dead layer?) or the "
                                  "data, or leave this layer out of the sections.")
-    jkw = {"jit": jit, **(jacobian_kwargs or {})}
+    jkw = {"jit": jit, "progress": progress, **(jacobian_kwargs or {})}
     keys = jax.random.split(key, L) if (kind == "random" and key is not None) else [None] * L
     results: list[Any] = [None] * L
     C_next = None
@@ -545,7 +567,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
         results[l] = layer_basis(covs[l], means[l], M, kind=kind, rtol=rt[l], atol=at[l], key=keys[l],
                                  keep=None if dims is None else dims[l], name=f"{l} ({model.layer_name(l)})",
                                  jit=jit)
-        C_next = results[l][0]
+        C_next = results[l].C
     C, Cp, Lam, Dfull, spec, dg, di = (tuple(r[i] for r in results) for i in range(7))
     if concrete and not jax.config.jax_enable_x64 and dims is None and all(
             v is None for cuts in rt + at for v in cuts.values()):
@@ -620,7 +642,7 @@ def _warn_precision_cut(model, results, rt, at, kind):
     eps64, eps32 = float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)
     band = 0
     for l, r in enumerate(results):
-        D, spec = np.asarray(r[3], np.float64), np.asarray(r[4], np.float64)
+        D, spec = np.asarray(r.gram_spectrum, np.float64), np.asarray(r.interaction_spectrum, np.float64)
         d = D.shape[0]
         for cut, vals in (("gram", D), ("interaction", spec)):
             if vals.size == 0 or (cut == "interaction" and kind in ("pca", "random")):
@@ -632,10 +654,3 @@ def _warn_precision_cut(model, results, rt, at, kind):
                   "cutoff (genuine small directions that a float64 run keeps, or float32 rounding noise: float32 "
                   "cannot tell them apart). Call jax.config.update('jax_enable_x64', True) for float64 Grams, or "
                   "pass rtol= explicitly.", stacklevel=3)
-
-
-def warn_float32(what: str) -> None:
-    """Warns that ``what`` runs in float32 (x64 disabled) where precision matters."""
-    warnings.warn(f"{what} runs in float32 because jax_enable_x64 is off; small eigenvalues and cutoffs may differ "
-                  "from a float64 run. Call jax.config.update('jax_enable_x64', True) before creating arrays.",
-                  stacklevel=3)

@@ -2,9 +2,9 @@
 
 `calibrate` runs the step-size recipe of ``estimate_llc(..., step_size="auto")`` (`degenjax._src.recipe`: a ladder of
 step sizes at a fixed diffusion time, extrapolated to step 0) for every (nbeta, localization) pair asked for, and
-recommends the recipe's setting; `plot_calibration` draws lambda^ against the step size with the extrapolation and
-the convergence of every rung. The recommendation is the same number ``step_size="auto"`` and
-``degenjax llc --step-size auto`` report.
+recommends the recipe's setting; `degenjax.plot_calibration` (in plots.py: this module draws nothing) draws lambda^
+against the step size with the extrapolation and the convergence of every rung. The recommendation is the same
+number ``step_size="auto"`` and ``degenjax llc --step-size auto`` report.
 
 `calibration_sweep` and `recommend` are the grid tools (one short run per step size x nbeta x localization cell,
 pure and jittable) behind sweep heatmaps. Their stability rule finds settings that are *stable*, not unbiased: a
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,8 @@ from jax import lax
 
 from degenjax._src import llc as llc_lib
 from degenjax._src.validation import is_traced
+from degenjax._src.types import ArrayTree, getitem_by_field
 
-ArrayTree = Any
 
 DEFAULT_STEP_SIZES = (1e-6, 1e-5, 1e-4, 1e-3)
 
@@ -80,14 +80,74 @@ class CalibrationGrid(NamedTuple):
     init_loss: jax.Array
 
 
+class CalibrationRow(NamedTuple):
+    """One rung of the step-size recipe in a `calibrate` table (docs/maths.md#llc).
+
+    Attributes:
+      step_size: the rung's SGLD step.
+      num_steps, num_burnin: steps per chain and the discarded first part.
+      llc_mean, llc_se: lambda^ at this step and its standard error (NaN for a diverged rung).
+      rhat, ess: convergence of the rung's loss trace.
+      converged, diverged: booleans.
+      seconds: wall time of the rung (NaN when not recorded).
+      nbeta, localization: the pair this rung belongs to.
+      chosen: whether this is the recommended setting's rung.
+    """
+
+    step_size: float
+    num_steps: int
+    num_burnin: int
+    llc_mean: float
+    llc_se: float
+    rhat: float
+    ess: float
+    converged: bool
+    diverged: bool
+    seconds: float
+    nbeta: float
+    localization: float
+    chosen: bool
+
+    __getitem__ = getitem_by_field
+
+
+class CalibrationCell(NamedTuple):
+    """One cell of a grid calibration (`recommend`): a step size x nbeta x localization and the stability rule.
+
+    Attributes:
+      step_size, nbeta, localization: the cell's setting.
+      llc_mean, llc_std: lambda^ and its standard deviation over chains.
+      mala_acceptance: mean MALA acceptance (NaN when not computed).
+      drift, drift_se: end-of-trace drift in lambda units and its standard error.
+      finite, positive, flat, acceptance_ok: the four conditions of the module docstring.
+      stable: all four hold.
+      reason: what failed, ``"; "``-separated (empty when stable).
+    """
+
+    step_size: float
+    nbeta: float
+    localization: float
+    llc_mean: float
+    llc_std: float
+    mala_acceptance: float
+    drift: float
+    drift_se: float
+    finite: bool
+    positive: bool
+    flat: bool
+    acceptance_ok: bool
+    stable: bool
+    reason: str
+
+    __getitem__ = getitem_by_field
+
+
 class Calibration(NamedTuple):
     """Result of `calibrate`.
 
     Attributes:
-      table: from `calibrate`: one dict per rung of the recipe (``step_size, num_steps, num_burnin, llc_mean,
-        llc_se, rhat, ess, converged, diverged, seconds, nbeta, localization, chosen``); from `recommend`'s grid:
-        one dict per cell (``step_size, nbeta, localization, llc_mean, llc_std, mala_acceptance, drift, drift_se,
-        finite, positive, flat, acceptance_ok, stable, reason``).
+      table: from `calibrate`: one `CalibrationRow` per rung of the recipe; from `recommend`'s grid: one
+        `CalibrationCell` per cell (``row._asdict()`` for a dict).
       recommended: the recommended setting (`calibrate`: ``step_size, nbeta, localization, llc_mean,
         llc_uncertainty, llc_std, trustworthy, message``), or ``None`` when nothing is trustworthy / stable.
       message: a one-line summary (the recommendation or what was tried and what to change).
@@ -257,22 +317,22 @@ def recommend(grid: CalibrationGrid, *, default_nbeta: float | None = None, flat
                         reasons.append(f"trace still drifting ({drift:+.3g} vs lambda^ {llc:.3g})")
                     if not acc_ok:
                         reasons.append(f"MALA acceptance {acc:.2f} outside [{low}, {high}]")
-                table.append(dict(step_size=float(e), nbeta=float(nb), localization=float(gamma), llc_mean=llc,
-                                  llc_std=float(g.llc_std[s, b, k]), mala_acceptance=acc, drift=drift, drift_se=se,
-                                  finite=finite, positive=positive, flat=flat, acceptance_ok=acc_ok,
-                                  stable=not reasons, reason="; ".join(reasons)))
-    stable = [r for r in table if r["stable"]]
+                table.append(CalibrationCell(step_size=float(e), nbeta=float(nb), localization=float(gamma),
+                                             llc_mean=llc, llc_std=float(g.llc_std[s, b, k]), mala_acceptance=acc,
+                                             drift=drift, drift_se=se, finite=finite, positive=positive, flat=flat,
+                                             acceptance_ok=acc_ok, stable=not reasons, reason="; ".join(reasons)))
+    stable = [r for r in table if r.stable]
     if not stable:
-        diverged = sum(not r["finite"] for r in table)
-        low_acc = sum(r["finite"] and np.isfinite(r["mala_acceptance"]) and r["mala_acceptance"] < low
+        diverged = sum(not r.finite for r in table)
+        low_acc = sum(r.finite and np.isfinite(r.mala_acceptance) and r.mala_acceptance < low
                       for r in table)
-        drifting = sum(r["finite"] and not r["flat"] for r in table)
+        drifting = sum(r.finite and not r.flat for r in table)
         advice = []
         if diverged or low_acc:
             advice.append("smaller step sizes")
         if drifting:
             advice.append("longer chains or burn-in (num_burnin)")
-        if any(r["finite"] and not r["positive"] for r in table):
+        if any(r.finite and not r.positive for r in table):
             advice.append("a larger localization, or check that params is a trained minimum")
         if not advice:
             advice.append("a wider grid")
@@ -280,14 +340,14 @@ def recommend(grid: CalibrationGrid, *, default_nbeta: float | None = None, flat
                    f"{low_acc} with low acceptance); try {', '.join(advice)}.")
         return table, None, message
     target_nb = default_nbeta if default_nbeta is not None else float(np.exp(np.mean(np.log(nbs))))
-    best_nb = min({r["nbeta"] for r in stable}, key=lambda v: (abs(math.log(v / target_nb)), -v))
-    cands = [r for r in stable if r["nbeta"] == best_nb]
-    best_gamma = min(r["localization"] for r in cands)
-    cands = [r for r in cands if r["localization"] == best_gamma]
-    if all(np.isfinite(r["mala_acceptance"]) for r in cands):
-        best = min(cands, key=lambda r: (abs(r["mala_acceptance"] - acceptance_target), -r["step_size"]))
+    best_nb = min({r.nbeta for r in stable}, key=lambda v: (abs(math.log(v / target_nb)), -v))
+    cands = [r for r in stable if r.nbeta == best_nb]
+    best_gamma = min(r.localization for r in cands)
+    cands = [r for r in cands if r.localization == best_gamma]
+    if all(np.isfinite(r.mala_acceptance) for r in cands):
+        best = min(cands, key=lambda r: (abs(r.mala_acceptance - acceptance_target), -r.step_size))
     else:
-        best = max(cands, key=lambda r: r["step_size"])
+        best = max(cands, key=lambda r: r.step_size)
     message = (f"Recommended step_size={best['step_size']:.3g}, nbeta={best['nbeta']:.4g}, "
                f"localization={best['localization']:.3g} (lambda^ = {best['llc_mean']:.4g} +- {best['llc_std']:.2g}, "
                f"MALA acceptance {best['mala_acceptance']:.2f}; {len(stable)}/{len(table)} cells stable).")
@@ -312,7 +372,8 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
         ``scale``, ``target_rel``, ...) and of `estimate_llc` (``sampler_kwargs``, ``mask``, ``eval_batch_size``).
 
     Returns:
-      `Calibration` with ``recipes`` (one `LLCRecipe` per pair) and ``grid`` None. Plot it with `plot_calibration`.
+      `Calibration` with ``recipes`` (one `LLCRecipe` per pair) and ``grid`` None. Plot it with
+      `degenjax.plot_calibration`.
 
     Raises:
       ValueError: for bad inputs, including the grid arguments of the old sweep (``step_sizes``, ``num_draws``,
@@ -338,8 +399,9 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
             rec = res.recipe
             recipes.append(rec)
             for row in rec.rungs:
-                table.append(dict(row, nbeta=nb, localization=gamma,
-                                  chosen=bool(rec.trustworthy and row["step_size"] == rec.step_size)))
+                table.append(CalibrationRow(**{f: row.get(f, float("nan")) for f in CalibrationRow._fields[:10]},
+                                            nbeta=nb, localization=gamma,
+                                            chosen=bool(rec.trustworthy and row["step_size"] == rec.step_size)))
             best.append(dict(step_size=rec.step_size, nbeta=nb, localization=gamma, llc_mean=rec.llc,
                              llc_uncertainty=rec.uncertainty, llc_std=float(res.llc_std), trustworthy=rec.trustworthy,
                              message=rec.message))
@@ -352,129 +414,3 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
     message = (f"Recommended step_size={pick['step_size']:.3g} (nbeta={pick['nbeta']:.4g}, localization="
                f"{pick['localization']:.3g}): {pick['message']}")
     return Calibration(table=table, recommended=pick, message=message, grid=None, recipes=tuple(recipes))
-
-
-def _plot_recipe(calibration: Calibration, *, path=None, title=None):
-    """lambda^ against the step size (log axis) for every recipe of a `calibrate` result, with error bars, the
-    extrapolation to step 0 (a star at the left edge, with its uncertainty), open markers and a "not converged"
-    label on unconverged rungs, crosses on diverged ones, and the chosen step circled."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
-    ax = fig.subplots()
-    pairs = sorted({(r["nbeta"], r["localization"]) for r in calibration.table})
-    recipes = calibration.recipes or (None,) * len(pairs)
-    left = min(r["step_size"] for r in calibration.table) / 4
-    for k, (nb, gamma) in enumerate(pairs):
-        rows = [r for r in calibration.table if (r["nbeta"], r["localization"]) == (nb, gamma)]
-        color = f"C{k}"
-        label = f"nbeta={nb:.3g}, gamma={gamma:.3g}"
-        ok = [r for r in rows if not r["diverged"]]
-        xs = [r["step_size"] for r in ok]
-        ax.errorbar(xs, [r["llc_mean"] for r in ok], yerr=[r["llc_se"] for r in ok], color=color, marker="o",
-                    ls="-", lw=1, label=label, mfc=color)
-        for r in ok:
-            if not r["converged"]:
-                ax.plot(r["step_size"], r["llc_mean"], "o", mfc="white", mec="red", ms=9)
-                ax.annotate("not converged", (r["step_size"], r["llc_mean"]), fontsize=6, color="red",
-                            xytext=(4, 4), textcoords="offset points")
-            if r.get("chosen"):
-                ax.plot(r["step_size"], r["llc_mean"], "o", mfc="none", mec="black", ms=13, mew=1.5)
-        for r in rows:
-            if r["diverged"]:
-                ax.plot(r["step_size"], ax.get_ylim()[1] if ok else 0.0, "x", color="red", ms=8)
-        rec = recipes[k] if k < len(recipes) else None
-        if rec is not None and np.isfinite(rec.llc):
-            ax.errorbar([left], [rec.llc], yerr=[rec.uncertainty], color=color, marker="*", ms=12,
-                        mfc=color if rec.trustworthy else "white")
-            if xs:
-                ax.plot([left, min(xs)], [rec.llc, min(ok, key=lambda r: r["step_size"])["llc_mean"]], color=color,
-                        ls=":", lw=1)
-            ax.annotate(f"{rec.llc:.4g} +- {rec.uncertainty:.2g}" + ("" if rec.trustworthy else " (not trusted)"),
-                        (left, rec.llc), fontsize=7, xytext=(6, -10), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("step size (star: extrapolated to 0)")
-    ax.set_ylabel(r"$\hat\lambda$")
-    ax.legend(fontsize=7)
-    ax.set_title(title or "LLC recipe: lambda^ against the step size (open red: not converged)", fontsize=9)
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
-
-
-def plot_calibration(calibration: Calibration, *, metric: str = "llc_mean", path=None, title: str | None = None):
-    """A calibration's figure: from `calibrate`, lambda^ against the step size with the extrapolation to 0 and the
-    convergence of every rung (unconverged rungs are open red markers); from a grid (`recommend`), a heatmap of
-    step size (x) by nbeta (y), one panel per localization.
-
-    Each cell shows ``metric`` (colour and text) and the MALA acceptance; unstable cells are hatched and marked with
-    the first letter of what failed (D diverged, N non-positive, F drifting, A acceptance); the recommended cell is
-    outlined in red.
-
-    Args:
-      calibration: output of `calibrate`.
-      metric: a numeric table column (``"llc_mean"``, ``"llc_std"``, ``"mala_acceptance"``, ``"drift"``).
-      path: optional file to save the figure to.
-      title: figure title.
-
-    Returns:
-      A matplotlib ``Figure``.
-
-    Raises:
-      ValueError: for an unknown metric or an empty calibration.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    table = calibration.table
-    if not table:
-        raise ValueError("plot_calibration needs a calibration with at least one cell.")
-    if calibration.grid is None:
-        return _plot_recipe(calibration, path=path, title=title)
-    if metric not in ("llc_mean", "llc_std", "mala_acceptance", "drift"):
-        raise ValueError(f"metric must be one of 'llc_mean', 'llc_std', 'mala_acceptance', 'drift'; got {metric!r}.")
-    eps = sorted({r["step_size"] for r in table})
-    nbs = sorted({r["nbeta"] for r in table})
-    gammas = sorted({r["localization"] for r in table})
-    fig = Figure(figsize=(1.5 + 1.1 * len(eps) * len(gammas) + 1.0, 1.5 + 0.7 * len(nbs)), layout="constrained")
-    axes = fig.subplots(1, len(gammas), squeeze=False)[0]
-    finite_vals = [r[metric] for r in table if np.isfinite(r[metric])]
-    vmin, vmax = (min(finite_vals), max(finite_vals)) if finite_vals else (0.0, 1.0)
-    best = calibration.recommended
-    for k, gamma in enumerate(gammas):
-        ax = axes[k]
-        values = np.full((len(nbs), len(eps)), np.nan)
-        for r in table:
-            if r["localization"] == gamma:
-                values[nbs.index(r["nbeta"]), eps.index(r["step_size"])] = r[metric]
-        im = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap="viridis", vmin=vmin,
-                       vmax=vmax)
-        for r in table:
-            if r["localization"] != gamma:
-                continue
-            i, j = nbs.index(r["nbeta"]), eps.index(r["step_size"])
-            text = f"{r[metric]:.3g}"
-            if np.isfinite(r["mala_acceptance"]) and metric != "mala_acceptance":
-                text += f"\nacc {r['mala_acceptance']:.2f}"
-            if not r["stable"]:
-                flags = "".join(c for c, bad in (("D", not r["finite"]), ("N", r["finite"] and not r["positive"]),
-                                                  ("F", r["finite"] and not r["flat"]),
-                                                  ("A", r["finite"] and not r["acceptance_ok"])) if bad)
-                text += f"\n[{flags}]"
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=(1.0, 1.0, 1.0, 0.65), hatch="//",
-                                       edgecolor="0.6", lw=0))
-            bright = np.isfinite(r[metric]) and (r[metric] - vmin) > 0.6 * (vmax - vmin)  # viridis: light at the top
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                    color="white" if r["stable"] and not bright else "black")
-            if best is not None and r is best:
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5))
-        ax.set_xticks(range(len(eps)), [f"{e:.2g}" for e in eps], fontsize=7)
-        ax.set_yticks(range(len(nbs)), [f"{b:.3g}" for b in nbs], fontsize=7)
-        ax.set_xlabel("step size")
-        ax.set_ylabel("nbeta")
-        ax.set_title(f"localization = {gamma:.3g}", fontsize=9)
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label=metric)
-    fig.suptitle(title or f"LLC calibration: {metric} (red: recommended; hatched: unstable)", fontsize=10)
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig

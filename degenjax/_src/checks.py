@@ -112,6 +112,27 @@ def check_loss_fn(loss_fn: Callable, params, data, batch_size: int) -> None:
                          f"batch); it returned {got} for a batch of {batch_size}. Reduce it, e.g. with jnp.mean.")
 
 
+def check_rng_key(rng_key, name: str = "rng_key") -> None:
+    """A single PRNG key: a typed key array of shape ``()`` (``jax.random.key``) or a legacy ``uint32[2]``
+    (``jax.random.PRNGKey``). Shapes and dtypes only, so it runs under ``jax.jit`` too.
+
+    Raises:
+      ValueError: for anything else (an int seed, a batch of keys, an array of another shape or dtype).
+    """
+    shape, dtype = getattr(rng_key, "shape", None), getattr(rng_key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+        raise ValueError(f"{name} must be a single PRNG key; got a key array of shape {shape}. Pass one key, e.g. "
+                        f"jax.random.key(0) or keys[0].")
+    if dtype is not None and shape == (2,) and dtype == jnp.uint32:
+        return
+    got = (f"{type(rng_key).__name__} {rng_key!r}" if shape is None else f"an array of dtype {dtype} and shape "
+           f"{shape}")
+    raise ValueError(f"{name} must be a PRNG key; got {got}. Pass jax.random.key(seed), e.g. "
+                    f"jax.random.key({rng_key if isinstance(rng_key, int) else 0}).")
+
+
 def check_init_loss(init_loss) -> None:
     """A non-finite ``L_n(w*)`` is an error (skipped when traced)."""
     if is_traced(init_loss):

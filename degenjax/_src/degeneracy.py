@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import acc_dtype, warn_float32
 from degenjax._src.eigen import eigh
-from degenjax._src.grams import activation_grams, as_batch_list, jacobian_grams
+from degenjax._src.grams import ActivationStats, activation_grams, as_batch_list
+from degenjax._src.grams import jacobian_grams as jacobian_grams_fn
 from degenjax._src.hashing import fmix32
+from degenjax._src.numerics import acc_dtype, warn_float32
+from degenjax._src.progress import track
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.spectral import spectral_density
 from degenjax._src.validation import check_batch_list, check_rtol, is_traced
@@ -271,10 +273,44 @@ def synchronized_neurons(preactivations, *, tol: float = 0.0) -> SyncResult:
 # ----------------------------------------------------------------------------------------------------------------
 # degeneracy report
 
-_REPORT_DATA = ("activation_rank", "activation_cutoff", "activation_rank_range", "activation_spectrum",
-                "activation_free", "jacobian_rank", "jacobian_cutoff", "jacobian_rank_range", "jacobian_spectrum",
-                "jacobian_free", "relu", "sync", "sync_free", "always_on_free", "dead_free", "num_dead",
-                "num_always_on")
+class SectionCounts(NamedTuple):
+    """The counts of one section ``l`` (node layer ``l`` -> ``l + 1``); `DegeneracyReport` stacks them over sections.
+
+    Attributes:
+      activation_rank, activation_cutoff, activation_rank_range, activation_spectrum, activation_free: the rank of
+        ``G^l``, its cutoff, the ranks at 10x and 0.1x the cutoff ``(2,)``, ``eig(G^l)`` and the free count.
+      jacobian_rank, jacobian_cutoff, jacobian_rank_range, jacobian_spectrum, jacobian_free: the same for
+        ``M^{l+1}``.
+      relu: whether node layer ``l + 1`` counts as ReLU outputs.
+      sync: the `SyncResult` of node layer ``l + 1`` (None for the last section).
+      sync_free, always_on_free, dead_free, num_dead, num_always_on: the ReLU counts.
+      dense: whether both spectra were computed densely.
+
+    See `DegeneracyReport` for the definitions.
+    """
+
+    activation_rank: Any
+    activation_cutoff: Any
+    activation_rank_range: Any
+    activation_spectrum: Any
+    activation_free: Any
+    jacobian_rank: Any
+    jacobian_cutoff: Any
+    jacobian_rank_range: Any
+    jacobian_spectrum: Any
+    jacobian_free: Any
+    relu: Any
+    sync: Any
+    sync_free: Any
+    always_on_free: Any
+    dead_free: Any
+    num_dead: Any
+    num_always_on: Any
+    dense: bool
+
+
+_PER_SECTION = ("activation_spectrum", "jacobian_spectrum", "sync")  # tuples over sections, not stacked arrays
+_REPORT_DATA = tuple(f for f in SectionCounts._fields if f != "dense") + ("grams", "jacobian_grams")
 _REPORT_META = ("names", "d_in", "d_out", "num_params", "rtol", "dense")
 
 
@@ -313,9 +349,15 @@ class DegeneracyReport:
         Reported, not added to `free`: these directions are already Jacobian null directions (``d_l`` of them per
         unit), and the outgoing weights show up in the next section's activation rank deficit.
       num_dead, num_always_on: unit counts.
+      grams: per node layer ``0..L-1``, the centred activation Gram ``G^l`` ``(d_l + 1, d_l + 1)`` (constant last) the
+        ranks were taken of; pass the report back as ``stats=`` to recount without the activation pass.
+      jacobian_grams: per node layer ``1..L-1``, the Jacobian Gram ``M^l`` (pre-activation for ReLU layers); pass
+        it back as ``jacobian_grams=`` (with the same ``relu_layers`` and ``jacobian_target``) to recount without
+        the Jacobian pass, e.g. at another ``rtol``.
 
-    The categories can overlap (a duplicated unit is both a synchronized pair and an activation rank deficit of the
-    next section), so `free` is a sum of counts, not the dimension of their union.
+    Use `section` for the `SectionCounts` of one section. The categories can overlap (a duplicated unit is both a
+    synchronized pair and an activation rank deficit of the next section), so `free` is a sum of counts, not the
+    dimension of their union.
     """
 
     names: tuple
@@ -341,6 +383,12 @@ class DegeneracyReport:
     dead_free: jax.Array
     num_dead: jax.Array
     num_always_on: jax.Array
+    grams: tuple = ()
+    jacobian_grams: tuple = ()
+
+    def section(self, l: int) -> SectionCounts:
+        """The `SectionCounts` of section ``l``."""
+        return SectionCounts(*(self.dense[l] if f == "dense" else getattr(self, f)[l] for f in SectionCounts._fields))
 
     @property
     def free(self) -> jax.Array:
@@ -445,7 +493,8 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
                       param_counts: Sequence[int] | None = None, relu_layers: str | Sequence[int] = "auto",
                       sync_tol: float = 0.0, jacobian_target: str = "output", max_dense_dim: int = 4096,
                       key=None, num_probes: int = 16, num_lanczos: int = 64,
-                      constant: str | None = None) -> DegeneracyReport:
+                      constant: str | None = None, stats=None, jacobian_grams: Sequence | None = None,
+                      progress: bool = False) -> DegeneracyReport:
     """Counts free directions of the weights per section (docs/maths.md#degeneracy-accounting).
 
     For section ``l`` (weights ``W^l`` mapping node layer ``l`` to ``l + 1``):
@@ -484,6 +533,12 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
       num_probes, num_lanczos: stochastic Lanczos quadrature settings.
       constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own. On folded node
         layers the counts are those of the features without the constant (the same report as for the plain model).
+      stats: the centred activation statistics, if already computed: an `ActivationStats` (from
+        `activation_stats` with ``center=True``), an `InteractionBasis` (its ``grams``) or a `DegeneracyReport`;
+        then the activation pass is skipped.
+      jacobian_grams: ``M^1..M^{L-1}`` as in the report's ``jacobian_grams`` field (the same ``relu_layers`` and
+        ``jacobian_target``); then the Jacobian pass is skipped.
+      progress: show a tqdm progress bar for each pass over the data.
 
     Returns:
       `DegeneracyReport` (``.table()`` for a markdown summary, ``.totals()`` for the totals).
@@ -528,10 +583,59 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
                              f"sections); got {sorted(relu_fixed)}.")
 
     # one streamed pass for the ReLU patterns (node layers 1..L-1) and the minimum of each node layer
+    syncs, mins = _relu_patterns(model, params, batches, dims, sync_tol, progress)
+    if relu_fixed is None:
+        relu_flags = [m >= 0 for m in mins]
+    else:
+        relu_flags = [jnp.asarray(l in relu_fixed) for l in range(1, L)]
+    if stats is None:
+        grams = activation_grams(model, params, batches, center=True, progress=progress)
+    else:
+        grams = _centred_grams(stats, dims[:-1])
+    # Jacobians with respect to the pre-activations of ReLU node layers (docs/maths.md#degeneracy-accounting): a
+    # weight change of W^l moves the pre-activation z_{l+1}, which reaches the rest of the network through
+    # D = 1[h_{l+1} > 0]. On the data h_{l+1} >= 0, so relu(h_{l+1}) = h_{l+1} and prepending a ReLU to section l + 1
+    # leaves every activation unchanged while its derivative inserts D: M'^{l+1} = E[D J^T J D]. (Inner ReLUs of the
+    # tail already carry their D; D^2 = D.)
+    if jacobian_grams is not None:
+        jgrams = _given_jacobian_grams(jacobian_grams, dims[1:-1])
+    elif L > 1:
+        jgrams = jacobian_grams_fn(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target,
+                                   layers=range(1, L), progress=progress)
+        if fold:  # the features without the constant
+            jgrams = [m[:-1, :-1] for m in jgrams]
+    else:
+        jgrams = []
+    act_dtype = [jnp.result_type(s) for s in shapes]
+    r = float(rtol) if rtol is not None else None
+
+    def rank_of(A, l, what):
+        cut = _default_rtol(act_dtype[l]) if rtol is None else r
+        if A.shape[0] <= max_dense_dim:
+            return _dense_rank(A, cut) + (True,)
+        if key is None:
+            raise ValueError(f"the {what} Gram of node layer {l} is {A.shape[0]} x {A.shape[0]} > max_dense_dim = "
+                             f"{max_dense_dim}; pass key=jax.random.key(...) for the spectral-density count, or raise "
+                             "max_dense_dim.")
+        return _slq_rank(A, cut, jax.random.fold_in(key, 2 * l + (what == "Jacobian")), num_probes,
+                         num_lanczos) + (False,)
+
+    sections = [_section_counts(rank_of(grams[l], l, "activation"),
+                                rank_of(jgrams[l], l + 1, "Jacobian") if l < L - 1 else None,
+                                syncs[l] if l < L - 1 else None, relu_flags[l] if l < L - 1 else None,
+                                d_in[l], d_out[l]) for l in range(L)]
+    names = tuple(f"{model.layer_name(l)} -> {model.layer_name(l + 1) if l + 1 < L else 'output'}" for l in range(L))
+    return _assemble(sections, names=names, d_in=d_in, d_out=d_out, num_params=num_params, rtol=r,
+                     grams=tuple(grams), jacobian_grams=tuple(jgrams))
+
+
+def _relu_patterns(model, params, batches, dims, sync_tol, progress):
+    """One pass: the `SyncResult` and the minimum of every node layer ``1..L-1`` (features without the constant)."""
+    L, fold = len(model), int(model.constant == "last")
     accs = [sync_accumulator(dims[l], tol=sync_tol) for l in range(1, L)]
     states = [a.init() for a in accs]
     mins = [None] * (L - 1)
-    for b in batches:
+    for b in track(batches, "ReLU patterns", progress):
         _, acts = forward(model, params, b)
         for l in range(1, L):
             h = jnp.asarray(acts[l])
@@ -543,79 +647,72 @@ def degeneracy_report(model, params, batches, *, rtol: float | None = None,
             states[l - 1] = accs[l - 1].update(states[l - 1], h)
             m = jnp.min(h)
             mins[l - 1] = m if mins[l - 1] is None else jnp.minimum(mins[l - 1], m)
+    return [a.result(s) for a, s in zip(accs, states)], mins
 
-    if relu_fixed is None:
-        relu_flags = [m >= 0 for m in mins]
-    else:
-        relu_flags = [jnp.asarray(l in relu_fixed) for l in range(1, L)]
-    grams = activation_grams(model, params, batches, center=True)
-    # Jacobians with respect to the pre-activations of ReLU node layers (docs/maths.md#degeneracy-accounting): a weight change of W^l
-    # moves the pre-activation z_{l+1}, which reaches the rest of the network through D = 1[h_{l+1} > 0]. On the data
-    # h_{l+1} >= 0, so relu(h_{l+1}) = h_{l+1} and prepending a ReLU to section l + 1 leaves every activation
-    # unchanged while its derivative inserts D: M'^{l+1} = E[D J^T J D]. (Inner ReLUs of the tail already carry
-    # their D; D^2 = D.)
-    jgrams = (jacobian_grams(_with_input_relu(model, relu_flags), params, batches, target=jacobian_target)
-              if L > 1 else [])
-    if fold:  # the features without the constant
-        jgrams = [m[:-1, :-1] for m in jgrams]
-    act_dtype = [jnp.result_type(s) for s in shapes]
+
+def _centred_grams(stats, widths) -> list:
+    """The centred Grams ``(d_l + 1, d_l + 1)`` of node layers ``0..L-1`` from ``stats=``, checked against the model."""
+    from degenjax._src.basis import InteractionBasis
+
+    if not isinstance(stats, (ActivationStats, InteractionBasis, DegeneracyReport)):
+        raise ValueError("degeneracy_report: stats= must be a degenjax.ActivationStats (activation_stats(..., "
+                         f"center=True)), an InteractionBasis or a DegeneracyReport; got {type(stats).__name__}.")
+    grams = list(stats.grams)
+    if len(grams) != len(widths):
+        raise ValueError(f"degeneracy_report: stats= has {len(grams)} node layers but the model has {len(widths)}.")
+    for l, (g, d) in enumerate(zip(grams, widths)):
+        if jnp.shape(g) != (d + 1, d + 1):
+            raise ValueError(f"degeneracy_report: stats= Gram of node layer {l} has shape {jnp.shape(g)}; expected "
+                             f"{(d + 1, d + 1)} (features and constant); were the statistics computed for another "
+                             "model?")
+        if not is_traced(g) and np.any(np.asarray(g)[-1, :-1] != 0):
+            raise ValueError(f"degeneracy_report: stats= Gram of node layer {l} is not centred (its constant row "
+                             "holds the mean); compute it with activation_stats(..., center=True).")
+    return grams
+
+
+def _given_jacobian_grams(jgrams, widths) -> list:
+    if len(jgrams) != len(widths):
+        raise ValueError(f"degeneracy_report: jacobian_grams= needs {len(widths)} matrices (node layers 1..L-1, as in "
+                         f"a report's jacobian_grams); got {len(jgrams)}.")
+    for l, (m, d) in enumerate(zip(jgrams, widths)):
+        if jnp.shape(m) != (d, d):
+            raise ValueError(f"degeneracy_report: jacobian_grams[{l}] (node layer {l + 1}) has shape {jnp.shape(m)}; "
+                             f"expected {(d, d)}.")
+    return list(jgrams)
+
+
+def _section_counts(act, jac, sync, relu, d_in: int, d_out: int) -> SectionCounts:
+    """`SectionCounts` of one section from its activation and Jacobian ``(rank, cutoff, range, spectrum, dense)``
+    and the `SyncResult` of its output layer (``jac``, ``sync`` None for the last section)."""
     cdt = _count_dtype()
+    zero = jnp.zeros((), cdt)
+    rk, cut, rr, spec, dn = act
+    if jac is None:  # the last section: its output is the network output, no Jacobian, no ReLU
+        jac = (jnp.asarray(d_out, cdt), jnp.zeros((), spec.dtype), jnp.full((2,), d_out, cdt),
+               jnp.zeros((0,), spec.dtype), True)
+        relu, relu_counts = jnp.asarray(False), (zero,) * 5
+    else:
+        n_dead = jnp.sum(sync.dead_mask).astype(cdt)
+        n_on = jnp.sum(sync.always_on_mask).astype(cdt)
+        relu_counts = tuple(jnp.where(relu, v, zero) for v in (
+            sync.num_degenerate_directions.astype(cdt), n_on * (n_on - 1), n_dead * (d_in + 1), n_dead, n_on))
+    jk, jcut, jrr, jspec, jdn = jac
+    return SectionCounts(
+        activation_rank=rk.astype(cdt), activation_cutoff=cut, activation_rank_range=rr, activation_spectrum=spec,
+        activation_free=((d_in + 1 - rk) * d_out).astype(cdt), jacobian_rank=jk.astype(cdt), jacobian_cutoff=jcut,
+        jacobian_rank_range=jrr, jacobian_spectrum=jspec, jacobian_free=((d_out - jk) * d_in).astype(cdt),
+        relu=relu, sync=sync, sync_free=relu_counts[0], always_on_free=relu_counts[1], dead_free=relu_counts[2],
+        num_dead=relu_counts[3], num_always_on=relu_counts[4], dense=bool(dn and jdn))
 
-    def rank_of(A, l, what):
-        d = A.shape[0]
-        r = _default_rtol(act_dtype[l]) if rtol is None else float(rtol)
-        if d <= max_dense_dim:
-            return _dense_rank(A, r) + (True,)
-        if key is None:
-            raise ValueError(f"the {what} Gram of node layer {l} is {d} x {d} > max_dense_dim = {max_dense_dim}; "
-                             "pass key=jax.random.key(...) for the spectral-density count, or raise max_dense_dim.")
-        return _slq_rank(A, r, jax.random.fold_in(key, 2 * l + (what == "Jacobian")), num_probes,
-                         num_lanczos) + (False,)
 
-    rows = {k: [] for k in _REPORT_DATA}
-    dense = []
-    for l in range(L):
-        rk, cut, rr, spec, dn = rank_of(grams[l], l, "activation")
-        rows["activation_rank"].append(rk)
-        rows["activation_cutoff"].append(cut)
-        rows["activation_rank_range"].append(rr)
-        rows["activation_spectrum"].append(spec)
-        rows["activation_free"].append((d_in[l] + 1 - rk) * d_out[l])
-        if l < L - 1:
-            jk, jcut, jrr, jspec, jdn = rank_of(jgrams[l + 1], l + 1, "Jacobian")
-            sync = accs[l].result(states[l])
-            relu = relu_flags[l]
-            zero = jnp.zeros((), cdt)
-            n_dead = jnp.sum(sync.dead_mask).astype(cdt)
-            n_on = jnp.sum(sync.always_on_mask).astype(cdt)
-            rows["sync_free"].append(jnp.where(relu, sync.num_degenerate_directions.astype(cdt), zero))
-            rows["always_on_free"].append(jnp.where(relu, n_on * (n_on - 1), zero))
-            rows["dead_free"].append(jnp.where(relu, n_dead * (d_in[l] + 1), zero))
-            rows["num_dead"].append(jnp.where(relu, n_dead, zero))
-            rows["num_always_on"].append(jnp.where(relu, n_on, zero))
+def _assemble(sections: list[SectionCounts], **meta) -> DegeneracyReport:
+    """Stacks per-section counts into a `DegeneracyReport` (spectra and `SyncResult`s stay tuples)."""
+    fields = {}
+    for f in SectionCounts._fields:
+        vals = [getattr(s, f) for s in sections]
+        if f == "dense" or f in _PER_SECTION:
+            fields[f] = tuple(vals)
         else:
-            dt = spec.dtype
-            jk, jcut, jrr, jspec, jdn = (jnp.asarray(d_out[l], cdt), jnp.zeros((), dt),
-                                         jnp.full((2,), d_out[l], cdt), jnp.zeros((0,), dt), True)
-            sync, relu = None, jnp.asarray(False)
-            for k in ("sync_free", "always_on_free", "dead_free", "num_dead", "num_always_on"):
-                rows[k].append(jnp.zeros((), cdt))
-        rows["jacobian_rank"].append(jk)
-        rows["jacobian_cutoff"].append(jcut)
-        rows["jacobian_rank_range"].append(jrr)
-        rows["jacobian_spectrum"].append(jspec)
-        rows["jacobian_free"].append((d_out[l] - jk) * d_in[l])
-        rows["relu"].append(relu)
-        rows["sync"].append(sync)
-        dense.append(bool(dn and jdn))
-
-    data = {}
-    for k, v in rows.items():
-        data[k] = tuple(v) if k in ("activation_spectrum", "jacobian_spectrum", "sync") else jnp.stack(
-            [jnp.asarray(x) for x in v])
-    for k in ("activation_free", "jacobian_free", "activation_rank", "jacobian_rank"):
-        data[k] = data[k].astype(cdt)
-    names = tuple(f"{model.layer_name(l)} -> {model.layer_name(l + 1) if l + 1 < L else 'output'}" for l in range(L))
-    r = float(rtol) if rtol is not None else None
-    return DegeneracyReport(names=names, d_in=d_in, d_out=d_out, num_params=num_params, rtol=r,
-                            dense=tuple(dense), **data)
+            fields[f] = jnp.stack([jnp.asarray(v) for v in vals])
+    return DegeneracyReport(**meta, **fields)

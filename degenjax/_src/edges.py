@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.basis import InteractionBasis, acc_dtype, check_basis_matches, from_hat, section_width, to_hat
-from degenjax._src.grams import _HIGHEST, as_batch_list
+from degenjax._src.basis import InteractionBasis, check_basis_matches, from_hat, section_width, to_hat
+from degenjax._src.grams import as_batch_list
+from degenjax._src.numerics import HIGHEST, acc_dtype
+from degenjax._src.progress import track
 from degenjax._src.sections import as_sections, forward, section_shapes
 from degenjax._src.attention import attention_edges
 from degenjax._src.structure import affine_elementwise, attention_structure
+from degenjax._src.types import getitem_by_field
 from degenjax._src.validation import (check_batch_list, check_finite_nonnegative, check_finite_params,
                                       check_positive_int, is_traced)
 
@@ -90,10 +94,10 @@ def _structured_edges(split, hh, Cp, C_next):
     d_in, d_out = split.W.shape[0], split.d_out
     Cp_h = Cp[:, :d_in].astype(cdt)
     Bn = jnp.eye(d_out, dtype=cdt) if C_next is None else C_next[:d_out].astype(cdt)  # (d_out, d^_{l+1})
-    A = jnp.matmul(Cp_h, split.W.astype(cdt), precision=_HIGHEST)  # (d^_l, d_k)
-    B = Bn if split.V is None else jnp.matmul(split.V.astype(cdt), Bn, precision=_HIGHEST)  # (d_k, d^_{l+1})
-    A0 = None if split.A0 is None else jnp.matmul(jnp.matmul(Cp_h, split.A0.astype(cdt), precision=_HIGHEST), Bn,
-                                                    precision=_HIGHEST)  # (d^_l, d^_{l+1})
+    A = jnp.matmul(Cp_h, split.W.astype(cdt), precision=HIGHEST)  # (d^_l, d_k)
+    B = Bn if split.V is None else jnp.matmul(split.V.astype(cdt), Bn, precision=HIGHEST)  # (d_k, d^_{l+1})
+    A0 = None if split.A0 is None else jnp.matmul(jnp.matmul(Cp_h, split.A0.astype(cdt), precision=HIGHEST), Bn,
+                                                    precision=HIGHEST)  # (d^_l, d^_{l+1})
     dh, dn = A.shape[0], B.shape[1]
     s = jnp.reshape(split.slope, (-1, dk)).astype(cdt)
     hr = jnp.reshape(split.select(hh), (-1, dh)).astype(cdt)
@@ -106,7 +110,7 @@ def _structured_edges(split, hh, Cp, C_next):
         # throughput of c products (A diag(s_r)) @ B on CPU
         n = sc.shape[0]
         Bs = jnp.reshape(jnp.transpose(sc[:, :, None] * B[None], (1, 0, 2)), (dk, n * dn))
-        U = jnp.reshape(jnp.matmul(A, Bs, precision=_HIGHEST), (dh, n, dn))  # U[j, r, i]
+        U = jnp.reshape(jnp.matmul(A, Bs, precision=HIGHEST), (dh, n, dn))  # U[j, r, i]
         if A0 is not None:
             U = U + A0[:, None, :]
         U = U * hc.T[:, :, None]
@@ -150,7 +154,7 @@ _edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "
 
 def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
                       mode: str = "auto", jit: bool = True, structured: bool = True, output: bool = False,
-                      constant: str | None = None) -> list[jax.Array]:
+                      constant: str | None = None, progress: bool = False) -> list[jax.Array]:
     """Interaction edges ``E^l`` between node layers ``l`` and ``l+1`` for ``l = 0..L-2``, streamed over batches.
 
     With ``output=True`` the list also holds ``E^{L-1}``, from the last node layer to the raw network output
@@ -176,6 +180,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
       structured: use the factorised path where a section allows it; False always uses ``vmap`` of ``jvp``/``vjp``.
       output: also return the edges from the last node layer to the raw output.
       constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own.
+      progress: show a tqdm progress bar over the batches.
 
     Returns:
       List of ``L - 1`` arrays (``L`` with ``output=True``), ``E^l`` of shape ``(d^_{l+1}, d^_l)`` in the
@@ -208,7 +213,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
         modes.append(mode if mode != "auto" else ("jvp" if basis.C[l].shape[1] <= n_out else "vjp"))
     step = _edges_step_jit if jit else _edges_step
     totals, count = None, [0] * n_layers
-    for x in batches:
+    for x in track(batches, "interaction edges", progress):
         sums = step(params, x, tuple(basis.C), tuple(basis.C_pinv), model=model, chunk_size=int(chunk_size),
                     modes=tuple(modes), structured=bool(structured))
         if not is_traced(sums):  # summed on the host: no small device programs to compile
@@ -229,7 +234,50 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
     return edges
 
 
-def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)) -> dict:
+class EdgeSparsity(NamedTuple):
+    """How many edges carry each fraction of the total edge weight, per layer (from `edge_sparsity`).
+
+    Attributes:
+      fractions: the fractions asked for, a tuple of floats in ``(0, 1]``.
+      counts: ``(num_layers, num_fractions)`` int, the fewest edges whose weights sum to at least
+        ``fraction * total`` (0 for a layer without weight).
+      num_edges: ``(num_layers,)`` int, non-constant edges per layer.
+      total_weight: ``(num_layers,)`` total non-constant edge weight per layer.
+      fraction_of_edges: ``(num_layers, num_fractions)``, ``counts / num_edges``.
+
+    ``_asdict()`` gives a dict; ``result["counts"]`` also works (the former dict interface).
+    """
+
+    fractions: tuple
+    counts: jax.Array
+    num_edges: jax.Array
+    total_weight: jax.Array
+    fraction_of_edges: jax.Array
+
+    __getitem__ = getitem_by_field
+
+
+class EdgesRequired(NamedTuple):
+    """One layer's result of `edges_required`.
+
+    Attributes:
+      layer: the section ``l`` (edges ``l -> l + 1``).
+      required: the fewest non-constant edges kept so that ``metric`` stays within ``tol``.
+      num_edges: the layer's non-constant edges.
+      metric_full: ``metric`` with every edge kept (the truncated network).
+      metric_at_required: ``metric`` with the ``required`` largest edges kept.
+    """
+
+    layer: int
+    required: int
+    num_edges: int
+    metric_full: float
+    metric_at_required: float
+
+    __getitem__ = getitem_by_field
+
+
+def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)) -> EdgeSparsity:
     """How many edges carry each fraction of the total edge weight, per layer (constant nodes excluded).
 
     Args:
@@ -238,9 +286,8 @@ def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)
       fractions: fractions in ``(0, 1]``.
 
     Returns:
-      dict with ``"fractions"`` (tuple), ``"counts"`` (int array ``(num_layers, num_fractions)``: the fewest edges
-      whose weights sum to at least ``fraction * total``), ``"num_edges"`` (``(num_layers,)``), ``"total_weight"``
-      (``(num_layers,)``) and ``"fraction_of_edges"`` (``counts / num_edges``).
+      `EdgeSparsity` with ``fractions``, ``counts`` (int ``(num_layers, num_fractions)``: the fewest edges whose
+      weights sum to at least ``fraction * total``), ``num_edges``, ``total_weight`` and ``fraction_of_edges``.
     """
     fractions = tuple(float(f) for f in fractions)
     if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
@@ -265,8 +312,8 @@ def edge_sparsity(edges: Sequence, fractions: Sequence[float] = (0.5, 0.9, 0.99)
         totals.append(total)
     counts = jnp.stack(counts)
     num = jnp.asarray(nums)
-    return {"fractions": fractions, "counts": counts, "num_edges": num, "total_weight": jnp.stack(totals),
-            "fraction_of_edges": counts / num[:, None]}
+    return EdgeSparsity(fractions=fractions, counts=counts, num_edges=num, total_weight=jnp.stack(totals),
+                        fraction_of_edges=counts / num[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +376,7 @@ def _top_mask(weights, k: int, dtype):
 
 def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, metric: Callable, *,
                    tol: float = 1e-3, layers: Sequence[int] | None = None, chunk_size: int = 64,
-                   jit: bool = False, constant: str | None = None) -> list[dict]:
+                   jit: bool = False, constant: str | None = None) -> list[EdgesRequired]:
     """The fewest edges to keep in each layer so that ``metric`` stays within ``tol``, by bisection.
 
     For each layer separately (the other layers intact), the ``k`` largest non-constant edges of ``E^l`` are kept
@@ -348,7 +395,7 @@ def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, m
       constant: the model's constant convention (default its own; see `degenjax.Sections`).
 
     Returns:
-      One dict per analysed layer: ``layer``, ``required`` (edges kept), ``num_edges``, ``metric_full``,
+      One `EdgesRequired` per analysed layer: ``layer``, ``required`` (edges kept), ``num_edges``, ``metric_full``,
       ``metric_at_required``.
     """
     model = as_sections(model, constant)
@@ -381,8 +428,8 @@ def edges_required(model, params, basis: InteractionBasis, edges: Sequence, x, m
                 hi = mid
             else:
                 lo = mid
-        out.append({"layer": l, "required": hi, "num_edges": n, "metric_full": full,
-                    "metric_at_required": float(ev(_top_mask(e, hi, dtype)))})
+        out.append(EdgesRequired(layer=int(l), required=hi, num_edges=n, metric_full=full,
+                                 metric_at_required=float(ev(_top_mask(e, hi, dtype)))))
     return out
 
 

@@ -13,46 +13,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from degenjax._src.numerics import compute_dtype, default_symmetry_rtol, scale_exponent
+from degenjax._src.operators import (BlockOps, as_array, block_ops, check_operator, check_real, explicit_mesh_of, layout,
+                                     operator_info, row_spec)
 from degenjax._src.validation import is_traced
-
-
-def _compute_dtype(dtype):
-    """float64 when x64 is enabled, otherwise the input's float dtype (at least float32)."""
-    if jax.config.jax_enable_x64:
-        return jnp.dtype(jnp.float64)
-    dtype = jnp.dtype(dtype)
-    return dtype if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
-
-
-def _default_symmetry_rtol(dtype) -> float:
-    return float(10.0 * np.sqrt(np.finfo(jnp.dtype(dtype)).eps))
-
-
-def _as_array(a, name: str):
-    """``a`` as a JAX/NumPy array; a ValueError (not a TypeError deep in NumPy) for strings, None, ragged lists."""
-    if isinstance(a, (jax.Array, np.ndarray)):
-        return a
-    try:
-        if a is None or isinstance(a, (str, bytes)):
-            raise TypeError
-        out = np.asarray(a)
-        if out.dtype == object or not (np.issubdtype(out.dtype, np.number) or out.dtype == bool):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a numeric (d, d) array (or a matvec callable where accepted); got "
-                         f"{type(a).__name__} {str(a)[:40]!r}.") from None
-    return out
-
-
-def _check_real(a, name: str):
-    dtype = jnp.result_type(a)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise ValueError(f"{name} must be a real symmetric matrix; got complex dtype {dtype}. Pass the real part, or "
-                         "split a Hermitian matrix into the real symmetric [[Re, -Im], [Im, Re]] form.")
 
 
 def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array, jax.Array]:
@@ -80,14 +48,14 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
       ValueError: if ``a`` is not a (batch of) square matrix, is complex, or (when concrete) contains NaN/inf or is
         not symmetric within ``symmetry_rtol``.
     """
-    a = _as_array(a, "eigh input")
-    _check_real(a, "eigh input")
+    a = as_array(a, "eigh input")
+    check_real(a, "eigh input")
     a = jnp.asarray(a)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"eigh needs a square matrix of shape (..., d, d); got shape {a.shape}.")
     in_dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else jnp.dtype(jnp.float32)
-    a = a.astype(_compute_dtype(a.dtype))
-    mesh = _explicit_mesh_of(a)
+    a = a.astype(compute_dtype(a.dtype))
+    mesh = explicit_mesh_of(a)
     if mesh is not None:  # the dense solver needs the whole matrix: gather it (replicate) on the Explicit mesh
         a = jax.reshard(a, NamedSharding(mesh, P()))
     if not is_traced(a) and a.size:
@@ -95,7 +63,7 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
             raise ValueError("eigh input contains NaN or inf entries; check how the matrix was computed.")
         scale = float(jnp.max(jnp.abs(a)))
         asym = float(jnp.max(jnp.abs(a - jnp.swapaxes(a, -1, -2))))
-        rtol = _default_symmetry_rtol(in_dtype) if symmetry_rtol is None else symmetry_rtol
+        rtol = default_symmetry_rtol(in_dtype) if symmetry_rtol is None else symmetry_rtol
         if asym > rtol * scale:
             raise ValueError(f"eigh input is not symmetric: max|A - A^T| / max|A| = {asym / scale:.3g} > "
                              f"symmetry_rtol = {rtol:.3g}. Pass a symmetric matrix, or raise symmetry_rtol to accept "
@@ -121,80 +89,6 @@ class EigResult(NamedTuple):
     iterations: jax.Array
 
 
-class _BlockOps(NamedTuple):
-    """Distributed primitives on row-sharded (d, b) blocks; small (b, b) matrices are replicated."""
-
-    rows: Callable  # (d, b) -> (d, b) laid out row-sharded
-    matmat: Callable  # Q (d, b) -> A Q (d, b)
-    inner: Callable  # X, Y (d, b), (d, c) -> X^T Y (b, c) in the compute dtype
-    rmul: Callable  # X (d, b), S (b, c) -> X S (d, c)
-    ritz: Callable  # Q, Y, S, theta -> (Q S, Y S, column sums of squares of (Y S - Q S diag(theta)))
-
-
-def _row_spec(axes) -> P:
-    return P(axes, None)
-
-
-def _explicit(mesh) -> bool:
-    types = set(mesh.axis_types)
-    if types - {AxisType.Explicit, AxisType.Auto} or len(types) > 1:
-        raise ValueError(f"The eigensolvers need a mesh whose axes are all Explicit or all Auto; got axis types "
-                         f"{mesh.axis_types}. Build it with jax.make_mesh(shape, names, axis_types=...).")
-    return types == {AxisType.Explicit}
-
-
-def _layout(mesh, spec: P) -> Callable:
-    """Function laying an array out as ``spec`` on ``mesh`` (reshard on Explicit, sharding constraint on Auto)."""
-    sharding = NamedSharding(mesh, spec)
-    if _explicit(mesh):
-        return lambda x: jax.reshard(x, sharding)
-    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
-
-
-def _make_ops(operator, mesh, work, comp) -> _BlockOps:
-    """Block primitives for a dense matrix (row-sharded already when ``mesh`` is given) or a block matvec."""
-    dense = not callable(operator)
-
-    def local_inner(x, y):
-        return jnp.matmul(x.astype(comp).T, y.astype(comp))
-
-    def local_rmul(x, s):
-        return jnp.matmul(x.astype(comp), s).astype(work)
-
-    def local_ritz(q, y, s, theta):
-        v, av = jnp.matmul(q.astype(comp), s), jnp.matmul(y.astype(comp), s)
-        r = av - v * theta[None, :]
-        return v.astype(work), av.astype(work), jnp.sum(r * r, axis=0)
-
-    if mesh is None:
-        matmat = (lambda q: jnp.matmul(operator, q)) if dense else operator
-        return _BlockOps(lambda x: x, matmat, local_inner, local_rmul, local_ritz)
-
-    axes = tuple(mesh.axis_names)
-    rows_spec = _row_spec(axes)
-    rows = _layout(mesh, rows_spec)
-
-    def smap(f, in_specs, out_specs):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-
-    inner = smap(lambda x, y: jax.lax.psum(local_inner(x, y), axes), (rows_spec, rows_spec), P())
-    rmul = smap(local_rmul, (rows_spec, P()), rows_spec)
-
-    def sharded_ritz(q, y, s, theta):
-        v, av, sq = local_ritz(q, y, s, theta)
-        return v, av, jax.lax.psum(sq, axes)
-
-    ritz = smap(sharded_ritz, (rows_spec, rows_spec, P(), P()), (rows_spec, rows_spec, P()))
-    if dense:
-        # Each device multiplies its row block of A by the gathered (d, b) block: the only all-gather is of Q.
-        row_matmat = smap(lambda a, q: jnp.matmul(a, jax.lax.all_gather(q, axes, axis=0, tiled=True)),
-                          (rows_spec, rows_spec), rows_spec)
-        matmat = lambda q: row_matmat(operator, q)  # noqa: E731
-    else:
-        matmat = lambda q: rows(operator(q))  # noqa: E731
-    return _BlockOps(rows, matmat, inner, rmul, ritz)
-
-
 def _upper_inverse(g, shift):
     """Inverse of the upper Cholesky factor R of ``g + shift I`` (R^T R = g + shift I); NaN if not positive."""
     b = g.shape[0]
@@ -203,7 +97,7 @@ def _upper_inverse(g, shift):
     return jax.lax.linalg.triangular_solve(lower, eye, left_side=False, lower=True, transpose_a=True)
 
 
-def _orthonormalize(ops: _BlockOps, y, key, comp):
+def _orthonormalize(ops: BlockOps, y, key, comp):
     """Orthonormal basis of the columns of ``y`` (d, b): shifted CholeskyQR, then CholeskyQR2.
 
     After scaling the columns to unit norm, a first Cholesky QR of ``Y^T Y + s I`` (shift ``s = 100 b^2 eps``)
@@ -239,7 +133,7 @@ def _orthonormalize(ops: _BlockOps, y, key, comp):
     return z
 
 
-def _rayleigh_ritz(ops: _BlockOps, q, y, k: int):
+def _rayleigh_ritz(ops: BlockOps, q, y, k: int):
     """Ritz pairs of A on span(q) given y = A q, ordered: the k of largest |theta| first (descending), then the rest."""
     t = ops.inner(q, y)
     theta, s = jnp.linalg.eigh(0.5 * (t + t.T), symmetrize_input=False)
@@ -250,69 +144,6 @@ def _rayleigh_ritz(ops: _BlockOps, q, y, k: int):
     theta, s = theta[order], s[:, order]
     v, av, sq = ops.ritz(q, y, s, theta)
     return theta, v, av, jnp.sqrt(sq)
-
-
-def _operator_info(a_or_matvec, dim, dtype, name):
-    """Validates a matrix or block matvec; returns (operator cast to the working dtype, d, working dtype)."""
-    if callable(a_or_matvec):
-        if dim is None:
-            raise ValueError(f"{name} got a matvec callable, so it cannot infer the dimension: pass dim=d (the "
-                             "matvec maps a (d, b) block to a (d, b) block).")
-        d = int(dim)
-        work = jnp.dtype(dtype) if dtype is not None else _compute_dtype(jnp.float32)
-        return a_or_matvec, d, work
-    a_or_matvec = _as_array(a_or_matvec, f"{name} input")
-    _check_real(a_or_matvec, f"{name} input")
-    a = jnp.asarray(a_or_matvec)
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"{name} needs a square (d, d) matrix or a matvec callable; got shape {a.shape}.")
-    if dim is not None and int(dim) != a.shape[0]:
-        raise ValueError(f"{name} got dim={dim} but the matrix has shape {a.shape}; drop dim or make them agree.")
-    work = jnp.dtype(dtype) if dtype is not None else (
-        a.dtype if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize >= 4 else _compute_dtype(a.dtype))
-    return a.astype(work), a.shape[0], work
-
-
-def _explicit_mesh_of(a):
-    """The mesh of an array whose type is sharded over Explicit mesh axes (None otherwise)."""
-    if callable(a):
-        return None
-    try:
-        sharding = jax.typeof(a).sharding
-    except (AttributeError, TypeError):
-        return None
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
-        return None
-    if not any(s is not None for s in sharding.spec):
-        return None
-    concrete = getattr(getattr(a, "sharding", None), "mesh", None)  # eager arrays carry the device mesh
-    return concrete if isinstance(concrete, Mesh) else mesh
-
-
-def _check_operator(ops: _BlockOps, d, b, work, key, symmetry_rtol, name, matvec):
-    """Shape check (always, via eval_shape) and, outside jit, a random-probe check for NaN/inf and asymmetry."""
-    if matvec is not None:
-        out = jax.eval_shape(matvec, jax.ShapeDtypeStruct((d, b), work))
-        if getattr(out, "shape", None) != (d, b):
-            raise ValueError(f"{name}: the matvec returned the wrong shape: it must map a (d, b) = {(d, b)} block to "
-                             f"a {(d, b)} block but returned {getattr(out, 'shape', type(out).__name__)}. Apply A "
-                             "column-wise to the block (e.g. A @ X, or J^T (J X) for an implicit Gram).")
-    # Columns of norm ~1 (not ~sqrt(d)), so that the probe itself cannot overflow where A is near the dtype's range.
-    x = ops.rows(jax.random.normal(jax.random.fold_in(key, 7), (d, b), work) / np.sqrt(d).astype(work))
-    s = ops.inner(x, ops.matmat(x))
-    if is_traced(s):
-        return
-    s = np.asarray(s)
-    if not np.all(np.isfinite(s)):
-        raise ValueError(f"{name}: applying A to a random block gave NaN or inf; the matrix (or matvec) has "
-                         "non-finite entries.")
-    scale = np.max(np.abs(s))
-    asym = np.max(np.abs(s - s.T))
-    if asym > symmetry_rtol * scale:
-        raise ValueError(f"{name}: the operator is not symmetric: for random X, max|X^T A X - (X^T A X)^T| / "
-                         f"max|X^T A X| = {asym / scale:.3g} > symmetry_rtol = {symmetry_rtol:.3g}. Pass a symmetric "
-                         "matrix (e.g. (A + A.T) / 2) or raise symmetry_rtol.")
 
 
 def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int, *, key: jax.Array,
@@ -360,8 +191,8 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
         wrong shape, ``d`` not divisible by the mesh size, and (outside jit) non-finite or non-symmetric input.
     """
     matvec = a_or_matvec if callable(a_or_matvec) else None
-    operator, d, work = _operator_info(a_or_matvec, dim, dtype, "eigh_topk")
-    comp = _compute_dtype(work)
+    operator, d, work = operator_info(a_or_matvec, dim, dtype, "eigh_topk")
+    comp = compute_dtype(work)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k < d:
         raise ValueError(f"eigh_topk needs an integer k with 1 <= k < d = {d}; got k={k!r}. For the full spectrum "
                          "use eigh.")
@@ -371,17 +202,17 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
     if not tol > 0:
         raise ValueError(f"eigh_topk needs tol > 0; got {tol}.")
     if mesh is None:
-        mesh = _explicit_mesh_of(operator)
+        mesh = explicit_mesh_of(operator)
     if mesh is not None and d % mesh.size:
         raise ValueError(f"eigh_topk shards the {d} rows over {mesh.size} devices of the mesh, so d must be "
                          f"divisible by {mesh.size}; pad the operator with zero rows/columns or change the mesh.")
     b = min(k + int(oversample), d)
     if mesh is not None and matvec is None:
-        operator = _layout(mesh, _row_spec(tuple(mesh.axis_names)))(operator)
-    ops = _make_ops(operator, mesh, work, comp)
+        operator = layout(mesh, row_spec(tuple(mesh.axis_names)))(operator)
+    ops = block_ops(operator, mesh, work, comp)
     key_start, key_loop = jax.random.split(key)
     if check:
-        _check_operator(ops, d, b, work, key, _default_symmetry_rtol(work) if symmetry_rtol is None
+        check_operator(ops, d, b, work, key, default_symmetry_rtol(work) if symmetry_rtol is None
                         else symmetry_rtol, "eigh_topk", matvec)
 
     def body(state):
@@ -392,7 +223,7 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
         # Scale invariance: the iteration runs on 2^-e A, with 2^e the magnitude of the first product A Q (Q with
         # orthonormal columns), so that no square of an entry under- or overflows (a Gram scaled by 1e-20 in
         # float32 would otherwise give zero residuals; by 1e20, infinities). Powers of two scale exactly.
-        exp = jnp.where(it == 0, _exponent(y), exp)
+        exp = jnp.where(it == 0, scale_exponent(y), exp)
         theta, v, av, res = _rayleigh_ritz(ops, q, jnp.ldexp(y, -exp), k)
         return it + 1, key, theta, v, av, res[:k], exp
 
@@ -407,10 +238,3 @@ def eigh_topk(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], k: int,
              jnp.asarray(0, jnp.int32))
     it, _, theta, v, _, res, exp = jax.lax.while_loop(not_converged, body, state)
     return EigResult(jnp.ldexp(theta[:k], exp), v[:, :k], jnp.ldexp(res, exp), it)
-
-
-def _exponent(y) -> jax.Array:
-    """``e`` (int32) with ``2^(e-1) <= max|y| < 2^e``; 0 for an all-zero or non-finite ``y``."""
-    m = jnp.max(jnp.abs(y))
-    _, e = jnp.frexp(m)
-    return jnp.where(jnp.isfinite(m) & (m > 0), e, 0).astype(jnp.int32)

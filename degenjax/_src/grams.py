@@ -26,12 +26,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from degenjax._src.numerics import HIGHEST
+from degenjax._src.progress import track
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
 from degenjax._src.attention import attention_jtj
 from degenjax._src.structure import affine_elementwise, attention_structure
 from degenjax._src.validation import check_batches, check_positive_int, is_traced
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one chunk's Jacobian block (chunk x directions x input coordinates) when `chunk_size` is automatic.
 _JACOBIAN_CHUNK_ELEMENTS = 1 << 25
 
@@ -190,10 +191,10 @@ def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int =
             xc = jnp.pad(xc, ((0, m * chunk_size - n), (0, 0)))  # zero rows add nothing
             blocks = jnp.reshape(xc, (m, chunk_size, d))
             first = _pairwise_sum(jnp.sum(blocks, axis=1))
-            second = _pairwise_sum(jnp.einsum("mci,mcj->mij", blocks, blocks, precision=_HIGHEST))
+            second = _pairwise_sum(jnp.einsum("mci,mcj->mij", blocks, blocks, precision=HIGHEST))
         else:
             first = jnp.sum(xc, axis=0)
-            second = jnp.matmul(xc.T, xc, precision=_HIGHEST)
+            second = jnp.matmul(xc.T, xc, precision=HIGHEST)
         inc = GramSums(count, psum(first), psum(second))
         pairs = [_neumaier_add(s, c, v) for s, c, v in zip(state.sums, state.compensation, inc)]
         return GramState(shift, GramSums(*(p[0] for p in pairs)), GramSums(*(p[1] for p in pairs)))
@@ -246,7 +247,7 @@ def as_batch_list(batches, fn: str = "batches") -> list:
     return out
 
 
-class _BatchChecker:
+class BatchChecker:
     """Validates batches as they stream: dtypes, feature sizes, and (lagged by one batch) finiteness."""
 
     def __init__(self, model: Sections, params, fn: str, layers: Sequence[int]):
@@ -438,7 +439,8 @@ _activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accu
 
 
 def activation_stats(model, params, batches, *, center: bool = True, accum_dtype=None, chunk_size: int = 4096,
-                     mesh=None, batch_axis=None, jit: bool = True, constant: str | None = None) -> ActivationStats:
+                     mesh=None, batch_axis=None, jit: bool = True, constant: str | None = None,
+                     progress: bool = False) -> ActivationStats:
     """Streams the activation Grams and means of every node layer over ``batches`` (docs/maths.md#grams).
 
     Memory is O(sum_l d_l^2) whatever the number of batches. Each batch is checked: dtypes equal to the first
@@ -463,6 +465,7 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
       constant: ``"append"`` or ``"last"`` (see `degenjax.Sections`); default the model's own. On folded node
         layers (``"last"``) the last feature must be the constant 1 (checked); the Gram and mean are those of the
         other ``d_h = d_l - 1`` features with the constant coordinate last, i.e. the same as for plain layers.
+      progress: show a tqdm progress bar over the batches.
 
     Returns:
       `ActivationStats` with per node layer ``gram`` ``(d_h + 1, d_h + 1)``, ``mean`` ``(d_h,)`` and ``count``
@@ -478,10 +481,10 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
     check_positive_int(chunk_size, "chunk_size", fn)
     axes = _batch_axes(mesh, batch_axis)
     layers = tuple(range(len(model)))
-    checker = _BatchChecker(model, params, fn, layers)
+    checker = BatchChecker(model, params, fn, layers)
     step = _activation_step_jit if jit else _activation_step
     states = None
-    for i, batch in enumerate(_batch_iterable(batches, fn)):
+    for i, batch in enumerate(track(_batch_iterable(batches, fn), "activation Grams", progress)):
         shapes = checker.check(i, batch)
         if states is None:
             fold = int(model.constant == "last")
@@ -569,25 +572,25 @@ def _structured_jtj(split, out_basis, accum_dtype):
     W = split.W.astype(dt)
     Bo = None if out_basis is None else out_basis.astype(dt)
     V = None if split.V is None else split.V.astype(dt)
-    Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=_HIGHEST))
+    Q = Bo if V is None else (V if Bo is None else jnp.matmul(V, Bo, precision=HIGHEST))
     if split.linear:  # s = 1: rows (W Q)(W Q)^T, no (d_k, d_k) Gram of the slopes (d_k may be a vocabulary)
-        WQ = W if Q is None else jnp.matmul(W, Q, precision=_HIGHEST)
-        M = jnp.asarray(s.shape[0], dt) * jnp.matmul(WQ, WQ.T, precision=_HIGHEST)
+        WQ = W if Q is None else jnp.matmul(W, Q, precision=HIGHEST)
+        M = jnp.asarray(s.shape[0], dt) * jnp.matmul(WQ, WQ.T, precision=HIGHEST)
     elif Q is None:  # K = diag(sum s^2)
-        M = jnp.matmul(W * jnp.sum(s * s, axis=0)[None, :], W.T, precision=_HIGHEST)
+        M = jnp.matmul(W * jnp.sum(s * s, axis=0)[None, :], W.T, precision=HIGHEST)
     else:
-        S = jnp.matmul(s.T, s, precision=_HIGHEST)
-        K = jnp.matmul(Q, Q.T, precision=_HIGHEST) * S
-        M = jnp.matmul(jnp.matmul(W, K, precision=_HIGHEST), W.T, precision=_HIGHEST)
+        S = jnp.matmul(s.T, s, precision=HIGHEST)
+        K = jnp.matmul(Q, Q.T, precision=HIGHEST) * S
+        M = jnp.matmul(jnp.matmul(W, K, precision=HIGHEST), W.T, precision=HIGHEST)
     if split.A0 is not None:  # a linear pass-through (residual, carried constant): P = A0 B
         A0 = split.A0.astype(dt)
-        P = A0 if Bo is None else jnp.matmul(A0, Bo, precision=_HIGHEST)
-        QPt = P.T if Q is None else jnp.matmul(Q, P.T, precision=_HIGHEST)
+        P = A0 if Bo is None else jnp.matmul(A0, Bo, precision=HIGHEST)
+        QPt = P.T if Q is None else jnp.matmul(Q, P.T, precision=HIGHEST)
         # W diag(sum s) Q P^T, with the diagonal applied to (Q P^T): the form (W * sum_s[None]) @ (Q P^T) is
         # miscompiled by XLA:CPU under jit in jax 0.10.2 (a fused reduce + broadcast multiply + two dots gave
         # entries off by O(1); tests/test_structure.py::test_residual_block_at_transformer_sizes guards this)
-        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * QPt, precision=_HIGHEST)
-        M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=_HIGHEST)
+        cross = jnp.matmul(W, jnp.sum(s, axis=0)[:, None] * QPt, precision=HIGHEST)
+        M = M + cross + cross.T + jnp.asarray(s.shape[0], dt) * jnp.matmul(P, P.T, precision=HIGHEST)
     return M
 
 
@@ -609,7 +612,7 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
             y = f(params, y)
         y = y[0]
         if out_basis is not None:
-            y = jnp.matmul(y, out_basis.astype(y.dtype), precision=_HIGHEST)
+            y = jnp.matmul(y, out_basis.astype(y.dtype), precision=HIGHEST)
         return y
 
     b, d = h.shape[0], h.shape[-1]
@@ -628,7 +631,7 @@ def _layer_jtj(model, params, l, h, out_basis, keys, *, target, num_sources, chu
         else:
             rows = jax.vmap(lambda e, k: _per_example_rows(g, e, k, num_sources, axes))(hc, kc)
         rows = jnp.reshape(rows.astype(accum_dtype), (-1, d))  # (examples x directions x positions, d)
-        return jnp.matmul(rows.T, rows, precision=_HIGHEST)
+        return jnp.matmul(rows.T, rows, precision=HIGHEST)
 
     def body(carry, chunk):
         return _neumaier_add(carry[0], carry[1], chunk_jtj(*chunk)), None
@@ -673,7 +676,8 @@ _jacobian_step_jit = jax.jit(_jacobian_step, static_argnames=("model", "layers",
 
 
 def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_sources, key, chunk_size,
-                     accum_dtype, mesh, batch_axis, jit, fn, structured=True):
+                     accum_dtype, mesh, batch_axis, jit, fn, structured=True, progress=False,
+                     desc="Jacobian Grams"):
     if target not in ("next", "output"):
         raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
     if num_sources is not None:
@@ -691,11 +695,11 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
     for l in layers:
         if not 0 <= l < L:
             raise ValueError(f"{fn}: layer {l} is out of range; the model has node layers 0..{L - 1}.")
-    checker = _BatchChecker(model, params, fn, layers)
+    checker = BatchChecker(model, params, fn, layers)
     step = _jacobian_step_jit if jit else _jacobian_step
     totals, counts, bases = None, None, None
     what = "Jacobian Gram"
-    for i, batch in enumerate(_batch_iterable(batches, fn)):
+    for i, batch in enumerate(track(_batch_iterable(batches, fn), desc, progress)):
         shapes = checker.check(i, batch)
         if totals is None:
             bases = []
@@ -739,7 +743,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
 def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target: str = "next",
                   num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
                   mesh=None, batch_axis=None, jit: bool = True, structured: bool = True,
-                  constant: str | None = None) -> jax.Array:
+                  constant: str | None = None, progress: bool = False) -> jax.Array:
     """Jacobian Gram ``M^l`` of one node layer, shape ``(d_l, d_l)`` over the features the section takes.
 
     On plain node layers (``constant="append"``) these are the features without the constant (whose derivative is
@@ -775,6 +779,7 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
         use ``W [(Q Q^T) o sum_x s s^T] W^T`` (``Q = V B``, ``s = phi'(h W)``, plus residual cross terms) instead of
         per-example Jacobians (same value, one ``(d_k, d_k)`` Gram per batch). False always takes the per-example
         path.
+      progress: show a tqdm progress bar over the batches.
 
     Returns:
       ``M^l``, shape ``(d_l, d_l)``.
@@ -787,14 +792,16 @@ def jacobian_gram(model, params, batches, layer: int, *, out_basis=None, target:
     return _jacobian_driver(model, params, batches, (int(layer),), (out_basis,), target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
                             mesh=mesh, batch_axis=batch_axis, jit=jit, fn="jacobian_gram",
-                            structured=structured)[0]
+                            structured=structured, progress=progress,
+                            desc=f"Jacobian Gram of node layer {int(layer)}")[0]
 
 
 def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", output_basis=None,
                    num_sources: int | None = None, key=None, chunk_size: int | None = None, accum_dtype=None,
                    mesh=None, batch_axis=None, jit: bool = True, structured: bool = True,
-                   constant: str | None = None) -> list[jax.Array]:
-    """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` in one pass over ``batches``.
+                   constant: str | None = None, layers: Sequence[int] | None = None,
+                   progress: bool = False) -> list[jax.Array]:
+    """Jacobian Grams ``M^l`` of all node layers ``l = 0..L-1`` (or of ``layers``) in one pass over ``batches``.
 
     See `jacobian_gram` for the definition and the remaining arguments.
 
@@ -804,9 +811,10 @@ def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", 
         as an ``InteractionBasis``. Node layer ``l < L - 1`` uses ``basis[l + 1]``; the last uses
         ``output_basis``. Must be None for ``target="output"``.
       output_basis: ``(d_out [+ 1], k)`` basis of the network output; None is the identity.
+      layers: the node layers to compute (default all ``0..L-1``).
 
     Returns:
-      ``[M^0, ..., M^{L-1}]``, ``M^l`` of shape ``(d_l, d_l)``.
+      ``[M^0, ..., M^{L-1}]`` (or one per entry of ``layers``), ``M^l`` of shape ``(d_l, d_l)``.
     """
     fn = "jacobian_grams"
     model = as_sections(model, constant)
@@ -831,6 +839,11 @@ def jacobian_grams(model, params, batches, *, basis=None, target: str = "next", 
         out_bases = (output_basis,) * L
     else:
         raise ValueError(f"{fn}: target must be 'next' or 'output', got {target!r}.")
-    return _jacobian_driver(model, params, batches, tuple(range(L)), out_bases, target=target,
+    layers = tuple(range(L)) if layers is None else tuple(int(l) for l in layers)
+    if any(not 0 <= l < L for l in layers):
+        raise ValueError(f"{fn}: layers={list(layers)} must be node layers in 0..{L - 1}.")
+    out_bases = tuple(out_bases[l] for l in layers)
+    return _jacobian_driver(model, params, batches, layers, out_bases, target=target,
                             num_sources=num_sources, key=key, chunk_size=chunk_size, accum_dtype=accum_dtype,
-                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn, structured=structured)
+                            mesh=mesh, batch_axis=batch_axis, jit=jit, fn=fn, structured=structured,
+                            progress=progress)

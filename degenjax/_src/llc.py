@@ -42,14 +42,15 @@ from jax.sharding import PartitionSpec as P
 
 from degenjax._src import sgld as sgld_lib
 from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_inputs, check_loss_fn,
-                                  check_positive_int, check_step_size, default_nbeta, leaf_name, num_data)
+                                  check_positive_int, check_rng_key, check_step_size, default_nbeta, leaf_name,
+                                  num_data)
 from degenjax._src.diagnostics import (LLCDivergenceError, convergence, divergence_error, first_divergence,
                                        warn_result)
 from degenjax._src.minibatch import (batch_indices, chain_keys, chain_streams, epoch_positions, full_loss,
                                      gather_batch, iid_batch_indices, init_key, round_keys)
 from degenjax._src.validation import is_traced
+from degenjax._src.types import ArrayTree
 
-ArrayTree = Any
 
 # names kept importable from here for existing callers
 __all__ = ["LLCResult", "LLCDivergenceError", "MetricsState", "estimate_llc", "parameter_mask", "restrict_data",
@@ -442,6 +443,7 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
       LLCDivergenceError: when a chain's loss becomes non-finite (``on_divergence="raise"``); names the chain, the
         step and the step size.
     """
+    check_rng_key(rng_key)
     if data_subset is not None:
         data = restrict_data(data, data_subset)
     if isinstance(step_size, str) and step_size == "auto":

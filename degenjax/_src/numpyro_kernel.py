@@ -18,8 +18,8 @@ from numpyro.util import is_prng_key
 from degenjax._src import sgld as sgld_lib
 from degenjax._src.checks import check_inputs, check_positive_int, check_step_size, default_nbeta, num_data
 from degenjax._src.minibatch import batch_indices, chain_streams, gather_batch, init_key
+from degenjax._src.types import ArrayTree
 
-ArrayTree = Any
 
 
 class SGLDKernelState(NamedTuple):

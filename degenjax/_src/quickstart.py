@@ -16,11 +16,10 @@ spectra ``lib_Lambda_l``/``pca_Lambda_l``) and four PNG figures.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,14 +97,6 @@ def _batches(x, size: int) -> list:
     return [x[i:i + size] for i in range(0, x.shape[0], size)]
 
 
-def _host(tree):
-    """Arrays (and NumPy scalars) to JSON-ready Python numbers and lists."""
-    def conv(a):
-        a = np.asarray(a)
-        return a.tolist() if a.ndim else a.item()
-    return jax.tree.map(conv, tree)
-
-
 def _train(module, params, x, y, cfg: QuickstartConfig, progress: bool):
     import optax
 
@@ -141,8 +132,131 @@ def _train(module, params, x, y, cfg: QuickstartConfig, progress: bool):
     return params, losses
 
 
+class Trained(NamedTuple):
+    """The training stage's result: the Flax module, its trained (float32) params, the loss curve and the data."""
+
+    module: Any
+    params: Any
+    train_losses: list
+    accuracy: dict
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+class Analysis(NamedTuple):
+    """The analysis stage's result (docs/maths.md#grams, #interaction-basis, #degeneracy-accounting).
+
+    Attributes:
+      stats: the centred activation statistics (one pass), shared by both bases and the degeneracy report.
+      bases: ``{"lib": InteractionBasis, "pca": InteractionBasis}``.
+      edges: ``{"lib": [E^0, E^1], "pca": [...]}``.
+      sparsity: ``{"lib": EdgeSparsity, "pca": EdgeSparsity}``.
+      degeneracy: the `DegeneracyReport`.
+      modules: the `ModuleResult` of the LIB interaction graph.
+    """
+
+    stats: Any
+    bases: dict
+    edges: dict
+    sparsity: dict
+    degeneracy: Any
+    modules: Any
+
+
+def train_stage(config: QuickstartConfig, *, progress: bool = False) -> Trained:
+    """Loads the digits and trains the MLP (float32, full-batch Adam)."""
+    from degenjax._src.models import MLP
+
+    x_tr, y_tr, x_te, y_te = load_digits_split(config.num_points, config.seed)
+    if config.llc_batch_size > x_tr.shape[0]:
+        raise ValueError(f"quickstart: llc_batch_size={config.llc_batch_size} exceeds the {x_tr.shape[0]} training "
+                         "points; lower it or raise num_points.")
+    module = MLP(features=(config.hidden, config.hidden, 10))
+    params = module.init(jax.random.key(config.seed), jnp.asarray(x_tr[:1]))
+    params, train_losses = _train(module, params, jnp.asarray(x_tr), jnp.asarray(y_tr), config, progress)
+    predict = jax.jit(lambda p, xs: jnp.argmax(module.apply(p, xs), -1))
+    acc = {split: float(np.mean(np.asarray(predict(params, jnp.asarray(xs))) == ys))
+           for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te))}
+    return Trained(module, params, train_losses, acc, x_tr, y_tr, x_te, y_te)
+
+
+def analysis_stage(model, params, batches, *, seed: int = 0, progress: bool = False) -> Analysis:
+    """Grams, LIB and PCA bases, edges, degeneracy and modules, streaming the data once per kind of statistic.
+
+    Passes over ``batches``: one for the activation statistics (shared by both bases and the degeneracy report),
+    one per node layer for the LIB Jacobian Grams (each differentiates the next layer's basis, so they cannot share
+    a pass), one for the edges in each basis, one for the ReLU on/off patterns and one for the pre-activation
+    Jacobian Grams of the degeneracy report.
+
+    Args:
+      model: `Sections` of the network.
+      params: its parameters (in the analysis dtype).
+      batches: a list of input batches.
+      seed: seed of the module detection.
+      progress: tqdm bars for every pass.
+
+    Returns:
+      `Analysis`.
+    """
+    from degenjax._src.basis import interaction_basis
+    from degenjax._src.degeneracy import degeneracy_report
+    from degenjax._src.edges import edge_sparsity, interaction_edges
+    from degenjax._src.grams import activation_stats
+    from degenjax._src.modularity import find_modules
+
+    stats = activation_stats(model, params, batches, center=True, progress=progress)
+    bases = {kind: interaction_basis(model, params, batches, kind=kind, stats=stats, progress=progress)
+             for kind in ("lib", "pca")}
+    edges = {kind: interaction_edges(model, params, b, batches, progress=progress) for kind, b in bases.items()}
+    sparsity = {kind: edge_sparsity(e) for kind, e in edges.items()}
+    degen = degeneracy_report(model, params, batches, stats=stats, progress=progress)
+    modules = find_modules(edges["lib"], seed=seed)
+    return Analysis(stats, bases, edges, sparsity, degen, modules)
+
+
+def llc_stage(trained: Trained, config: QuickstartConfig, *, progress: bool = False):
+    """The LLC of the training loss at the trained (float32) params (docs/maths.md#llc).
+
+    Returns:
+      ``(LLCResult, Convergence)`` with ``ess``, ``rhat`` and ``llc_mcse`` from the host-side diagnostics (the same
+      numbers whether or not the run was jitted).
+    """
+    from degenjax._src.diagnostics import convergence
+    from degenjax._src.llc import estimate_llc
+    from degenjax._src.sweep import chain_mesh
+
+    module = trained.module
+
+    def loss_fn(p, batch):
+        bx, by = batch
+        return _cross_entropy(module.apply(p, bx), by)
+
+    params = trained.params
+    data = (jnp.asarray(trained.x_train), jnp.asarray(trained.y_train))
+    key = jax.random.key(config.seed + 1)
+    llc_kw = dict(num_chains=config.num_chains, num_draws=config.num_draws, step_size=config.step_size,
+                  batch_size=config.llc_batch_size, localization=config.localization, num_burnin=config.num_burnin,
+                  mesh=chain_mesh(config.num_chains))
+    if config.step_size == "auto":  # the recipe (eager: it decides between runs)
+        llc = estimate_llc(key, loss_fn, params, data, warn=False,
+                           recipe_kwargs={"max_steps": config.llc_max_steps, "initial_steps": 1000}, **llc_kw)
+    elif progress:  # eager: a progress bar between chunks of the scan
+        llc = estimate_llc(key, loss_fn, params, data, progress=True,
+                           num_chunks=min(5, config.num_draws + config.num_burnin), **llc_kw)
+    else:  # one compilation
+        llc = jax.jit(lambda k, p, d: estimate_llc(k, loss_fn, p, d, **llc_kw))(key, params, data)
+    llc = jax.device_get(llc)
+    conv = convergence(llc.loss_trace)
+    llc = llc._replace(ess=np.asarray(conv.ess), rhat=np.asarray(conv.rhat),
+                       llc_mcse=np.asarray(float(llc.nbeta) * conv.mcse))
+    return llc, conv
+
+
 def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, progress: bool = True) -> dict:
-    """Trains the digits MLP, runs the full analysis and writes the report.
+    """Trains the digits MLP, runs the full analysis and writes the report: `train_stage`, `analysis_stage`,
+    `llc_stage`, then the files.
 
     The Grams, bases and edges are computed in float64 when ``jax_enable_x64`` is on (the CLI turns it on),
     else in float32; training and SGLD use float32 parameters.
@@ -150,21 +264,14 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
     Args:
       out_dir: output folder (created).
       config: `QuickstartConfig`.
-      progress: tqdm progress bars for training and sampling.
+      progress: tqdm progress bars for training, every pass over the data and sampling.
 
     Returns:
       The report as a dict (also written to ``out_dir/report.json``).
     """
-    from degenjax._src import plots
-    from degenjax._src.basis import acc_dtype, interaction_basis
     from degenjax._src.checkpoints import save_msgpack
-    from degenjax._src.degeneracy import degeneracy_report
-    from degenjax._src.edges import edge_sparsity, interaction_edges
-    from degenjax._src.grams import activation_grams
-    from degenjax._src.llc import effective_parameter_count, estimate_llc
-    from degenjax._src.models import MLP, mlp_sections
-    from degenjax._src.modularity import find_modules
-    from degenjax._src.sweep import chain_mesh
+    from degenjax._src.models import mlp_sections
+    from degenjax._src.numerics import acc_dtype
 
     for name in ("hidden", "train_steps", "num_chains", "num_draws", "llc_batch_size", "gram_batch_size"):
         if int(getattr(config, name)) < 1:
@@ -173,70 +280,34 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.perf_counter()
-
-    # -- data and training (float32)
-    x_tr, y_tr, x_te, y_te = load_digits_split(config.num_points, config.seed)
-    if config.llc_batch_size > x_tr.shape[0]:
-        raise ValueError(f"quickstart: llc_batch_size={config.llc_batch_size} exceeds the {x_tr.shape[0]} training "
-                         "points; lower it or raise num_points.")
-    module = MLP(features=(config.hidden, config.hidden, 10))
-    params = module.init(jax.random.key(config.seed), jnp.asarray(x_tr[:1]))
-    params, train_losses = _train(module, params, jnp.asarray(x_tr), jnp.asarray(y_tr), config, progress)
-    save_msgpack(out / "params.msgpack", params)
-    num_params = int(sum(np.size(a) for a in jax.tree.leaves(params)))
-    predict = jax.jit(lambda p, xs: jnp.argmax(module.apply(p, xs), -1))
-    acc = {split: float(np.mean(np.asarray(predict(params, jnp.asarray(xs))) == ys))
-           for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te))}
+    trained = train_stage(config, progress=progress)
+    save_msgpack(out / "params.msgpack", trained.params)
     timings["train_s"] = time.perf_counter() - t0
 
-    # -- Grams, bases, edges (float64 when enabled): docs/maths.md#grams, #interaction-basis
     t1 = time.perf_counter()
     fdt = acc_dtype()
-    p_an = jax.tree.map(lambda a: jnp.asarray(a, fdt), params)
-    x_an = jnp.asarray(x_tr, fdt)
-    batches = _batches(x_an, config.gram_batch_size)
-    model = mlp_sections(module, x_an[:2])
-    layer_names = ["input", "hidden 1", "hidden 2"]
-    grams = activation_grams(model, p_an, batches)
-    bases = {kind: interaction_basis(model, p_an, batches, kind=kind) for kind in ("lib", "pca")}
-    edges = {kind: interaction_edges(model, p_an, b, batches) for kind, b in bases.items()}
-    sparsity = {kind: edge_sparsity(e) for kind, e in edges.items()}
-    timings["basis_s"] = time.perf_counter() - t1
+    p_an = jax.tree.map(lambda a: jnp.asarray(a, fdt), trained.params)
+    x_an = jnp.asarray(trained.x_train, fdt)
+    model = mlp_sections(trained.module, x_an[:2])
+    analysis = analysis_stage(model, p_an, _batches(x_an, config.gram_batch_size), seed=config.seed,
+                              progress=progress)
+    timings["analysis_s"] = time.perf_counter() - t1
 
-    # -- degeneracy and modules: docs/maths.md#degeneracy-accounting
-    t2 = time.perf_counter()
-    degen = degeneracy_report(model, p_an, batches)
-    modules = find_modules(edges["lib"], seed=config.seed)
-    timings["degeneracy_modules_s"] = time.perf_counter() - t2
-
-    # -- LLC: docs/maths.md#llc (float32 parameters, as trained)
     t3 = time.perf_counter()
-
-    def loss_fn(p, batch):
-        bx, by = batch
-        return _cross_entropy(module.apply(p, bx), by)
-
-    data = (jnp.asarray(x_tr), jnp.asarray(y_tr))
-    llc_kw = dict(num_chains=config.num_chains, num_draws=config.num_draws, step_size=config.step_size,
-                  batch_size=config.llc_batch_size, localization=config.localization, num_burnin=config.num_burnin,
-                  mesh=chain_mesh(config.num_chains))
-    if config.step_size == "auto":  # the recipe (eager: it decides between runs)
-        llc = estimate_llc(jax.random.key(config.seed + 1), loss_fn, params, data, warn=False,
-                           recipe_kwargs={"max_steps": config.llc_max_steps, "initial_steps": 1000}, **llc_kw)
-    elif progress:  # eager: a progress bar between chunks of the scan
-        llc = estimate_llc(jax.random.key(config.seed + 1), loss_fn, params, data, progress=True,
-                           num_chunks=min(5, config.num_draws + config.num_burnin), **llc_kw)
-    else:  # one compilation
-        llc = jax.jit(lambda k, p, d: estimate_llc(k, loss_fn, p, d, **llc_kw))(jax.random.key(config.seed + 1),
-                                                                                params, data)
-    llc = jax.device_get(llc)
-    from degenjax._src.diagnostics import convergence
-
-    conv = convergence(llc.loss_trace)  # the same numbers whether or not the run was jitted
-    llc = llc._replace(ess=np.asarray(conv.ess), rhat=np.asarray(conv.rhat),
-                       llc_mcse=np.asarray(float(llc.nbeta) * conv.mcse))
+    llc, conv = llc_stage(trained, config, progress=progress)
     timings["llc_s"] = time.perf_counter() - t3
+    return write_report(out, trained, analysis, llc, conv, config, timings, t0, dtype=str(jnp.dtype(fdt)))
 
+
+def write_report(out: pathlib.Path, trained: Trained, analysis: Analysis, llc, conv, config: QuickstartConfig,
+                 timings: dict, t0: float, *, dtype: str) -> dict:
+    """Writes ``edges.npz``, the four figures, ``report.json`` and ``report.md``; returns the report dict."""
+    from degenjax._src import plots
+    from degenjax._src.llc import effective_parameter_count
+    from degenjax._src.resultsio import json_ready, write_json
+
+    bases, edges, modules, degen = analysis.bases, analysis.edges, analysis.modules, analysis.degeneracy
+    layer_names = ["input", "hidden 1", "hidden 2"]
     np.savez(out / "edges.npz", **{f"{kind}_{l}": np.asarray(e) for kind, es in edges.items() for l, e in enumerate(es)},
              **{f"{kind}_Lambda_{l}": np.asarray(v) for kind, b in bases.items() for l, v in enumerate(b.Lambda)})
 
@@ -247,10 +318,11 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
     }
     plots.plot_loss_traces(llc.loss_trace, llc.init_loss, llc=llc.llc_mean, path=out / plot_files["llc_traces"])
     plots.plot_spectra({
-        "activation Gram": [np.linalg.eigvalsh(np.asarray(g, np.float64))[::-1] for g in grams],
+        "activation Gram": [np.linalg.eigvalsh(np.asarray(g, np.float64))[::-1] for g in analysis.stats.grams],
         "LIB Lambda": [np.asarray(v) for v in bases["lib"].Lambda],
         "PCA variance": [np.asarray(v) for v in bases["pca"].Lambda],
-    }, layer_names=layer_names, path=out / plot_files["spectra"], title="Eigenvalue spectra per node layer")
+    }, layer_names=layer_names, cutoffs=[int(d) for d in bases["lib"].dims], cutoff_label="LIB keeps",
+        path=out / plot_files["spectra"], title="Eigenvalue spectra per node layer")
     plots.plot_interaction_graph(edges["lib"], modules=modules.assignment, path=out / plot_files["interaction_graph"],
                                  title=f"LIB interaction graph ({modules.num_modules} module{'s' if modules.num_modules != 1 else ''}, "
                                        f"Q = {modules.modularity:.2f})")
@@ -258,33 +330,37 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
                         title="Edge sparsity: LIB vs PCA")
 
     # -- report
-    n_eff_mean = float(effective_parameter_count(llc.llc_mean))
+    num_params = int(sum(np.size(a) for a in jax.tree.leaves(trained.params)))
+    input_dim = int(trained.x_train.shape[-1])
     layers = []
     for l, name in enumerate(layer_names):
         layers.append({
-            "name": name, "width": int(x_an.shape[-1] if l == 0 else config.hidden),
+            "name": name, "width": input_dim if l == 0 else config.hidden,
             "lib_dim": int(bases["lib"].dims[l]), "pca_dim": int(bases["pca"].dims[l]),
             "lib_dropped_gram": int(bases["lib"].num_dropped_gram[l]),
             "lib_dropped_interaction": int(bases["lib"].num_dropped_interaction[l]),
         })
     edge_report = {}
     for kind in ("lib", "pca"):
-        sp = _host(sparsity[kind])
+        sp = analysis.sparsity[kind]
         edge_report[kind] = {
             "shapes": [list(np.shape(e)) for e in edges[kind]],
             "nonzero": [int(np.count_nonzero(np.asarray(e)[1:, 1:] > 0)) for e in edges[kind]],
-            "num_edges": sp["num_edges"],
-            "fractions": list(sp["fractions"]),
-            "edges_for_fraction": sp["counts"],
-            "total_weight": sp["total_weight"],
+            "num_edges": sp.num_edges,
+            "fractions": list(sp.fractions),
+            "edges_for_fraction": sp.counts,
+            "total_weight": sp.total_weight,
         }
     report = {
-        "model": {"kind": "MLP", "features": [config.hidden, config.hidden, 10], "input_dim": int(x_an.shape[-1]),
+        "model": {"kind": "MLP", "features": [config.hidden, config.hidden, 10], "input_dim": input_dim,
                   "num_params": num_params},
-        "data": {"name": "sklearn digits", "num_train": int(x_tr.shape[0]), "num_test": int(x_te.shape[0])},
-        "train_loss": train_losses[-1], "train_accuracy": acc["train"], "test_accuracy": acc["test"],
-        "llc": float(llc.llc_mean), "llc_std": float(llc.llc_std), "llc_per_chain": _host(llc.llc_per_chain),
-        "n_eff": n_eff_mean, "n_eff_std": float(2.0 * llc.llc_std), "init_loss": float(llc.init_loss),
+        "data": {"name": "sklearn digits", "num_train": int(trained.x_train.shape[0]),
+                 "num_test": int(trained.x_test.shape[0])},
+        "train_loss": trained.train_losses[-1], "train_accuracy": trained.accuracy["train"],
+        "test_accuracy": trained.accuracy["test"],
+        "llc": float(llc.llc_mean), "llc_std": float(llc.llc_std), "llc_per_chain": llc.llc_per_chain,
+        "n_eff": float(effective_parameter_count(llc.llc_mean)), "n_eff_std": float(2.0 * llc.llc_std),
+        "init_loss": float(llc.init_loss),
         "nbeta": float(llc.nbeta), "mala_acceptance": float(llc.mala_acceptance), "ess": float(llc.ess),
         "rhat": float(llc.rhat), "llc_mcse": float(llc.llc_mcse), "converged": conv.converged,
         "convergence_message": conv.message, "llc_uncertainty": float(llc.llc_uncertainty),
@@ -295,30 +371,23 @@ def run_quickstart(out_dir, config: QuickstartConfig = QuickstartConfig(), *, pr
         "layers": layers,
         "edges": edge_report,
         "degeneracy": {"totals": degen.totals(),
-                       "activation_rank": _host(degen.activation_rank), "jacobian_rank": _host(degen.jacobian_rank),
-                       "activation_free": _host(degen.activation_free), "jacobian_free": _host(degen.jacobian_free),
-                       "sync_free": _host(degen.sync_free), "num_dead": _host(degen.num_dead),
-                       "num_always_on": _host(degen.num_always_on)},
+                       "activation_rank": degen.activation_rank, "jacobian_rank": degen.jacobian_rank,
+                       "activation_free": degen.activation_free, "jacobian_free": degen.jacobian_free,
+                       "sync_free": degen.sync_free, "num_dead": degen.num_dead,
+                       "num_always_on": degen.num_always_on},
         "modules": {"num_modules": int(modules.num_modules), "modularity": float(modules.modularity),
-                    "significant": bool(modules.significant),
-                    "assignment": [np.asarray(a).tolist() for a in modules.assignment]},
+                    "significant": bool(modules.significant), "assignment": list(modules.assignment)},
         "settings": config._asdict(),
-        "dtype_analysis": str(jnp.dtype(fdt)),
+        "dtype_analysis": dtype,
         "devices": [str(d) for d in jax.devices()],
         "plots": plot_files,
     }
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = timings
-    report = json.loads(json.dumps(report, default=_json_default).replace("NaN", "null"))
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    report = json_ready(report)
+    write_json(out / "report.json", report)
     (out / "report.md").write_text(_markdown(report, degen.table()))
     return report
-
-
-def _json_default(o):
-    if isinstance(o, (np.generic, np.ndarray)) or hasattr(o, "dtype"):
-        return _host(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _fmt(v, spec=".4g"):

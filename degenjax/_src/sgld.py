@@ -42,14 +42,14 @@ from __future__ import annotations
 import math
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from degenjax._src.types import ArrayTree
 
-ArrayTree = Any
 LossFn = Callable[[ArrayTree, ArrayTree], jax.Array]
 
 

@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from degenjax._src import eigen
+from degenjax._src.numerics import compute_dtype, default_symmetry_rtol, scale_exponent
+from degenjax._src.operators import block_ops, check_operator, explicit_mesh_of, layout, operator_info, row_spec
 
 
 class SpectralDensity(NamedTuple):
@@ -139,22 +140,22 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
     """
     name = "spectral_density"
     matvec = a_or_matvec if callable(a_or_matvec) else None
-    operator, d, work = eigen._operator_info(a_or_matvec, dim, dtype, name)
-    comp = eigen._compute_dtype(work)
+    operator, d, work = operator_info(a_or_matvec, dim, dtype, name)
+    comp = compute_dtype(work)
     for label, value, upper in (("num_probes", num_probes, None), ("num_lanczos", num_lanczos, d)):
         if not isinstance(value, (int, np.integer)) or value < 1 or (upper is not None and value > upper):
             bound = f" and <= d = {d}" if upper is not None else ""
             raise ValueError(f"{name} needs an integer {label} >= 1{bound}; got {value!r}.")
     if mesh is None:
-        mesh = eigen._explicit_mesh_of(operator)
+        mesh = explicit_mesh_of(operator)
     if mesh is not None and d % mesh.size:
         raise ValueError(f"{name} shards the {d} rows over {mesh.size} devices of the mesh, so d must be divisible "
                          f"by {mesh.size}; pad the operator with zero rows/columns or change the mesh.")
     if mesh is not None and matvec is None:
-        operator = eigen._layout(mesh, eigen._row_spec(tuple(mesh.axis_names)))(operator)
-    ops = eigen._make_ops(operator, mesh, work, comp)
+        operator = layout(mesh, row_spec(tuple(mesh.axis_names)))(operator)
+    ops = block_ops(operator, mesh, work, comp)
     if check:
-        eigen._check_operator(ops, d, num_probes, work, key, eigen._default_symmetry_rtol(work)
+        check_operator(ops, d, num_probes, work, key, default_symmetry_rtol(work)
                               if symmetry_rtol is None else symmetry_rtol, name, matvec)
     dots, coef, subtract, store = _lanczos_ops(mesh, comp)
     m, num = int(num_lanczos), int(num_probes)
@@ -162,7 +163,7 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
     v0 = ops.rows(signs / jnp.sqrt(jnp.asarray(d, work)))
     basis = jnp.zeros((d, m, num), work)
     if mesh is not None:
-        basis = eigen._layout(mesh, P(tuple(mesh.axis_names), None, None))(basis)
+        basis = layout(mesh, P(tuple(mesh.axis_names), None, None))(basis)
     basis = store(basis, v0, 0)
     eps = float(jnp.finfo(work).eps)
 
@@ -171,7 +172,7 @@ def spectral_density(a_or_matvec: ArrayLike | Callable[[jax.Array], jax.Array], 
         w = ops.matmat(v)
         # Scale invariance: run on 2^-e A with 2^e the magnitude of the first product (unit probes), so that no
         # square under- or overflows at extreme scales (e.g. a float32 Gram times 1e-20 or 1e20); exact in binary.
-        exp = jnp.where(j == 0, eigen._exponent(w), exp)
+        exp = jnp.where(j == 0, scale_exponent(w), exp)
         w = jnp.ldexp(w, -exp)
         alpha = dots(v, w)
         anorm = jnp.maximum(anorm, jnp.sqrt(dots(w, w)))

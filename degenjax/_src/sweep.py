@@ -17,19 +17,30 @@ A sweep is described by a TOML file::
     nbeta = ["default", 30.0]              # "default" = 1/log(n) tempering (nbeta=None)
     localization = [1.0, 100.0]
 
+**Cells batched.** The cells still to compute run in groups of ``cells_per_group`` cells (``--cells-per-group``;
+default: as many as fit in memory), each group ONE compiled program whose chain axis holds every chain of every
+cell of the group (`degenjax.estimate_llc_batched`); every group has the same shape, so the sweep compiles once.
+A cell's numbers do not depend on the group it ran in or on the devices (bitwise on CPU, tested), so a sweep may
+be resumed with another group size or on another number of devices.
+
 **Results.** Every finished cell is appended as one JSON line to ``OUT/results.jsonl`` with a single ``write`` on
-an ``O_APPEND`` descriptor followed by ``fsync``; its loss traces go first to ``OUT/traces/*.npz`` (temp file,
-``fsync``, rename); ``results.csv`` is regenerated from the JSON lines (temp file + rename). A rerun reads the
-finished cells and computes only the others, so a crash or SIGKILL at any point loses at most the cell in flight
-and never duplicates one. Each cell's PRNG key depends only on ``seed`` and the cell (checkpoint name and grid
-values), so results do not depend on the order in which cells were run or on how often the sweep was interrupted.
+an ``O_APPEND`` descriptor followed by ``fsync``, as soon as its group is done; its loss traces go first to
+``OUT/traces/*.npz`` (temp file, ``fsync``, rename); ``results.csv`` is regenerated from the JSON lines (temp file
++ rename). A rerun reads the finished cells and computes only the others, so a crash or SIGKILL at any point loses
+at most the group in flight and never duplicates a cell. Each cell's PRNG key depends only on ``seed`` and the cell
+(checkpoint name and grid values), so results do not depend on the order in which cells were run or on how often
+the sweep was interrupted.
+
+**Many processes.** Under ``jax.distributed`` (``degenjax sweep --distributed``) every process runs the same
+command: chains are sharded over every device of every process, process 0 alone reads and writes ``OUT`` and loads
+the checkpoints (sending them to the others, bitwise), and a restart of all processes resumes.
 
 **Identity.** A cell's result is determined by the checkpoint's *content* (SHA-256), the entry point's code (the
 ``.py`` files of its module's folder, or ``entry_version``), the sampler settings (after defaults are filled in),
-the seed, the grid values, float64 on/off, the JAX backend and number of devices the chains are sharded over, and
-the versions of degenjax, jax and jaxlib. ``OUT/sweep.json`` records the sweep-wide part and every result line the
-rest, so a rerun never reuses a result that another checkpoint, entry point or setting produced: it refuses with a
-message naming what changed. The grid and the list of checkpoints may grow between runs.
+the seed, the grid values, float64 on/off, the JAX backend, and the versions of degenjax, jax and jaxlib.
+``OUT/sweep.json`` records the sweep-wide part and every result line the rest, so a rerun never reuses a result that
+another checkpoint, entry point or setting produced: it refuses with a message naming what changed. The grid and the
+list of checkpoints may grow between runs.
 
 **Failures.** Everything that can be checked before computing (the config, the entry point, the sampler settings
 against the data, a writable ``OUT``) is checked before ``sweep.json`` is written. A checkpoint that cannot be
@@ -66,7 +77,8 @@ import numpy as np
 from degenjax._src.diagnostics import convergence
 from degenjax._src.validation import check_seed, check_writable
 
-FORMAT = 2  # of sweep.json and the result lines; 1 = before content hashes (degenjax <= 0.1.0 main of 2026-11)
+FORMAT = 3  # of sweep.json and the result lines; 1 = before content hashes, 2 = cells one at a time (before
+# batched cells: a cell's numbers then depended on the device count, recorded as chain_devices)
 GRID_AXES = ("step_size", "nbeta", "localization")
 SAMPLER_KEYS = ("num_chains", "num_draws", "batch_size", "num_burnin", "sampler")
 _SAMPLER_INT_KEYS = ("num_chains", "num_draws", "batch_size", "num_burnin")
@@ -412,12 +424,11 @@ def load_sweep_config(path) -> SweepConfig:
 # identity
 
 
-def sweep_identity(config: SweepConfig, *, chain_devices: int | None = None) -> dict:
+def sweep_identity(config: SweepConfig) -> dict:
     """Everything besides the checkpoint and the grid values that determines a cell's result (see module docs).
 
-    Args:
-      config: the sweep.
-      chain_devices: number of devices the chains are sharded over (default: as `make_llc_cell` shards them).
+    How cells are grouped and how chains are sharded over devices and processes is not part of it: a cell's numbers
+    do not depend on them (`degenjax.estimate_llc_batched`).
 
     Raises:
       ValueError: the entry point cannot be imported.
@@ -430,13 +441,9 @@ def sweep_identity(config: SweepConfig, *, chain_devices: int | None = None) -> 
     source = None if config.entry_version is not None else entry_source_digests(config.entry, search)
     if config.entry_version is not None:
         load_entry_point(config.entry, search)  # importable?
-    if chain_devices is None:
-        mesh = chain_mesh(config.sampler["num_chains"])
-        chain_devices = 1 if mesh is None else mesh.size
     return {"format": FORMAT, **config.fingerprint(), "entry_source": source,
-            "x64": bool(jax.config.jax_enable_x64), "backend": jax.default_backend(),
-            "chain_devices": int(chain_devices), "degenjax": __version__, "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__}
+            "x64": bool(jax.config.jax_enable_x64), "backend": jax.default_backend(), "degenjax": __version__,
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__}
 
 
 def _identity_hash(identity: dict) -> str:
@@ -633,68 +640,97 @@ def chain_mesh(num_chains: int, devices=None):
     return jax.sharding.Mesh(np.asarray(devices[:size]), ("chains",))
 
 
-def make_llc_cell(loss_fn: Callable, data, sampler: dict, *, mesh="auto") -> Callable:
-    """Builds the default cell: one jitted `estimate_llc` call per (checkpoint, grid point).
+def sweep_mesh(total_chains: int):
+    """The mesh a sweep shards its chains over: every device of every process under ``jax.distributed``; in one
+    process, as many devices as evenly divide ``total_chains`` (`chain_mesh`; None for one)."""
+    from degenjax._src import distributed
 
-    The grid values enter as traced scalars, so every cell of a sweep reuses one compilation (two when the grid
-    mixes the default nbeta with explicit values). Chains are sharded over the devices (`chain_mesh`).
+    if distributed.is_multiprocess():
+        return distributed.global_mesh("chains")
+    return chain_mesh(total_chains)
+
+
+def make_llc_cells(loss_fn: Callable, data, sampler: dict, *, cells_per_group: int | None = None,
+                   mesh="auto") -> Callable:
+    """Builds the default computation of a sweep: groups of cells as one program (`estimate_llc_batched`).
+
+    Every group has ``cells_per_group`` cells (a smaller one is padded), so one compilation serves the sweep; the
+    grid values are per-cell arrays. Cells' numbers do not depend on the grouping (bitwise on CPU; see
+    `degenjax.estimate_llc_batched`), so a sweep may be resumed with another group size or device count.
 
     Args:
       loss_fn, data: the entry point's problem.
       sampler: `estimate_llc` keywords (`SAMPLER_KEYS`).
-      mesh: a `jax.sharding.Mesh` with a ``"chains"`` axis, None (no sharding) or ``"auto"`` (`chain_mesh`).
+      cells_per_group: cells per program (default 1).
+      mesh: a mesh with a ``"chains"`` axis, None, or ``"auto"`` (`sweep_mesh`).
 
     Returns:
-      ``cell(rng_key, params, *, step_size, nbeta, localization) -> dict`` with ``llc_mean``, ``llc_std``,
-      ``llc_per_chain``, ``init_loss``, ``mala_acceptance``, ``n_eff``, ``ess``, ``rhat``, ``llc_mcse``,
-      ``converged`` and ``convergence`` (`degenjax.convergence`), ``diverged`` and ``loss_trace`` (chains,
-      draws). ``cell.check(params, nbeta_values)`` traces the estimator without running it, so that bad sampler
-      settings (e.g. ``batch_size`` larger than the data) raise before anything is computed.
+      ``run(rng_keys, params, *, step_size, nbeta, localization) -> list of dicts`` for a group of cells
+      (``params`` stacked on a leading cell axis, the grid values one per cell, nbeta None = the default), with
+      ``llc_mean``, ``llc_std``, ``llc_per_chain``, ``init_loss``, ``mala_acceptance``, ``n_eff``, ``nbeta_used``,
+      ``ess``, ``rhat``, ``llc_mcse``, ``converged``, ``convergence``, ``diverged`` and ``loss_trace`` (chains,
+      draws). ``run.check(params)`` traces the estimator without running it, so that bad sampler settings raise
+      before anything is computed.
     """
-    from degenjax._src.llc import effective_parameter_count, estimate_llc
+    from degenjax._src.cells import estimate_llc_batched
+    from degenjax._src.checks import default_nbeta, num_data
 
     kw = {k: sampler[k] for k in SAMPLER_KEYS if k in sampler}
+    group = 1 if cells_per_group is None else int(cells_per_group)
     if isinstance(mesh, str):
-        mesh = chain_mesh(kw["num_chains"])
-
-    def run(rng_key, params, step_size, nbeta, localization):
-        res = estimate_llc(rng_key, loss_fn, params, data, step_size=step_size, nbeta=nbeta,
-                           localization=localization, mesh=mesh, **kw)
-        return {"llc_mean": res.llc_mean, "llc_std": res.llc_std, "llc_per_chain": res.llc_per_chain,
-                "init_loss": res.init_loss, "mala_acceptance": res.mala_acceptance,
-                "n_eff": effective_parameter_count(res.llc_mean), "nbeta_used": res.nbeta,
-                "loss_trace": res.loss_trace}
-
-    run_default = jax.jit(lambda k, p, s, g: run(k, p, s, None, g))
-    run_nbeta = jax.jit(run)
+        mesh = sweep_mesh(group * kw["num_chains"])
     dtype = jax.numpy.result_type(float)
 
+    def run(rng_keys, params, *, step_size, nbeta, localization) -> list[dict]:
+        n = num_data(data)
+        nbeta = [default_nbeta(n) if b is None else b for b in nbeta]
+        res = estimate_llc_batched(rng_keys, loss_fn, params, data, step_size=np.asarray(step_size, np.float64),
+                                   nbeta=np.asarray(nbeta, np.float64),
+                                   localization=np.asarray(localization, np.float64), mesh=mesh,
+                                   cells_per_group=group, warn=False, **kw)
+        res = jax.device_get(res)
+        rows = []
+        for c in range(len(nbeta)):
+            trace = np.asarray(res.loss_trace[c], np.float64)
+            conv = convergence(trace)
+            llc = np.asarray(res.llc_mean[c])
+            rows.append({"llc_mean": llc, "llc_std": res.llc_std[c], "llc_per_chain": res.llc_per_chain[c],
+                         "init_loss": res.init_loss[c], "mala_acceptance": res.mala_acceptance[c],
+                         "n_eff": 2.0 * llc, "nbeta_used": res.nbeta[c], "loss_trace": trace,
+                         "diverged": bool(not np.all(np.isfinite(trace))), "ess": conv.ess, "rhat": conv.rhat,
+                         "converged": conv.converged, "convergence": conv.message,
+                         "llc_mcse": float(res.nbeta[c]) * conv.mcse})
+        return rows
+
+    def check(params):
+        s = jax.ShapeDtypeStruct((1,), dtype)
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + np.shape(x), jax.numpy.result_type(x)), params)
+        jax.eval_shape(lambda k, p, a, b, g: estimate_llc_batched(
+            k, loss_fn, p, data, step_size=a, nbeta=b, localization=g, mesh=mesh, cells_per_group=group,
+            warn=False, **kw), jax.random.split(jax.random.key(0), 1), one, s, s, s)
+
+    run.check = check
+    run.cells_per_group = group
+    run.mesh = mesh
+    return run
+
+
+def make_llc_cell(loss_fn: Callable, data, sampler: dict, *, mesh="auto") -> Callable:
+    """Builds a one-cell computation (`make_llc_cells` with groups of one cell), e.g. to run cells yourself.
+
+    Returns:
+      ``cell(rng_key, params, *, step_size, nbeta, localization) -> dict`` (the keys of `make_llc_cells`);
+      ``cell.check(params)`` traces it without running it.
+    """
+    if isinstance(mesh, str):
+        mesh = sweep_mesh(sampler["num_chains"])
+    run = make_llc_cells(loss_fn, data, sampler, cells_per_group=1, mesh=mesh)
+
     def cell(rng_key, params, *, step_size, nbeta, localization):
-        s, g = jax.numpy.asarray(step_size, dtype), jax.numpy.asarray(localization, dtype)
-        if nbeta is None:
-            out = run_default(rng_key, params, s, g)
-        else:
-            out = run_nbeta(rng_key, params, s, jax.numpy.asarray(nbeta, dtype), g)
-        out = jax.device_get(out)
-        trace = np.asarray(out["loss_trace"], np.float64)
-        out["loss_trace"] = trace
-        out["diverged"] = bool(not np.all(np.isfinite(trace)))
-        conv = convergence(trace)
-        out["ess"], out["rhat"], out["converged"] = conv.ess, conv.rhat, conv.converged
-        out["convergence"] = conv.message
-        out["llc_mcse"] = float(out["nbeta_used"]) * conv.mcse
-        return out
+        return run(rng_key[None], jax.tree.map(lambda x: jax.numpy.asarray(x)[None], params), step_size=[step_size],
+                   nbeta=[nbeta], localization=[localization])[0]
 
-    def check(params, nbeta_values=(None,)):
-        key = jax.random.key(0)
-        s = jax.ShapeDtypeStruct((), dtype)
-        for nb in set(nbeta_values):
-            if nb is None:
-                jax.eval_shape(run_default, key, params, s, s)
-            else:
-                jax.eval_shape(run_nbeta, key, params, s, s, s)
-
-    cell.check = check
+    cell.check = run.check
     return cell
 
 
@@ -710,31 +746,134 @@ def _user_error(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
-def run_sweep(config: SweepConfig, out_dir, *, cell_fn: Callable | None = None, progress: bool = True,
-              plots: bool = True, log: Callable[[str], None] | None = _stderr) -> list[dict]:
+def _on_lead(fn: Callable, multi: bool):
+    """``fn()`` on process 0, its value (JSON) on every process; a ValueError it raises is raised on every process
+    (any other exception on process 0 is raised there, and the others get a ValueError saying so)."""
+    from degenjax._src import distributed
+
+    lead = jax.process_index() == 0
+    if not multi:
+        return fn()
+    msg, error = None, None
+    if lead:
+        try:
+            msg = {"ok": fn()}
+        except ValueError as err:
+            msg, error = {"error": str(err)}, err
+        except BaseException as err:  # noqa: BLE001 - tell the others before failing here
+            msg, error = {"error": f"process 0 failed: {_user_error(err)}"}, err
+    msg = distributed.broadcast_json(msg)
+    if "error" in msg:
+        if error is not None:
+            raise error
+        raise ValueError(msg["error"])
+    return msg["ok"]
+
+
+def run_sweep(config: SweepConfig, out_dir, *, cell_fn: Callable | None = None, cells_per_group: int | None = None,
+              progress: bool = True, plots: bool = True, log: Callable[[str], None] | None = _stderr) -> list[dict]:
     """Runs (or resumes) a sweep; returns all result rows of the config's grid, in grid order.
+
+    The cells still to compute run in groups of ``cells_per_group`` as one compiled program each
+    (`make_llc_cells`, `degenjax.estimate_llc_batched`); each group's rows are written as soon as it is done.
+    Under ``jax.distributed`` (several processes), every process calls this with the same config: the chains are
+    sharded over every device of every process, process 0 alone reads and writes ``out_dir`` (it need not be
+    shared) and loads the checkpoints, which it sends to the others; every process returns the rows.
 
     Args:
       config: from `load_sweep_config` / `parse_sweep_config`.
       out_dir: results folder (``results.jsonl``, ``results.csv``, ``sweep.json``, ``traces/``, plots).
-      cell_fn: ``cell_fn(rng_key, params, *, step_size, nbeta, localization) -> dict``; default `make_llc_cell`
-        on the entry point's problem. A ``loss_trace`` entry of its result is saved to ``traces/`` (not to the
-        JSON line); a ``ValueError`` it raises fails that cell only (recorded in ``error``).
+      cell_fn: ``cell_fn(rng_key, params, *, step_size, nbeta, localization) -> dict``, a custom computation run
+        one cell at a time instead (one process only). A ``loss_trace`` entry of its result is saved to
+        ``traces/`` (not to the JSON line); a ``ValueError`` it raises fails that cell only (recorded in
+        ``error``).
+      cells_per_group: cells per compiled program (default: as many as fit in memory,
+        `degenjax._src.cells.cells_per_group_for_memory`). Fewer cells per group write results more often (a crash
+        loses at most the group in flight); more run faster. The numbers do not depend on it.
       progress: show a tqdm bar over the cells.
       plots: write ``llc_vs_checkpoint.png`` and ``calibration_heatmap.png`` at the end.
       log: called with one line per failed and per unconverged cell at the end (default: print to stderr;
-        None: silent).
+        None: silent; process 0 only).
 
     Raises:
       ValueError: ``out_dir`` is not writable, holds results of a sweep with other settings (the message names
         what changed), or another sweep process is writing there; the entry point or the sampler settings are
-        invalid (checked before ``sweep.json`` is written).
+        invalid (checked before ``sweep.json`` is written); the processes of a multi-process run disagree on the
+        config, the entry point's data or parameters.
     """
+    from degenjax._src import distributed
+
+    multi = distributed.is_multiprocess()
+    lead = jax.process_index() == 0
+    if multi and cell_fn is not None:
+        raise ValueError("A custom cell_fn runs one cell at a time in one process; run it without jax.distributed, "
+                         "or use the default LLC cells.")
+    if cells_per_group is not None and (isinstance(cells_per_group, bool) or not isinstance(cells_per_group, int)
+                                        or cells_per_group < 1):
+        raise ValueError(f"cells_per_group must be an integer >= 1; got {cells_per_group!r}.")
     out = pathlib.Path(out_dir)
-    check_writable(out, folder=True, what="Sweep output folder")
     search = [config.base_dir, os.getcwd()]
-    identity = sweep_identity(config, chain_devices=None if cell_fn is None else 1)
+    identity = sweep_identity(config)
     sweep_id = _identity_hash(identity)
+    cells = config.cells()
+    if multi:
+        distributed.check_same(_identity_hash({"identity": identity, "cells": [c["cell"] for c in cells]}),
+                               "The sweep (its config, checkpoints list or entry point's code)")
+    with contextlib.ExitStack() as stack:
+        plan = _on_lead(lambda: _plan(config, out, identity, sweep_id, cells, stack), multi)
+        for c in cells:
+            c["checkpoint_sha256"] = plan["digests"].get(c["checkpoint"])
+        todo = [c for c in cells if c["cell"] in set(plan["todo"])]
+        template = data = None
+        if todo:
+            loss_fn, template, data = load_problem(config.entry, search)
+            if multi:
+                distributed.check_same(distributed.tree_digest((template, data)),
+                                       "The entry point's parameters and data")
+            if cell_fn is None:
+                group = cells_per_group
+                if group is None:
+                    from degenjax._src.cells import cells_per_group_for_memory
+
+                    s = config.sampler
+                    group = cells_per_group_for_memory(
+                        loss_fn, template, data, num_chains=s["num_chains"], batch_size=s["batch_size"],
+                        num_steps=s["num_draws"] + s.get("num_burnin", 0), devices=jax.devices())
+                group = min(group, len(todo))
+                cell_fn = make_llc_cells(loss_fn, data, config.sampler, cells_per_group=group)
+                try:
+                    cell_fn.check(template)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"The LLC estimator rejects the entry point's problem with these [sampler] "
+                                     f"settings (checked before computing anything): {err}") from err
+        if not plan["stored"]:
+            _on_lead(lambda: _write_meta(out / "sweep.json", identity), multi)
+        if todo:
+            runner = _run_groups if hasattr(cell_fn, "cells_per_group") else _run_cells
+            runner(config, out, todo, cell_fn, template, data, dict(config.checkpoints), plan["digest_errors"],
+                   sweep_id, progress and lead, multi)
+        rows = _on_lead(lambda: _finish_results(out), multi)
+    by_cell = {r["cell"]: r for r in rows}
+    grid_rows = [by_cell[c["cell"]] for c in cells]
+    if log is not None and lead:
+        for r in grid_rows:
+            if _is_failed(r):
+                log(f"failed: {r['cell']}: {r['error']}")
+            elif r.get("converged") is False:
+                why = (r.get('convergence') or 'R-hat or ESS out of bounds').removeprefix('not converged: ')
+                log(f"not converged: {r['cell']}: {why}")
+    if plots and lead:
+        from degenjax._src import plots as _plots
+
+        _plots.plot_llc_vs_checkpoint(grid_rows, path=out / "llc_vs_checkpoint.png")
+        _plots.plot_calibration_heatmap(grid_rows, path=out / "calibration_heatmap.png")
+    return grid_rows
+
+
+def _plan(config, out, identity, sweep_id, cells, stack) -> dict:
+    """Process 0's bookkeeping before computing: the output folder, its lock, the stored identity and results,
+    the checkpoints' digests; returns ``{"todo": cell ids, "digests", "digest_errors", "stored"}``."""
+    check_writable(out, folder=True, what="Sweep output folder")
     paths = dict(config.checkpoints)
     digests: dict[str, str | None] = {}
     digest_errors: dict[str, str] = {}
@@ -748,117 +887,174 @@ def run_sweep(config: SweepConfig, out_dir, *, cell_fn: Callable | None = None, 
                 digests[name] = checkpoint_digest(p)
             except ValueError as err:
                 digests[name], digest_errors[name] = None, str(err)
-    cells = config.cells()
-    for c in cells:
-        c["checkpoint_sha256"] = digests.get(c["checkpoint"])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"Cannot create the sweep output folder {out}: {err.strerror or err}.") from err
+    stack.enter_context(_exclusive(out))
+    meta_path = out / "sweep.json"
+    stored = _read_meta(meta_path) if meta_path.exists() else None
+    if stored is not None and stored != identity:
+        raise ValueError(f"{out} holds results of a different sweep: {_describe_change(stored, identity)}. "
+                         "Resuming would mix the two runs' results; rerun with the same settings, or write to "
+                         "a new --out.")
     results = out / "results.jsonl"
-    with _exclusive(out):
-        meta_path = out / "sweep.json"
-        stored = _read_meta(meta_path) if meta_path.exists() else None
-        if stored is not None and stored != identity:
-            raise ValueError(f"{out} holds results of a different sweep: {_describe_change(stored, identity)}. "
-                             "Resuming would mix the two runs' results; rerun with the same settings, or write to "
-                             "a new --out.")
-        rows = read_results(results, repair=True)
-        for r in rows:
-            if r.get("sweep_id") != sweep_id and not _is_failed(r):
-                why = ("its sweep.json is missing" if stored is None else "its lines belong to another sweep")
-                raise ValueError(f"{results} holds results of a different sweep ({why}); write to a new --out.")
-        by_cell = {r["cell"]: r for r in rows}
-        for c in cells:
-            r = by_cell.get(c["cell"])
-            if r is not None and not _is_failed(r) and r.get("checkpoint_sha256") != c["checkpoint_sha256"]:
-                raise ValueError(
-                    f"Checkpoint {c['checkpoint']} changed since its cells were computed in {out} (content sha256 "
-                    f"{str(r.get('checkpoint_sha256'))[:12]} -> {str(c['checkpoint_sha256'])[:12]}): resuming would "
-                    "mix results of two different checkpoints. Restore the file, or write to a new --out.")
-        done = {c for c, r in by_cell.items() if not _is_failed(r)}
-        todo = [c for c in cells if c["cell"] not in done]
-        if todo:
-            loss_fn, template, data = load_problem(config.entry, search)
-            if cell_fn is None:
-                cell_fn = make_llc_cell(loss_fn, data, config.sampler)
-                try:
-                    cell_fn.check(template, [c["nbeta"] for c in todo])
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"The LLC estimator rejects the entry point's problem with these [sampler] "
-                                     f"settings (checked before computing anything): {err}") from err
-        if stored is None:
-            tmp = meta_path.with_name("sweep.json.tmp")
-            tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
-            os.replace(tmp, meta_path)
-        if todo:
-            _run_cells(config, out, todo, cell_fn, template, data, paths, digest_errors, sweep_id, progress)
-        rows = read_results(results)
-        write_csv(rows, out / "results.csv")
+    rows = read_results(results, repair=True)
+    for r in rows:
+        if r.get("sweep_id") != sweep_id and not _is_failed(r):
+            why = ("its sweep.json is missing" if stored is None else "its lines belong to another sweep")
+            raise ValueError(f"{results} holds results of a different sweep ({why}); write to a new --out.")
     by_cell = {r["cell"]: r for r in rows}
-    grid_rows = [by_cell[c["cell"]] for c in cells]
-    if log is not None:
-        for r in grid_rows:
-            if _is_failed(r):
-                log(f"failed: {r['cell']}: {r['error']}")
-            elif r.get("converged") is False:
-                why = (r.get('convergence') or 'R-hat or ESS out of bounds').removeprefix('not converged: ')
-                log(f"not converged: {r['cell']}: {why}")
-    if plots:
-        from degenjax._src import plots as _plots
-
-        _plots.plot_llc_vs_checkpoint(grid_rows, path=out / "llc_vs_checkpoint.png")
-        _plots.plot_calibration_heatmap(grid_rows, path=out / "calibration_heatmap.png")
-    return grid_rows
+    for c in cells:
+        r = by_cell.get(c["cell"])
+        sha = digests.get(c["checkpoint"])
+        if r is not None and not _is_failed(r) and r.get("checkpoint_sha256") != sha:
+            raise ValueError(
+                f"Checkpoint {c['checkpoint']} changed since its cells were computed in {out} (content sha256 "
+                f"{str(r.get('checkpoint_sha256'))[:12]} -> {str(sha)[:12]}): resuming would "
+                "mix results of two different checkpoints. Restore the file, or write to a new --out.")
+    done = {c for c, r in by_cell.items() if not _is_failed(r)}
+    return {"todo": [c["cell"] for c in cells if c["cell"] not in done], "digests": digests,
+            "digest_errors": digest_errors, "stored": stored is not None}
 
 
-def _run_cells(config, out, todo, cell_fn, template, data, paths, digest_errors, sweep_id, progress):
-    """Computes ``todo`` cells, checkpoint by checkpoint; appends one line per cell (result or failure)."""
+def _write_meta(meta_path: pathlib.Path, identity: dict) -> None:
+    tmp = meta_path.with_name("sweep.json.tmp")
+    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    os.replace(tmp, meta_path)
+
+
+def _finish_results(out: pathlib.Path) -> list[dict]:
+    rows = read_results(out / "results.jsonl")
+    write_csv(rows, out / "results.csv")
+    return rows
+
+
+def _progress(progress: bool, config, todo):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    total = len(config.cells())
+    return tqdm(total=total, initial=total - len(todo), desc="sweep cells", unit="cell")
+
+
+def _write_row(out: pathlib.Path, base: dict, res: dict | None, data, seconds: float,
+               error: BaseException | str | None = None) -> None:
+    """Saves a cell's traces (atomic) and appends its result line; ``error`` makes it a failed cell."""
+    c = base
+    if error is not None:
+        row = {**base, "error": error if isinstance(error, str) else _user_error(error)}
+    else:
+        res = dict(res)
+        trace = res.pop("loss_trace", None)
+        row = {**base, **res, "seconds": seconds}
+        if c["nbeta"] is None and "nbeta_used" not in row:
+            n = jax.tree.leaves(data)[0].shape[0]
+            row["nbeta_used"] = n / math.log(n)
+        if trace is not None:
+            tp = trace_path(out, c)
+            _save_npz_atomic(tp, {"loss_trace": np.asarray(trace),
+                                  **{k: np.asarray(row[k]) for k in ("init_loss", "llc_per_chain", "nbeta_used")
+                                     if k in row}})
+            row["trace_file"] = str(tp.relative_to(out))
+    row.update(pid=os.getpid(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    append_result(out / "results.jsonl", row)
+
+
+def _load(name, paths, digest_errors, template, loaded: dict):
+    """A checkpoint's parameters (or the ValueError loading it raised), keeping only the last one loaded."""
     from degenjax._src.checkpoints import load_checkpoint
 
-    results = out / "results.jsonl"
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    if name not in loaded:
+        loaded.clear()
+        try:
+            if name in digest_errors:
+                raise ValueError(digest_errors[name])
+            loaded[name] = template if paths[name] is None else load_checkpoint(paths[name], template)
+        except ValueError as err:
+            loaded[name] = err
+    return loaded[name]
 
-        total = len(config.cells())
-        bar = tqdm(total=total, initial=total - len(todo), desc="sweep cells", unit="cell")
+
+def _run_groups(config, out, todo, run, template, data, paths, digest_errors, sweep_id, progress, multi):
+    """Computes ``todo`` cells in groups of ``run.cells_per_group`` (one program each); process 0 loads the
+    checkpoints (sent to the other processes) and writes one line per cell as each group finishes."""
+    from degenjax._src import distributed
+
+    lead = jax.process_index() == 0
+    bar = _progress(progress, config, todo) if lead else None
+    size = run.cells_per_group
+    loaded: dict[str, Any] = {}
+    for start in range(0, len(todo), size):
+        group = todo[start:start + size]
+        stash: dict[str, Any] = {}
+
+        def load_group(group=group, stash=stash):
+            failed = {}
+            for c in group:
+                p = _load(c["checkpoint"], paths, digest_errors, template, loaded)
+                if isinstance(p, Exception):
+                    failed[c["cell"]] = _user_error(p)
+                else:
+                    stash[c["cell"]] = p
+            return failed
+
+        failed = _on_lead(load_group, multi)
+        ok = [c for c in group if c["cell"] not in failed]
+        t0 = time.perf_counter()
+        error, rows = None, None
+        if ok:
+            if lead:
+                params = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                      *[stash[c["cell"]] for c in ok])
+            else:
+                params = jax.tree.map(lambda x: np.zeros((len(ok),) + np.shape(x), np.asarray(x).dtype), template)
+            params = distributed.broadcast_tree(params)
+            keys = jax.random.wrap_key_data(np.stack([np.asarray(jax.random.key_data(cell_key(config.seed, c)))
+                                                      for c in ok]))
+            try:
+                rows = run(keys, params, step_size=[c["step_size"] for c in ok], nbeta=[c["nbeta"] for c in ok],
+                           localization=[c["localization"] for c in ok])
+            except (ValueError, FloatingPointError) as err:
+                error = err
+        seconds = (time.perf_counter() - t0) / max(1, len(ok))
+        if lead:
+            for c in group:
+                base = {**c, "step": checkpoint_step(c["checkpoint"]), "sweep_id": sweep_id}
+                if c["cell"] in failed:
+                    _write_row(out, base, None, data, 0.0, failed[c["cell"]])
+                elif error is not None:
+                    _write_row(out, base, None, data, 0.0, error)
+                else:
+                    _write_row(out, base, rows[ok.index(c)], data, seconds)
+            write_csv(read_results(out / "results.jsonl"), out / "results.csv")
+            if bar is not None:
+                bar.update(len(group))
+    if bar is not None:
+        bar.close()
+
+
+def _run_cells(config, out, todo, cell_fn, template, data, paths, digest_errors, sweep_id, progress, multi):
+    """Computes ``todo`` cells one at a time with a custom ``cell_fn``; appends one line per cell."""
+    del multi
+    bar = _progress(progress, config, todo)
     loaded: dict[str, Any] = {}
     for c in todo:
-        name = c["checkpoint"]
-        if name not in loaded:
-            loaded.clear()
-            try:
-                if name in digest_errors:
-                    raise ValueError(digest_errors[name])
-                loaded[name] = template if paths[name] is None else load_checkpoint(paths[name], template)
-            except ValueError as err:
-                loaded[name] = err
-        base = {**c, "step": checkpoint_step(name), "sweep_id": sweep_id}
+        p = _load(c["checkpoint"], paths, digest_errors, template, loaded)
+        base = {**c, "step": checkpoint_step(c["checkpoint"]), "sweep_id": sweep_id}
         t0 = time.perf_counter()
-        if isinstance(loaded[name], Exception):
-            row = {**base, "error": _user_error(loaded[name])}
+        if isinstance(p, Exception):
+            _write_row(out, base, None, data, 0.0, p)
         else:
             try:
-                res = dict(cell_fn(cell_key(config.seed, c), loaded[name], step_size=c["step_size"],
-                                   nbeta=c["nbeta"], localization=c["localization"]))
+                res = cell_fn(cell_key(config.seed, c), p, step_size=c["step_size"], nbeta=c["nbeta"],
+                              localization=c["localization"])
             except (ValueError, FloatingPointError) as err:
-                row = {**base, "error": _user_error(err)}
+                _write_row(out, base, None, data, 0.0, err)
             else:
-                trace = res.pop("loss_trace", None)
-                row = {**base, **res, "seconds": time.perf_counter() - t0}
-                if c["nbeta"] is None and "nbeta_used" not in row:
-                    n = jax.tree.leaves(data)[0].shape[0]
-                    row["nbeta_used"] = n / math.log(n)
-                if trace is not None:
-                    tp = trace_path(out, c)
-                    _save_npz_atomic(tp, {"loss_trace": np.asarray(trace),
-                                          **{k: np.asarray(row[k]) for k in ("init_loss", "llc_per_chain",
-                                                                             "nbeta_used") if k in row}})
-                    row["trace_file"] = str(tp.relative_to(out))
-        row.update(pid=os.getpid(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        append_result(results, row)
-        write_csv(read_results(results), out / "results.csv")
+                _write_row(out, base, res, data, time.perf_counter() - t0)
+        write_csv(read_results(out / "results.jsonl"), out / "results.csv")
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -201,9 +201,9 @@ def check_batch_list(model, params, batches: list, fn: str, *, float_inputs: boo
     """Checks a materialised list of batches against the model before any work: one structure and dtype for all
     batches, the same feature size at every node layer (the Gram functions' streaming checks), and, for
     functions that differentiate with respect to the node layers (``float_inputs``), floating-point node layers."""
-    from degenjax._src.grams import _BatchChecker
+    from degenjax._src.grams import BatchChecker
 
-    checker = _BatchChecker(model, params, fn, tuple(range(len(model))))
+    checker = BatchChecker(model, params, fn, tuple(range(len(model))))
     shapes = None
     for i, batch in enumerate(batches):
         shapes = checker.check(i, batch)
