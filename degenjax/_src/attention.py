@@ -19,15 +19,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from degenjax._src.numerics import HIGHEST
 from degenjax._src.structure import AttentionStructure
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _CHUNK_ELEMENTS = 1 << 22  # elements of the largest per-chunk intermediate
 _FORCE_YY = None  # tests: force one of the two equivalent orderings of the query-key terms
 
 
 def _ein(spec, *xs):
-    return jnp.einsum(spec, *xs, precision=_HIGHEST)
+    return jnp.einsum(spec, *xs, precision=HIGHEST)
 
 
 def _diag_ts(a, t_axis: int, s_axis: int):
@@ -67,7 +67,7 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
     dh = att.q.shape[-1]
     A0B = None
     if att.A0 is not None:
-        A0B = att.A0.astype(cdt) if B is None else jnp.matmul(att.A0.astype(cdt), B, precision=_HIGHEST)
+        A0B = att.A0.astype(cdt) if B is None else jnp.matmul(att.A0.astype(cdt), B, precision=HIGHEST)
     use_yy = _FORCE_YY if _FORCE_YY is not None else H * T ** 3 * kk <= T * (H * dh) ** 2 * kk // 4  # cheaper to form all products Y.Y for short T
 
     def chunk(q, k, v, P, G):
@@ -122,15 +122,15 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
     d = att.WQ.shape[0]
     Lam = jnp.concatenate([jnp.reshape(att.WV.astype(dt), (d, HV)), jnp.reshape(att.WQ.astype(dt), (d, HD)),
                            jnp.reshape(att.WK.astype(dt), (d, HD))], axis=1)
-    M = jnp.matmul(jnp.matmul(Lam, core, precision=_HIGHEST), Lam.T, precision=_HIGHEST)
+    M = jnp.matmul(jnp.matmul(Lam, core, precision=HIGHEST), Lam.T, precision=HIGHEST)
     if A0B is not None:
         A0B_ = A0B.astype(dt)
         X0 = jnp.concatenate([
             jnp.reshape(_ein("di,hei->dhe", A0B_, Om_) * acc["sP"][None, :, None], (d, HV)),
             jnp.reshape(_ein("di,iha->dha", A0B_, acc["OQ"]), (d, HD)),
             jnp.reshape(_ein("di,iha->dha", A0B_, acc["OK"]), (d, HD))], axis=1)
-        cross = jnp.matmul(X0, Lam.T, precision=_HIGHEST)
-        M = M + cross + cross.T + jnp.asarray(n * T, dt) * jnp.matmul(A0B_, A0B_.T, precision=_HIGHEST)
+        cross = jnp.matmul(X0, Lam.T, precision=HIGHEST)
+        M = M + cross + cross.T + jnp.asarray(n * T, dt) * jnp.matmul(A0B_, A0B_.T, precision=HIGHEST)
     return M
 
 
@@ -154,8 +154,8 @@ def attention_edges(att: AttentionStructure, hh, Cp, C_next, accum_dtype):
     aV = _ein("jd,dhe->jhe", Cin, att.WV.astype(cdt))
     aQ = _ein("jd,dha->jha", Cin, att.WQ.astype(cdt))
     aK = _ein("jd,dha->jha", Cin, att.WK.astype(cdt))
-    A0p = None if att.A0 is None else jnp.matmul(jnp.matmul(Cin, att.A0.astype(cdt), precision=_HIGHEST), Bn,
-                                                  precision=_HIGHEST)
+    A0p = None if att.A0 is None else jnp.matmul(jnp.matmul(Cin, att.A0.astype(cdt), precision=HIGHEST), Bn,
+                                                  precision=HIGHEST)
     H, dv, dn = Om.shape
     n, T, dj = hh.shape
 

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from degenjax._src.sections import as_sections, node_input
-from degenjax._src.structure_jaxpr import _bind, _Entry, _NotStructured, _run, _sel_key
-from degenjax._src.structure_reader import _Reader
+from degenjax._src.structure_jaxpr import bind_eqn, Entry, NotStructured, run_jaxpr, sel_key
+from degenjax._src.structure_reader import Reader
 from degenjax._src.validation import is_traced
 
 
@@ -88,37 +88,37 @@ def _split(f, params, h) -> AffineElementwise:
     jaxpr = closed.jaxpr
     p_leaves = jax.tree.leaves(params)
     if len(jaxpr.invars) != len(p_leaves) + 1:
-        raise _NotStructured
-    reader = _Reader(h)
-    ins = [_Entry(a, "c") for a in p_leaves] + [_Entry(h, "h", nr=h.ndim - 1)]
+        raise NotStructured
+    reader = Reader(h)
+    ins = [Entry(a, "c") for a in p_leaves] + [Entry(h, "h", nr=h.ndim - 1)]
     trace: list = []
-    outs = _run(reader, jaxpr, list(closed.consts), ins, trace)
+    outs = run_jaxpr(reader, jaxpr, list(closed.consts), ins, trace)
     if len(outs) != 1:
-        raise _NotStructured
+        raise NotStructured
     out = outs[0]
     if out.kind == "h":
         out = reader.as_L(out)
     nr = out.nr
     if nr is None or out.kind not in ("L", "Z", "Y") or out.val.ndim != nr + 1:
-        raise _NotStructured
-    if reader.z_root is not None and _sel_key(reader.z_root) != _sel_key(out):
-        raise _NotStructured
+        raise NotStructured
+    if reader.z_root is not None and sel_key(reader.z_root) != sel_key(out):
+        raise NotStructured
     select = _rows(tuple(fn for _, fn in out.sel))
     if out.kind == "L":  # an affine section: post = identity
         if out.A.ndim != 2:
-            raise _NotStructured
+            raise NotStructured
         z = out.val
         return AffineElementwise(W=out.A, z=z, post=lambda a: a, slope=jnp.ones_like(z), V=None, A0=None,
                                  select=select, linear=True)
     root = reader.z_root
     if root is None or root.A is None or root.A.ndim != 2:
-        raise _NotStructured
+        raise NotStructured
     if out.kind == "Z":
         V, A0, tail = None, None, out
     else:
         V, A0, tail = out.V, out.A0, out.root
     if tail is None or tail.kind != "Z":
-        raise _NotStructured
+        raise NotStructured
     # the elementwise part, replayed from z: steps with elementwise outputs, or affine values elementwise in z
     steps = [(eqn, ins_e, outs_e) for eqn, ins_e, outs_e in trace
              if all(o.kind == "Z" for o in outs_e)
@@ -128,7 +128,7 @@ def _split(f, params, h) -> AffineElementwise:
         vals = {id(root): zz}
         for eqn, ins_e, outs_e in steps:
             args = [vals[id(e)] if id(e) in vals else e.val for e in ins_e]
-            for e, r in zip(outs_e, _bind(eqn, args)):
+            for e, r in zip(outs_e, bind_eqn(eqn, args)):
                 vals[id(e)] = r
         return vals[id(tail)]
 
@@ -169,7 +169,7 @@ class AttentionStructure(NamedTuple):
         return self.WO.shape[-1]
 
 
-def _canon(e: _Entry, heads, rest):
+def _canon(e: Entry, heads, rest):
     """``(value (B, T, H, n), A (d, H, n))`` of an affine value with head axes ``heads`` and feature axes ``rest``."""
     B, T = e.val.shape[:2]
     vperm = (0, 1) + tuple(heads) + tuple(rest)
@@ -183,19 +183,19 @@ def _canon(e: _Entry, heads, rest):
 
 def _attention_split(f, params, h) -> AttentionStructure:
     if h.ndim != 3:
-        raise _NotStructured
+        raise NotStructured
     closed = jax.make_jaxpr(f)(params, h)
     jaxpr = closed.jaxpr
     p_leaves = jax.tree.leaves(params)
     if len(jaxpr.invars) != len(p_leaves) + 1:
-        raise _NotStructured
-    reader = _Reader(h)
-    ins = [_Entry(a, "c") for a in p_leaves] + [_Entry(h, "h", nr=h.ndim - 1)]
+        raise NotStructured
+    reader = Reader(h)
+    ins = [Entry(a, "c") for a in p_leaves] + [Entry(h, "h", nr=h.ndim - 1)]
     trace: list = []
-    outs = _run(reader, jaxpr, list(closed.consts), ins, trace)
+    outs = run_jaxpr(reader, jaxpr, list(closed.consts), ins, trace)
     att = getattr(reader, "att", {})
     if len(outs) != 1 or outs[0].kind != "YA" or "v" not in att or reader.z_root is not None:
-        raise _NotStructured
+        raise NotStructured
     out = outs[0]
     q, WQ = _canon(att["q"], att["q_heads"], att["q_contract"])
     k, WK = _canon(att["k"], att["k_heads"], att["k_contract"])
@@ -207,7 +207,7 @@ def _attention_split(f, params, h) -> AttentionStructure:
         vals = {id(root): S}
         for eqn, ins_e, outs_e in steps:
             args = [vals[id(e)] if id(e) in vals else e.val for e in ins_e]
-            for e, r in zip(outs_e, _bind(eqn, args)):
+            for e, r in zip(outs_e, bind_eqn(eqn, args)):
                 vals[id(e)] = r
         return vals[id(Pe)]
 
@@ -248,7 +248,7 @@ def attention_structure(f, params, h) -> AttentionStructure | None:
         return None
     try:
         return _attention_split(f, params, h)
-    except _NotStructured:
+    except NotStructured:
         return None
     except (TypeError, ValueError, NotImplementedError, KeyError, AttributeError, IndexError):
         return None
@@ -282,7 +282,7 @@ def affine_elementwise(f, params, h) -> AffineElementwise | None:
         return None
     try:
         return _split(f, params, h)
-    except _NotStructured:
+    except NotStructured:
         return None
     except (TypeError, ValueError, NotImplementedError, KeyError, AttributeError, IndexError):
         # a section this reader does not understand (an unusual primitive or parameter): use the general path

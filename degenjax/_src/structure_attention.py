@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.structure_jaxpr import _ELEMENTWISE, _bind, _Entry, _NotStructured
+from degenjax._src.structure_jaxpr import ELEMENTWISE, bind_eqn, Entry, NotStructured
 
 
 class AttentionReading:
@@ -27,7 +27,7 @@ class AttentionReading:
             e = ins[0]
             base, perm = (e, tuple(range(e.val.ndim))) if e.kind == "L" else (e.root, e.V)
             p = tuple(eqn.params["permutation"])
-            return [_Entry(_bind(eqn, [e.val])[0], "LT", root=base, V=tuple(perm[i] for i in p), sel=e.sel,
+            return [Entry(bind_eqn(eqn, [e.val])[0], "LT", root=base, V=tuple(perm[i] for i in p), sel=e.sel,
                            nr=e.nr)]
         if name == "dot_general" and set(kinds) <= {"L", "LT"} and len(ins) == 2:
             return self.att_scores(eqn, ins, att)
@@ -39,7 +39,7 @@ class AttentionReading:
             return self.att_za(eqn, ins, out_shape, att)
         if any(k == "YA" for k in kinds):
             return self.att_ya(eqn, ins, out_shape, att)
-        raise _NotStructured
+        raise NotStructured
 
     @staticmethod
     def _base(e):
@@ -50,17 +50,17 @@ class AttentionReading:
 
     def att_scores(self, eqn, ins, att):
         if "q" in att:
-            raise _NotStructured  # one scores product per section
+            raise NotStructured  # one scores product per section
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         (X, px), (Y, py) = self._base(ins[0]), self._base(ins[1])
         if X.nr != 2 or Y.nr != 2 or X.sel or Y.sel:
-            raise _NotStructured
+            raise NotStructured
         cx, cy = [px[a] for a in lc], [py[a] for a in rc]
         bx, by = [px[a] for a in lb], [py[a] for a in rb]
         fx = [px[a] for a in range(ins[0].val.ndim) if a not in lc and a not in lb]
         fy = [py[a] for a in range(ins[1].val.ndim) if a not in rc and a not in rb]
         if fx != [1] or fy != [1] or any(a < 2 for a in cx + cy):
-            raise _NotStructured
+            raise NotStructured
         tags, qh, kh = [], [], []
         for x_, y_ in zip(bx, by):
             if x_ == 0 and y_ == 0:
@@ -70,12 +70,12 @@ class AttentionReading:
                 qh.append(x_)
                 kh.append(y_)
             else:
-                raise _NotStructured
+                raise NotStructured
         if tags.count("b") != 1:
-            raise _NotStructured
+            raise NotStructured
         tags += ["tq", "tk"]
         att.update(q=X, k=Y, q_heads=qh, k_heads=kh, q_contract=cx, k_contract=cy)
-        out = _Entry(_bind(eqn, [e.val for e in ins])[0], "S", V=tuple(tags), sel=(), nr=None)
+        out = Entry(bind_eqn(eqn, [e.val for e in ins])[0], "S", V=tuple(tags), sel=(), nr=None)
         att["S_root"] = out
         return [out]
 
@@ -85,62 +85,62 @@ class AttentionReading:
         name = eqn.primitive.name
         S = [e for e in ins if e.kind == "S"]
         if any(e.kind not in ("S", "c") for e in ins):
-            raise _NotStructured
+            raise NotStructured
         tags0 = S[0].V
         val = None
-        if name in _ELEMENTWISE or name == "stop_gradient":
+        if name in ELEMENTWISE or name == "stop_gradient":
             full = [e.V for e in S if "tk" in e.V]
             base = full[0] if full else tags0
             for e in S:
                 t = e.V
                 if len(t) != len(base) or any(a != b and {a, b} != {"tk", "tk1"} for a, b in zip(t, base)):
-                    raise _NotStructured
+                    raise NotStructured
             for e in ins:
                 if e.kind == "c" and e.val.ndim not in (0, len(out_shape)):
-                    raise _NotStructured
+                    raise NotStructured
             tags = base
             if "tk" in base and out_shape[base.index("tk")] != ins[[e.kind for e in ins].index("S")].val.shape[
                     base.index("tk")] and False:
-                raise _NotStructured
+                raise NotStructured
         elif name in ("reduce_max", "reduce_sum", "reduce_min") and len(ins) == 1:
             axes = tuple(eqn.params["axes"])
             if len(axes) != 1 or tags0[axes[0]] not in ("tk", "tk1"):
-                raise _NotStructured
+                raise NotStructured
             tags = tuple(t for i, t in enumerate(tags0) if i != axes[0])
         elif name == "broadcast_in_dim" and len(ins) == 1:
             dims = tuple(eqn.params["broadcast_dimensions"])
             if "tk" in tags0 or "tk1" in tags0 or len(out_shape) != len(tags0) + 1:
-                raise _NotStructured
+                raise NotStructured
             new = [i for i in range(len(out_shape)) if i not in dims]
             if list(dims) != sorted(dims) or len(new) != 1:
-                raise _NotStructured
+                raise NotStructured
             tags = list(tags0)
             T = att["S_root"].val.shape[att["S_root"].V.index("tk")]
             tags.insert(new[0], "tk" if out_shape[new[0]] == T else "tk1")
             if out_shape[new[0]] not in (1, T):
-                raise _NotStructured
+                raise NotStructured
             tags = tuple(tags)
         elif name in ("convert_element_type", "reduce_precision", "copy", "copy_p"):
             tags = tags0
         else:
-            raise _NotStructured
-        vals = _bind(eqn, [e.val for e in ins])
-        return [_Entry(v, "S", V=tags) for v in vals]
+            raise NotStructured
+        vals = bind_eqn(eqn, [e.val for e in ins])
+        return [Entry(v, "S", V=tags) for v in vals]
 
     def att_values(self, eqn, ins, att):
         """``dot_general`` of the weights P (an S value) and the values v (affine), in either order."""
         if "v" in att or "q" not in att:
-            raise _NotStructured
+            raise NotStructured
         pi = 0 if ins[0].kind == "S" else 1
         Pe, Ve = ins[pi], ins[1 - pi]
         (V, pv) = self._base(Ve)
         if V.nr != 2 or V.sel:
-            raise _NotStructured
+            raise NotStructured
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         pc, vc, pb, vb = (lc, rc, lb, rb) if pi == 0 else (rc, lc, rb, lb)
         tags = Pe.V
         if "tk" not in tags or [tags[a] for a in pc] != ["tk"] or [pv[a] for a in vc] != [1]:
-            raise _NotStructured
+            raise NotStructured
         batch_tags, vh = [], {}
         for a, b_ in zip(pb, vb):
             t, vax = tags[a], pv[b_]
@@ -150,19 +150,19 @@ class AttentionReading:
                 vh[t[1]] = vax
                 batch_tags.append(t)
             else:
-                raise _NotStructured
+                raise NotStructured
         if sorted(vh) != list(range(len(att["q_heads"]))) or "b" not in batch_tags:
-            raise _NotStructured
+            raise NotStructured
         fp = [a for a in range(len(tags)) if a not in pc and a not in pb]
         if [tags[a] for a in fp] != ["tq"]:
-            raise _NotStructured
+            raise NotStructured
         fv = [pv[a] for a in range(Ve.val.ndim) if a not in vc and a not in vb]
         if any(a < 2 for a in fv):
-            raise _NotStructured
+            raise NotStructured
         vtags = [("v", j) for j in range(len(fv))]
         out_tags = batch_tags + (["tq"] + vtags if pi == 0 else vtags + ["tq"])
         att.update(v=V, v_heads=[vh[i] for i in range(len(vh))], v_free=fv, P=Pe)
-        return [_Entry(_bind(eqn, [e.val for e in ins])[0], "ZA", V=tuple(out_tags))]
+        return [Entry(bind_eqn(eqn, [e.val for e in ins])[0], "ZA", V=tuple(out_tags))]
 
     def att_za(self, eqn, ins, out_shape, att):
         name = eqn.primitive.name
@@ -170,10 +170,10 @@ class AttentionReading:
         z = ins[kinds.index("ZA")]
         tags = z.V
         if name in ("convert_element_type", "copy", "copy_p") and len(ins) == 1:
-            return [_Entry(_bind(eqn, [z.val])[0], "ZA", V=tags)]
+            return [Entry(bind_eqn(eqn, [z.val])[0], "ZA", V=tags)]
         if name == "transpose" and len(ins) == 1:
             p = tuple(eqn.params["permutation"])
-            return [_Entry(_bind(eqn, [z.val])[0], "ZA", V=tuple(tags[i] for i in p))]
+            return [Entry(bind_eqn(eqn, [z.val])[0], "ZA", V=tuple(tags[i] for i in p))]
         if name == "reshape" and len(ins) == 1 and eqn.params.get("dimensions") is None:
             # merging adjacent trailing axes (e.g. heads and head features) into one
             old = list(z.val.shape)
@@ -185,21 +185,21 @@ class AttentionReading:
                     size *= old[i]
                     i += 1
                 if size != n:
-                    raise _NotStructured
+                    raise NotStructured
                 new_tags.append(group[0] if len(group) == 1 else ("m", tuple(group)))
             if i != len(old):
-                raise _NotStructured
+                raise NotStructured
             for t in new_tags:
                 if isinstance(t, tuple) and t[0] == "m" and any(g in ("b", "tq") for g in t[1]):
-                    raise _NotStructured
-            return [_Entry(_bind(eqn, [z.val])[0], "ZA", V=tuple(new_tags))]
+                    raise NotStructured
+            return [Entry(bind_eqn(eqn, [z.val])[0], "ZA", V=tuple(new_tags))]
         if name == "dot_general" and kinds == ["ZA", "c"]:
             (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
             if lb or rb:
-                raise _NotStructured
+                raise NotStructured
             free = [tags[a] for a in range(len(tags)) if a not in lc]
             if free != ["b", "tq"]:
-                raise _NotStructured
+                raise NotStructured
             W = ins[1].val
             # expand merged axes of W into their constituents, then order (heads..., values..., out...)
             ax_tags, shape = [], []
@@ -231,16 +231,16 @@ class AttentionReading:
             want = [("h", i) for i in range(nh)] + [("v", j) for j in range(nv)]
             outs = [t for t in order_tags if t[0] == "o"]
             if sorted(map(str, [t for t in order_tags if t[0] != "o"])) != sorted(map(str, want)) or len(outs) != 1:
-                raise _NotStructured
+                raise NotStructured
             perm = [order_tags.index(t) for t in want + outs]
             Wx = jnp.transpose(Wx, perm)
             H = int(np.prod([self._tag_size(("h", i), att) for i in range(nh)])) if nh else 1
             dv = int(np.prod([self._tag_size(("v", j), att) for j in range(nv)]))
             WO = jnp.reshape(Wx, (H, dv, Wx.shape[-1]))
             del sizes, split_shape, shape
-            v = _bind(eqn, [e.val for e in ins])[0]
-            return [_Entry(v, "YA", V=WO, A0=None)]
-        raise _NotStructured
+            v = bind_eqn(eqn, [e.val for e in ins])[0]
+            return [Entry(v, "YA", V=WO, A0=None)]
+        raise NotStructured
 
     @staticmethod
     def _tag_size(t, att):
@@ -249,7 +249,7 @@ class AttentionReading:
             return q.val.shape[att["q_heads"][t[1]]]
         if t[0] == "v":
             return att["v"].val.shape[att["v_free"][t[1]]]
-        raise _NotStructured
+        raise NotStructured
 
     def att_ya(self, eqn, ins, out_shape, att):
         name = eqn.primitive.name
@@ -257,23 +257,23 @@ class AttentionReading:
         kinds = [e.kind for e in ins]
         y = ins[kinds.index("YA")]
         if kinds.count("YA") != 1 or any(k not in ("YA", "L", "c") for k in kinds):
-            raise _NotStructured
+            raise NotStructured
         for e in ins:
             if e.kind == "L" and (e.nr != 2 or e.sel or e.A.ndim != 2):
-                raise _NotStructured
+                raise NotStructured
         if name in ("convert_element_type", "copy", "copy_p") and len(ins) == 1:
-            return [_Entry(_bind(eqn, [y.val])[0], "YA", V=y.V, A0=y.A0)]
+            return [Entry(bind_eqn(eqn, [y.val])[0], "YA", V=y.V, A0=y.A0)]
         if name in ("add", "sub", "add_any") and len(ins) == 2:
             if tuple(y.val.shape) != out_shape or (name == "sub" and kinds[1] == "YA"):
-                raise _NotStructured
+                raise NotStructured
             o = ins[1 - kinds.index("YA")]
             A0 = y.A0
             if o.kind == "L":
                 if tuple(o.val.shape) != out_shape:
-                    raise _NotStructured
+                    raise NotStructured
                 add = -o.A if name == "sub" else o.A
                 A0 = add if A0 is None else A0 + add
-            return [_Entry(_bind(eqn, [e.val for e in ins])[0], "YA", V=y.V, A0=A0)]
+            return [Entry(bind_eqn(eqn, [e.val for e in ins])[0], "YA", V=y.V, A0=A0)]
         if name == "concatenate" and eqn.params["dimension"] == len(out_shape) - 1 and len(out_shape) == 3:
             WO = y.V
             Ws, As = [], []
@@ -285,7 +285,7 @@ class AttentionReading:
                 else:
                     Ws.append(jnp.zeros(WO.shape[:2] + (w,), WO.dtype))
                     As.append(e.A.astype(WO.dtype) if e.kind == "L" else jnp.zeros((self.d, w), WO.dtype))
-            return [_Entry(_bind(eqn, [e.val for e in ins])[0], "YA", V=jnp.concatenate(Ws, axis=2),
+            return [Entry(bind_eqn(eqn, [e.val for e in ins])[0], "YA", V=jnp.concatenate(Ws, axis=2),
                            A0=jnp.concatenate(As, axis=1))]
-        raise _NotStructured
+        raise NotStructured
 

@@ -1,5 +1,5 @@
-"""Walking a section's jaxpr for `degenjax._src.structure`: primitive classes, the value record (`_Entry`) and
-the interpreter loop (`_run`), shared by the affine-elementwise reader (structure_reader.py) and the
+"""Walking a section's jaxpr for `degenjax._src.structure`: primitive classes, the value record (`Entry`) and
+the interpreter loop (`run_jaxpr`), shared by the affine-elementwise reader (structure_reader.py) and the
 softmax-attention reader (structure_attention.py)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+from degenjax._src.numerics import HIGHEST
 
-_ELEMENTWISE = frozenset({
+
+ELEMENTWISE = frozenset({
     "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil",
     "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq", "erf", "erf_inv", "erfc", "exp",
     "exp2", "expm1", "floor", "ge", "gt", "integer_pow", "is_finite", "le", "log", "log1p", "logistic", "lt", "max",
@@ -21,10 +22,10 @@ _ELEMENTWISE = frozenset({
 })
 _INLINE = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint")
 _OPAQUE_CALLS = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
-_AFFINE_UNARY = frozenset({"convert_element_type", "neg", "copy", "copy_p", "reduce_precision"})
+AFFINE_UNARY = frozenset({"convert_element_type", "neg", "copy", "copy_p", "reduce_precision"})
 
 
-class _NotStructured(Exception):
+class NotStructured(Exception):
     pass
 
 
@@ -32,7 +33,7 @@ def _read(env, v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def _bind(eqn, invals):
+def bind_eqn(eqn, invals):
     params = eqn.primitive.get_bind_params(eqn.params)
     out = eqn.primitive.bind(*invals, **params)
     return out if eqn.primitive.multiple_results else [out]
@@ -64,14 +65,14 @@ def _elementwise_call(jaxpr, z_in: list[bool], shape) -> bool:
             for o in eqn.outvars:
                 dep[o] = False
             continue
-        if not _elementwise_eqn(eqn, ins, shape):
+        if not elementwise_eqn(eqn, ins, shape):
             return False
         for o in eqn.outvars:
             dep[o] = True
     return True
 
 
-def _elementwise_eqn(eqn, ins: list[bool], shape) -> bool:
+def elementwise_eqn(eqn, ins: list[bool], shape) -> bool:
     """An equation with some ``z``-dependent inputs is elementwise on arrays of ``shape``."""
     shape = tuple(shape)
     for v, z in zip(eqn.invars, ins):
@@ -82,7 +83,7 @@ def _elementwise_eqn(eqn, ins: list[bool], shape) -> bool:
     if any(tuple(o.aval.shape) != shape for o in eqn.outvars):
         return False
     name = eqn.primitive.name
-    if name in _ELEMENTWISE:
+    if name in ELEMENTWISE:
         return True
     if name in _INLINE + _OPAQUE_CALLS:
         inner = _inner_jaxpr(eqn)
@@ -105,7 +106,7 @@ def _broadcasts(s, shape) -> bool:
 # the abstract interpreter
 
 
-class _Entry:
+class Entry:
     """A value of the section with what is known about its dependence on ``h``.
 
     kind: "c" (constant), "h" (rows of h, selected), "L" (``h_s @ A + const``), "Z" (elementwise in the root value),
@@ -120,21 +121,21 @@ class _Entry:
             val, kind, A, root, V, A0, sel, vary, nr)
 
 
-def _sel_key(e: _Entry):
+def sel_key(e: Entry):
     return tuple(k for k, _ in e.sel)
 
 
-def _row_selection(eqn, nr: int):
-    """``(key, fn)`` when a slice/squeeze acts on row axes only (features untouched), `_FEATURES` when it acts on
+def row_selection(eqn, nr: int):
+    """``(key, fn)`` when a slice/squeeze acts on row axes only (features untouched), `FEATURES` when it acts on
     feature axes only, else raises. ``fn`` applies the selection to any array with these rows and one feature axis."""
     name = eqn.primitive.name
     shape = tuple(eqn.invars[0].aval.shape)
     if name == "squeeze":
         dims = tuple(a % len(shape) for a in eqn.params["dimensions"])
         if all(a >= nr for a in dims):
-            return _FEATURES
+            return FEATURES
         if any(a >= nr for a in dims):
-            raise _NotStructured
+            raise NotStructured
         return ((name, dims), lambda a: jax.lax.squeeze(a, dims))
     if name == "slice":
         st, lim, strd = eqn.params["start_indices"], eqn.params["limit_indices"], eqn.params["strides"]
@@ -142,17 +143,17 @@ def _row_selection(eqn, nr: int):
         rows_full = all(st[i] == 0 and lim[i] == shape[i] and strd[i] == 1 for i in range(nr))
         feats_full = all(st[i] == 0 and lim[i] == shape[i] and strd[i] == 1 for i in range(nr, len(shape)))
         if rows_full:
-            return _FEATURES
+            return FEATURES
         if not feats_full:
-            raise _NotStructured
+            raise NotStructured
         st_r, lim_r, strd_r = tuple(st[:nr]), tuple(lim[:nr]), tuple(strd[:nr])
         return ((name, st_r, lim_r, strd_r),
                 lambda a: jax.lax.slice(a, st_r + (0,), lim_r + (a.shape[-1],), strd_r + (1,)))
-    raise _NotStructured
+    raise NotStructured
 
 
 
-_FEATURES = object()  # marks a slice or squeeze of feature axes only (an affine operation, not a row selection)
+FEATURES = object()  # marks a slice or squeeze of feature axes only (an affine operation, not a row selection)
 
 
 def _live_eqns(jaxpr):
@@ -165,17 +166,17 @@ def _live_eqns(jaxpr):
     return live[::-1]
 
 
-def _run(reader, jaxpr, consts, in_entries, trace: list):
+def run_jaxpr(reader, jaxpr, consts, in_entries, trace: list):
     """Interprets ``jaxpr`` (inlining plain calls); ``trace`` collects ``(eqn, in entries, out entries)``."""
-    env: dict[Any, _Entry] = {}
+    env: dict[Any, Entry] = {}
     for v, c in zip(jaxpr.constvars, consts):
-        env[v] = _Entry(c, "c")
+        env[v] = Entry(c, "c")
     for v, e in zip(jaxpr.invars, in_entries):
         env[v] = e
 
     def rd(v):
         if isinstance(v, jcore.Literal):
-            return _Entry(np.asarray(v.val, dtype=v.aval.dtype), "c", vary=set())
+            return Entry(np.asarray(v.val, dtype=v.aval.dtype), "c", vary=set())
         return env[v]
 
     for eqn in _live_eqns(jaxpr):
@@ -184,7 +185,7 @@ def _run(reader, jaxpr, consts, in_entries, trace: list):
         if (name in _INLINE and any(e.kind != "c" for e in ins)) or (
                 name in _OPAQUE_CALLS and any(e.kind == "S" for e in ins)):
             inner, iconsts = _open(_inner_jaxpr(eqn))
-            outs = _run(reader, inner, iconsts, ins, trace)
+            outs = run_jaxpr(reader, inner, iconsts, ins, trace)
         else:
             outs = reader.step(eqn, ins)
             trace.append((eqn, ins, outs))
