@@ -241,33 +241,43 @@ def _cpu():
     return r.ru_utime + r.ru_stime
 
 
-def time_pair(name, model, params, x, batch, output=True, repeats=3):
+def time_pair(name, model, params, x, batch, output=True, repeats=3, baselines=("per-example", "jacrev")):
     dims0 = dj.interaction_basis(model, params, [x[i:i + batch] for i in range(0, x.shape[0], batch)]).dims
     dims = tuple(d - 1 for d in dims0)
     fast = jax.jit(lambda q, xx: fast_lib_edges(model, q, xx, dims, batch, output=output))
     generic = jax.jit(lambda q, xx: fast_lib_edges(model, q, xx, dims, batch, structured=False, output=output))
     naive = jax.jit(lambda q, xx: naive_lib_edges(model, q, xx, dims, output=output))
     structured = "".join("s" if f else "-" for f in dj.structured_sections(model, params, x[:2]))
-    out = {}
+    out, cpu, loads = {}, {}, []
     for label, fn in (("degenjax", fast), ("per-example", generic), ("jacrev", naive)):
+        if label != "degenjax" and label not in baselines:
+            out[label], cpu[label] = (float("nan"), float("nan"), None), float("nan")
+            continue
         t0 = time.perf_counter()
         res = _block(fn(params, x))
         first = time.perf_counter() - t0
-        warm = []
+        warm, warm_cpu = [], []
         for _ in range(repeats if label == "degenjax" else 1):
-            t0 = time.perf_counter()
+            loads.append(os.getloadavg()[0])
+            t0, c0 = time.perf_counter(), _cpu()
             res = _block(fn(params, x))
             warm.append(time.perf_counter() - t0)
+            warm_cpu.append(_cpu() - c0)
         out[label] = (first, float(np.median(warm)), res)
-        print(f"  {name} {label}: first call {first:.2f}s, warm {out[label][1]:.3f}s (median of {len(warm)})",
-              flush=True)
-    (lf, ef), (ln, en) = out["degenjax"][2], out["jacrev"][2]
-    agree = max(max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c))) for a, c in zip(lf, ln)),
+        cpu[label] = float(np.median(warm_cpu))
+        print(f"  {name} {label}: first call {first:.2f}s, warm {out[label][1]:.3f}s, process CPU {cpu[label]:.2f}s "
+              f"(median of {len(warm)}; load {loads[-1]:.1f})", flush=True)
+    (lf, ef), ref = out["degenjax"][2], out["jacrev"][2]
+    ln, en = ref if ref is not None else (lf, ef)
+    agree = float("nan") if ref is None else max(max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c))) for a, c in zip(lf, ln)),
                 max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c))) for a, c in zip(ef, en)))
     return (name, x.shape[0], "dims " + ",".join(map(str, dims0)), structured, f"{out['degenjax'][1]:.3f}",
             f"{out['per-example'][1]:.3f}", f"{out['jacrev'][1]:.3f}",
             f"**{out['jacrev'][1] / out['degenjax'][1]:.1f}x**",
-            f"{out['degenjax'][0]:.1f} / {out['per-example'][0]:.1f} / {out['jacrev'][0]:.1f}", f"{agree:.1e}")
+            " / ".join(f"{cpu[k]:.2f}" for k in ("degenjax", "per-example", "jacrev")),
+            f"**{cpu['jacrev'] / cpu['degenjax']:.1f}x** / {cpu['per-example'] / cpu['degenjax']:.1f}x",
+            f"{out['degenjax'][0]:.1f} / {out['per-example'][0]:.1f} / {out['jacrev'][0]:.1f}", f"{agree:.1e}",
+            f"{min(loads):.1f}-{max(loads):.1f}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,6 +301,7 @@ def first_call_main(args):
     v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kw = {} if args.rib_cut is False else {"rtol": 0.0, "atol": 1e-15}
+    load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), _cpu()
     b = dj.interaction_basis(model, v, [res], **kw)
     e = dj.interaction_edges(model, v, b, [res], output=True)
@@ -298,6 +309,7 @@ def first_call_main(args):
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"wall": wall, "cpu": cpu, "peak_rss_gib": rss / 2**20, "rss_before_gib": rss0 / 2**20,
+                      "load": load, "load_end": os.getloadavg()[0],
                       "dims": list(b.dims), "lambda0": [float(l[0]) for l in b.Lambda],
                       "edge00": [float(a[0, 0]) for a in e[:-1]]}))
 
@@ -312,6 +324,7 @@ def gpt2_main(args):
     batches = [models.gpt2_embed(v, ids[i:i + args.gpt2_batch]) for i in range(0, args.gpt2_n, args.gpt2_batch)]
     _block(batches)
     flags = dj.structured_sections(model, v, batches[0][:1])
+    load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), _cpu()
     b = dj.interaction_basis(model, v, batches, jacobian_kwargs={"chunk_size": 1})
     t1 = time.perf_counter()
@@ -320,6 +333,7 @@ def gpt2_main(args):
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"n": args.gpt2_n, "wall": wall, "basis": t1 - t0, "cpu": cpu, "peak_rss_gib": rss / 2**20,
+                      "load": load, "load_end": os.getloadavg()[0],
                       "dims": list(b.dims), "structured": "".join("s" if f else "-" for f in flags)}))
 
 
@@ -362,6 +376,9 @@ def main(argv=None):
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-reference", action="store_true", help="skip the fresh-process first-call measurement")
     ap.add_argument("--repeats", type=int, default=3, help="warm repeats of the degenjax timing (median)")
+    ap.add_argument("--baselines", default="per-example,jacrev",
+                    help="comma-separated baselines timed beside degenjax: per-example (degenjax with structured=False) "
+                    "and/or jacrev (the same maths with one jax.jacrev per example; needed for the agreement column)")
     ap.add_argument("--gpt2-ns", default="", help="comma-separated sample counts for the GPT-2-small-shaped row "
                     "(empty: skip), each in a fresh process")
     ap.add_argument("--gpt2-context", type=int, default=4, help="tokens per sample in the GPT-2 row")
@@ -369,9 +386,7 @@ def main(argv=None):
     ap.add_argument("--gpt2-batch", type=int, default=2, help="samples per streamed batch in the GPT-2 row")
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gpt2-n", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
-                    help="markdown file the results section is appended to")
+    ap.add_argument("--no-results", action="store_true", help="do not record the run (benchmarks/results.jsonl -> RESULTS.md)")
     args = ap.parse_args(argv)
     if args.first_call_only:
         args.rib_cut = bool(args.rib_cut)
@@ -407,7 +422,8 @@ def main(argv=None):
                          "dims " + ",".join(map(str, runs[0]["dims"])),
                          " / ".join(f"{w:.2f}" for w in walls), f"{np.median(walls):.2f}",
                          " / ".join(f"{r['cpu']:.1f}" for r in runs),
-                         f"{max(r['peak_rss_gib'] for r in runs):.2f}", f"{runs[0]['rss_before_gib']:.2f}"))
+                         f"{max(r['peak_rss_gib'] for r in runs):.2f}", f"{runs[0]['rss_before_gib']:.2f}",
+                         " / ".join(f"{r['load']:.1f}-{r['load_end']:.1f}" for r in runs)))
     if not args.skip_sparsity:
         te_sub = te[: args.req_n]
         sp_rows += sparsity_rows(f"modadd p={args.p}", tmodel, v, x[tr], x[te_sub], y[te_sub], None, args.batch)
@@ -424,20 +440,22 @@ def main(argv=None):
         rmodel, res = reference_sections(module, v, x[tr])
         v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
         t_rows.append(time_pair(f"modadd p={args.p} transformer (reference convention)", rmodel, v64,
-                                jnp.asarray(res, jnp.float64), res.shape[0], repeats=args.repeats))
+                                jnp.asarray(res, jnp.float64), res.shape[0], repeats=args.repeats,
+                                baselines=tuple(args.baselines.split(","))))
         w = args.mlp_width
         mlp = models.MLP(features=(w, w, 10))
         xm = jax.random.normal(jax.random.key(3), (args.mlp_n, 784), jnp.float32)
         mv = mlp.init(jax.random.key(4), xm[:2])
         t_rows.append(time_pair(f"MLP 784-{w}-{w}-10 (random data, folded)", models.mlp_sections(mlp, xm[:2]), mv,
-                                xm, args.batch, repeats=args.repeats))
+                                xm, args.batch, repeats=args.repeats, baselines=tuple(args.baselines.split(","))))
     for n in [int(a) for a in args.gpt2_ns.split(",") if a.strip()]:
         print(f"GPT-2-small-shaped, n={n} ...", flush=True)
         r = _subprocess(["--gpt2-n", str(n), "--gpt2-context", str(args.gpt2_context), "--gpt2-layers",
                          str(args.gpt2_layers), "--gpt2-batch", str(args.gpt2_batch)])
         print(f"  {r}", flush=True)
         g_rows.append((n, args.gpt2_context, args.gpt2_layers, r["structured"], f"{r['wall']:.1f}",
-                       f"{r['basis']:.1f}", f"{r['wall'] / n:.2f}", f"{r['peak_rss_gib']:.2f}"))
+                       f"{r['basis']:.1f}", f"{r['wall'] / n:.2f}", f"{r['cpu']:.1f}", f"{r['cpu'] / n:.2f}",
+                       f"{r['peak_rss_gib']:.2f}", f"{r['load']:.1f} / {r['load_end']:.1f}"))
     notes.append(f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min; 2 cores "
                  f"shared with other jobs), at the end: {os.getloadavg()[0]:.2f}")
 
@@ -464,7 +482,8 @@ def main(argv=None):
                     "included), on one batch of all training pairs; repeats are separate processes. Peak memory = "
                     "the process's peak RSS (before the call: the model, data and JAX runtime).", "",
                     _table(("model", "N", "LIB dims", "first call, each (s)", "median (s)", "CPU time (s)",
-                            "peak RSS (GiB)", "RSS before the call (GiB)"), ref_rows), ""]
+                            "peak RSS (GiB)", "RSS before the call (GiB)", "load (1 min) at start-end, each"),
+                           ref_rows), ""]
     if t_rows:
         section += ["Full LIB (stats, Jacobian Grams, bases) + all edges including the output edges, float64 "
                     "accumulation, warm (compiled) times in seconds, all under `jax.jit` (degenjax: median of the "
@@ -475,19 +494,24 @@ def main(argv=None):
                     "call includes compilation. Agreement = max relative difference of Lambda and edges, degenjax vs "
                     "jacrev.", "",
                     _table(("model", "N", "LIB dims", "fast path", "degenjax (s)", "per-example (s)", "jacrev (s)",
-                            "speed-up", "first call incl. compile (s)", "agreement"), t_rows), ""]
+                            "speed-up", "process CPU degenjax / per-example / jacrev (s)",
+                            "CPU speed-up vs jacrev / vs per-example", "first call incl. compile (s)", "agreement",
+                            "load (1 min) during the warm calls"), t_rows), ""]
     if g_rows:
         section += ["GPT-2-small-shaped (d_model 768, 12 heads, d_mlp 3072, vocab 50257; random init, float64) with "
                     "fewer blocks and a short context: LIB of every residual-stream node layer + edges between "
                     "them, each n in a fresh process (compilation included). Sections marked `-` (LayerNorm inside) "
                     "take the per-example path; the unembedding is structured.", "",
                     _table(("samples n", "context", "blocks", "fast path", "wall (s)", "of which basis (s)",
-                            "wall per sample (s)", "peak RSS (GiB)"), g_rows), ""]
+                            "wall per sample (s)", "process CPU (s)", "CPU per sample (s)", "peak RSS (GiB)",
+                            "load (1 min) at start / end"), g_rows), ""]
     text = "\n".join(section) + "\n"
     print(text)
     if not args.no_results:
-        with open(args.results, "a") as f:
-            f.write(text)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _results import append_section  # benchmarks/_results.py: results.jsonl, RESULTS.md, history.md
+
+        append_section(text, benchmark="basis")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ with per head ``g_ts = sum_r G_t[r, s] v_r`` and ``K_t = sum_u k_u g_tu^T`` (str
 ``Lam Core Lam^T`` with ``Lam = [WV | WQ | WK]`` plus the ``A0 B`` terms; ``Core`` is accumulated from
 per-example tensors of size ``H T^2 k`` (never a ``(T d_out) x (T d_in)`` Jacobian per example). The edges
 ``E_ij = sum_{x,t} (sum_s (C^+ J_ts C')_{ji} h^_sj)^2`` use the same pieces with ``C^+`` on the left. Both are the
-same maths as the per-example path (tests/test_attention.py checks them against a float64 NumPy reference).
+same maths as the per-example path (tests/test_lib_reference.py checks them against a float64 NumPy reference).
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from degenjax._src.numerics import HIGHEST
 from degenjax._src.structure import AttentionStructure
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _CHUNK_ELEMENTS = 1 << 22  # elements of the largest per-chunk intermediate
 _FORCE_YY = None  # tests: force one of the two equivalent orderings of the query-key terms
 
 
 def _ein(spec, *xs):
-    return jnp.einsum(spec, *xs, precision=_HIGHEST)
+    return jnp.einsum(spec, *xs, precision=HIGHEST)
 
 
 def _diag_ts(a, t_axis: int, s_axis: int):
@@ -67,7 +67,7 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
     dh = att.q.shape[-1]
     A0B = None
     if att.A0 is not None:
-        A0B = att.A0.astype(cdt) if B is None else jnp.matmul(att.A0.astype(cdt), B, precision=_HIGHEST)
+        A0B = att.A0.astype(cdt) if B is None else jnp.matmul(att.A0.astype(cdt), B, precision=HIGHEST)
     use_yy = _FORCE_YY if _FORCE_YY is not None else H * T ** 3 * kk <= T * (H * dh) ** 2 * kk // 4  # cheaper to form all products Y.Y for short T
 
     def chunk(q, k, v, P, G):
@@ -80,8 +80,10 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
             "PP": _ein("nhts,ngts->hg", P, P),
             "OQ": _ein("nhtui,nuha->iha", Y, k),
             "OK": _ein("nhti,ntha->iha", Ytt, q),
-            "VQ": _ein("nht,ngtui,nugb->higb", Ptt, Y, k),
-            "VK": _ein("nhts,ngtsi,ntgb->higb", P, Y, q),
+            # two steps each, in this order: the weights first (a contraction over 3 positions), then one GEMM per
+            # head over (examples x positions); einsum's own path for the three operands is several times slower
+            "VQ": _ein("nhgui,nugb->higb", _ein("nht,ngtui->nhgui", Ptt, Y), k),
+            "VK": _ein("nhgti,ntgb->higb", _ein("nhts,ngtsi->nhgti", P, Y), q),
         }
         if use_yy:
             YY = _ein("nhtui,ngtwi->nhtugw", Y, Y)  # (n, H, T, T, H, T)
@@ -120,15 +122,15 @@ def attention_jtj(att: AttentionStructure, out_basis, accum_dtype):
     d = att.WQ.shape[0]
     Lam = jnp.concatenate([jnp.reshape(att.WV.astype(dt), (d, HV)), jnp.reshape(att.WQ.astype(dt), (d, HD)),
                            jnp.reshape(att.WK.astype(dt), (d, HD))], axis=1)
-    M = jnp.matmul(jnp.matmul(Lam, core, precision=_HIGHEST), Lam.T, precision=_HIGHEST)
+    M = jnp.matmul(jnp.matmul(Lam, core, precision=HIGHEST), Lam.T, precision=HIGHEST)
     if A0B is not None:
         A0B_ = A0B.astype(dt)
         X0 = jnp.concatenate([
             jnp.reshape(_ein("di,hei->dhe", A0B_, Om_) * acc["sP"][None, :, None], (d, HV)),
             jnp.reshape(_ein("di,iha->dha", A0B_, acc["OQ"]), (d, HD)),
             jnp.reshape(_ein("di,iha->dha", A0B_, acc["OK"]), (d, HD))], axis=1)
-        cross = jnp.matmul(X0, Lam.T, precision=_HIGHEST)
-        M = M + cross + cross.T + jnp.asarray(n * T, dt) * jnp.matmul(A0B_, A0B_.T, precision=_HIGHEST)
+        cross = jnp.matmul(X0, Lam.T, precision=HIGHEST)
+        M = M + cross + cross.T + jnp.asarray(n * T, dt) * jnp.matmul(A0B_, A0B_.T, precision=HIGHEST)
     return M
 
 
@@ -152,25 +154,33 @@ def attention_edges(att: AttentionStructure, hh, Cp, C_next, accum_dtype):
     aV = _ein("jd,dhe->jhe", Cin, att.WV.astype(cdt))
     aQ = _ein("jd,dha->jha", Cin, att.WQ.astype(cdt))
     aK = _ein("jd,dha->jha", Cin, att.WK.astype(cdt))
-    A0p = None if att.A0 is None else jnp.matmul(jnp.matmul(Cin, att.A0.astype(cdt), precision=_HIGHEST), Bn,
-                                                  precision=_HIGHEST)
+    A0p = None if att.A0 is None else jnp.matmul(jnp.matmul(Cin, att.A0.astype(cdt), precision=HIGHEST), Bn,
+                                                  precision=HIGHEST)
     H, dv, dn = Om.shape
     n, T, dj = hh.shape
+
+    AVO_all = _ein("jhe,hei->hji", aV, Om)  # (H, d^_l, d^'): the value path's coefficient per head
+    if A0p is not None:
+        AVO_all = jnp.concatenate([AVO_all, A0p[None]], axis=0)
 
     def chunk(q, k, v, P, G, h):
         h = h.astype(cdt)
         g = _ein("nhtrs,nrhe->nhtse", G, v)  # (n, H, T, T, dv)
-        w = _ein("nhts,nsj->nhtj", P, h)
-        aQk = _ein("jha,nuha->nhju", aQ, k)
-        QK = _ein("nhju,nhtue->nhtje", aQk, g)
-        aKq = _ein("jha,ntha->nhtj", aK, q)
-        hg = _ein("nsj,nhtse->nhtje", h, g)
-        F = (w[..., None] * jnp.transpose(aV, (1, 0, 2))[None, :, None] + h[:, None, :, :, None] * QK
-             + aKq[..., None] * hg)  # (n, H, T, d^_l, dv)
-        U = _ein("nhtje,hei->ntji", F, Om)
-        if A0p is not None:
-            U = U + h[..., None] * A0p[None, None]
+        Y = _ein("nhtse,hei->nhtsi", g, Om)  # (n, H, T, T, d^'): the key-weight derivatives projected to the target
+        w = _ein("nhts,nsj->nhtj", P, h)  # attention-weighted input coordinates
+        aQk = _ein("jha,nuha->nhju", aQ, k)  # (n, H, d^_l, T)
+        aKq = _ein("jha,ntha->nhtj", aK, q)  # (n, H, T, d^_l)
+        # query and key paths together: coefficients c[n, t, j, (h, u)] on Y[n, (h, u), t, :], one small GEMM per
+        # (example, position); the value path as a sum over heads of w * (aV Om); no (n, H, T, d^_l, dv) tensor
+        c = h[:, :, :, None, None] * jnp.transpose(aQk, (0, 2, 1, 3))[:, None] + (
+            jnp.transpose(aKq, (0, 2, 3, 1))[..., None] * jnp.transpose(h, (0, 2, 1))[:, None, :, None, :])
+        if A0p is not None:  # the pass-through as one more "head" with weights h and coefficient A0'
+            w = jnp.concatenate([w, h[:, None]], axis=1)
+        # sum over heads of w[n, h, t, j] AVO[h, j, i] as a broadcast product (an einsum makes it a GEMM batched over
+        # j with a contraction of H, about twice slower on CPU)
+        U = _ein("ntjhu,nhtui->ntji", c, Y) + jnp.sum(
+            jnp.transpose(w, (0, 2, 3, 1))[..., None] * jnp.transpose(AVO_all, (1, 0, 2))[None, None], axis=3)
         return jnp.sum(U * U, axis=(0, 1)).T.astype(dt)
 
-    c = _chunks(n, H * T * (T * dv + dj * dv) + T * dj * dn)
+    c = _chunks(n, H * T * T * (dv + dn) + T * dj * (H * T + 2 * dn))
     return _scan_chunks(chunk, (att.q, att.k, att.v, att.P, att.G, hh), n, c, jnp.zeros((dn, dj), dt))
