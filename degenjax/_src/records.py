@@ -15,10 +15,11 @@ ArviZ and pandas are optional: `to_inference_data` and ``trace_table(as_datafram
 
 from __future__ import annotations
 
-import math
 import pathlib
 
 import numpy as np
+
+from degenjax._src.resultsio import json_ready
 
 ESTIMATE_FIELDS = ("llc_mean", "llc_std", "llc_uncertainty", "llc_mcse", "llc_per_chain", "n_eff")
 SAMPLER_FIELDS = ("init_loss", "nbeta", "step_size", "mala_acceptance", "ess", "rhat", "converged", "num_diverged")
@@ -39,14 +40,8 @@ def _version() -> str:
 
 
 def _num(x):
-    """A JSON-ready Python number (None for NaN/inf) or list."""
-    a = np.asarray(x)
-    if a.ndim:
-        return [_num(v) for v in a]
-    v = a.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+    """A JSON-ready Python number (None for NaN/inf) or list (`resultsio.json_ready`)."""
+    return json_ready(np.asarray(x))
 
 
 def llc_record(result, **settings) -> dict:

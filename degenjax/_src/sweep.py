@@ -51,14 +51,12 @@ column and the sweep goes on; a rerun retries failed cells.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import fcntl
 import glob
 import hashlib
 import importlib
 import inspect
-import io
 import json
 import math
 import os
@@ -75,6 +73,8 @@ import jax
 import numpy as np
 
 from degenjax._src.diagnostics import convergence
+from degenjax._src.resultsio import append_jsonl
+from degenjax._src.resultsio import write_csv as resultsio_write_csv
 from degenjax._src.validation import check_seed, check_writable
 
 FORMAT = 3  # of sweep.json and the result lines; 1 = before content hashes, 2 = cells one at a time (before
@@ -476,33 +476,14 @@ def _describe_change(stored: dict, now: dict) -> str:
 # results file
 
 
-def _clean(v):
-    """JSON-safe scalars: non-finite floats become None."""
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "dtype"):
-        a = np.asarray(v)
-        return _clean(a.tolist()) if a.ndim else _clean(a.item())
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def append_result(path, row: dict) -> None:
-    """Appends one JSON line with a single ``write`` on an ``O_APPEND`` descriptor, then ``fsync``.
+    """Appends one result row to ``results.jsonl`` (`resultsio.append_jsonl`: one ``write`` on an ``O_APPEND``
+    descriptor, then ``fsync``; non-finite numbers become null).
 
     A process killed during the call leaves either no line or the whole line (a torn final line, which only a
     power loss could leave, is dropped by `read_results`).
     """
-    data = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        if written != len(data):  # only possible on a full disk: fail loudly rather than leave half a record
-            raise OSError(f"short write to {path} ({written} of {len(data)} bytes); is the disk full?")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_jsonl(path, row)
 
 
 def _is_failed(row: dict) -> bool:
@@ -553,24 +534,9 @@ def read_results(path, *, repair: bool = False) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path) -> None:
-    """Regenerates ``results.csv`` from result rows (temp file + rename)."""
-    path = pathlib.Path(path)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
-    for r in rows:
-        vals = []
-        for c in CSV_COLUMNS:
-            v = r.get(c)
-            if c == "nbeta" and v is None:
-                v = r.get("nbeta_used")
-            if isinstance(v, list):
-                v = ";".join("nan" if x is None else repr(x) for x in v)
-            vals.append("" if v is None else v)
-        w.writerow(vals)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    """Regenerates ``results.csv`` from result rows (`resultsio.write_csv`: temp file + rename)."""
+    rows = [{**r, "nbeta": r.get("nbeta_used")} if r.get("nbeta") is None else r for r in rows]
+    resultsio_write_csv(path, rows, CSV_COLUMNS)
 
 
 def trace_path(out_dir, cell: dict) -> pathlib.Path:
