@@ -399,7 +399,7 @@ def test_epoch_order_is_uniform_over_keys():
     assert stats.chisquare(pairs).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("n,batch_size", [(1000, 100), (37, 5), (2, 1), (4099, 64)])
+@pytest.mark.parametrize("n,batch_size", [(1000, 100), (37, 5), (2, 1), pytest.param(4099, 64, marks=pytest.mark.slow)])
 def test_minibatches_without_replacement_within_each_epoch(n, batch_size):
     # The stateless epoch order is a permutation of range(n): checked with NumPy on every position of an epoch.
     from degenjax._src.llc import batch_indices, epoch_positions, gather_batch
