@@ -153,8 +153,15 @@ def quickstart(
                  "num_points": num_points}
     cfg = cfg._replace(seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     report = qs.run_quickstart(out, cfg, progress=progress)
-    typer.echo(f"LLC = {report['llc']:.4g} +- {report['llc_std']:.3g}, N_eff = {report['n_eff']:.4g}, "
-               f"test accuracy = {report['test_accuracy']:.3f}")
+    typer.echo(f"LLC = {report['llc']:.4g} +- {report['llc_std']:.3g} (std over chains), "
+               f"N_eff = {report['n_eff']:.4g}, test accuracy = {report['test_accuracy']:.3f}")
+    recipe = report.get("recipe")
+    if recipe is not None and not recipe["trustworthy"]:
+        typer.echo(f"Warning: the LLC is not trustworthy (uncertainty incl. bias +- {report['llc_uncertainty']:.3g}): "
+                   f"{recipe['message'].split('; ')[0]}; details in {out / 'report.md'}.")
+    if not report.get("converged", True):
+        reason = report["convergence_message"].removeprefix("not converged: ")
+        typer.echo(f"Warning: the LLC chains did not converge ({reason})")
     typer.echo(f"Wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots.")
 
 

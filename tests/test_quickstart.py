@@ -96,3 +96,7 @@ def test_quickstart_tiny_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert f"{r['llc']:.4g}" in md and "LIB" in md and "PCA" in md
     assert "LLC =" in res.output and "test accuracy" in res.output
+    # a doubtful LLC is said on the terminal, not only in the report
+    untrusted = r["recipe"] is not None and not r["recipe"]["trustworthy"]
+    assert ("the LLC is not trustworthy" in res.output) == untrusted
+    assert ("did not converge" in res.output) == (not r["converged"])
