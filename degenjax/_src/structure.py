@@ -82,8 +82,8 @@ class AffineElementwise(NamedTuple):
         return self.W.shape[1] if self.V is None else self.V.shape[1]
 
 
-
-def _split(f, params, h) -> AffineElementwise:
+def _read(f, params, h):
+    """Runs the structure reader over the jaxpr of ``f(params, h)``: ``(reader, outputs, trace of equations)``."""
     closed = jax.make_jaxpr(f)(params, h)
     jaxpr = closed.jaxpr
     p_leaves = jax.tree.leaves(params)
@@ -93,6 +93,11 @@ def _split(f, params, h) -> AffineElementwise:
     ins = [Entry(a, "c") for a in p_leaves] + [Entry(h, "h", nr=h.ndim - 1)]
     trace: list = []
     outs = run_jaxpr(reader, jaxpr, list(closed.consts), ins, trace)
+    return reader, outs, trace
+
+
+def _split(f, params, h) -> AffineElementwise:
+    reader, outs, trace = _read(f, params, h)
     if len(outs) != 1:
         raise NotStructured
     out = outs[0]
@@ -184,15 +189,7 @@ def _canon(e: Entry, heads, rest):
 def _attention_split(f, params, h) -> AttentionStructure:
     if h.ndim != 3:
         raise NotStructured
-    closed = jax.make_jaxpr(f)(params, h)
-    jaxpr = closed.jaxpr
-    p_leaves = jax.tree.leaves(params)
-    if len(jaxpr.invars) != len(p_leaves) + 1:
-        raise NotStructured
-    reader = Reader(h)
-    ins = [Entry(a, "c") for a in p_leaves] + [Entry(h, "h", nr=h.ndim - 1)]
-    trace: list = []
-    outs = run_jaxpr(reader, jaxpr, list(closed.consts), ins, trace)
+    reader, outs, trace = _read(f, params, h)
     att = getattr(reader, "att", {})
     if len(outs) != 1 or outs[0].kind != "YA" or "v" not in att or reader.z_root is not None:
         raise NotStructured

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from degenjax._src.structure_jaxpr import ELEMENTWISE, bind_eqn, Entry, NotStructured
+from degenjax._src.structure_jaxpr import add_offset, ELEMENTWISE, bind_eqn, Entry, NotStructured
 
 
 class AttentionReading:
@@ -87,7 +87,6 @@ class AttentionReading:
         if any(e.kind not in ("S", "c") for e in ins):
             raise NotStructured
         tags0 = S[0].V
-        val = None
         if name in ELEMENTWISE or name == "stop_gradient":
             full = [e.V for e in S if "tk" in e.V]
             base = full[0] if full else tags0
@@ -269,10 +268,7 @@ class AttentionReading:
             o = ins[1 - kinds.index("YA")]
             A0 = y.A0
             if o.kind == "L":
-                if tuple(o.val.shape) != out_shape:
-                    raise NotStructured
-                add = -o.A if name == "sub" else o.A
-                A0 = add if A0 is None else A0 + add
+                A0 = add_offset(A0, o, name, out_shape)
             return [Entry(bind_eqn(eqn, [e.val for e in ins])[0], "YA", V=y.V, A0=A0)]
         if name == "concatenate" and eqn.params["dimension"] == len(out_shape) - 1 and len(out_shape) == 3:
             WO = y.V

@@ -10,8 +10,6 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from degenjax._src.numerics import HIGHEST
-
 
 ELEMENTWISE = frozenset({
     "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil",
@@ -31,6 +29,14 @@ class NotStructured(Exception):
 
 def _read(env, v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def add_offset(A0, other: Entry, name: str, out_shape: tuple):
+    """The offset ``A0`` of ``y +- other`` where ``other`` is affine in the section input (kind "L")."""
+    if tuple(other.val.shape) != out_shape:
+        raise NotStructured
+    add = -other.A if name == "sub" else other.A
+    return add if A0 is None else A0 + add
 
 
 def bind_eqn(eqn, invals):

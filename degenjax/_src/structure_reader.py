@@ -10,6 +10,7 @@ import numpy as np
 from degenjax._src.numerics import HIGHEST
 from degenjax._src.structure_attention import AttentionReading
 from degenjax._src.structure_jaxpr import (
+    add_offset,
     AFFINE_UNARY,
     ELEMENTWISE,
     FEATURES,
@@ -317,10 +318,7 @@ class Reader(AttentionReading):
                 raise NotStructured  # c - post(z) V: a flipped sign of V; rare, not supported
             A0 = y.A0
             if o.kind == "L":
-                if tuple(o.val.shape) != out_shape:
-                    raise NotStructured
-                add = -o.A if name == "sub" else o.A
-                A0 = add if A0 is None else A0 + add
+                A0 = add_offset(A0, o, name, out_shape)
             elif o.kind != "c":
                 raise NotStructured
             v = bind_eqn(eqn, [e.val for e in ins])[0]
