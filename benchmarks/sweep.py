@@ -40,6 +40,8 @@ import warnings
 
 import numpy as np
 
+from llc import _mlp_loss  # benchmarks/llc.py (this folder): the digits MLP's cross-entropy
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -111,20 +113,6 @@ def _digits_checkpoints(seed=0):
         out[f"w{l}"] = np.stack([c[l]["w"] for c in ckpts])
         out[f"b{l}"] = np.stack([c[l]["b"] for c in ckpts])
     return out
-
-
-def _mlp_loss(params, batch):
-    import jax
-    import jax.numpy as jnp
-
-    x, labels = batch
-    h = x
-    for i, layer in enumerate(params):
-        h = h @ layer["w"] + layer["b"][None, :]
-        if i < len(params) - 1:
-            h = jax.nn.relu(h)
-    logp = jax.nn.log_softmax(h, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
 
 
 PROBLEMS = {

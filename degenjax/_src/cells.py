@@ -50,8 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from degenjax._src import distributed
 from degenjax._src import sgld as sgld_lib
-from degenjax._src.checks import (check_eval_batch_size, check_inputs, check_positive_int, default_nbeta,
-                                  num_data)
+from degenjax._src.checks import (check_eval_batch_size, check_inputs, check_positive_int, default_nbeta)
 from degenjax._src.diagnostics import convergence
 from degenjax._src.llc import (LLCResult, cached_runner, chain_shardings, chunk_runner, constrain,
                                parameter_mask, summarize)

@@ -41,8 +41,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from degenjax._src import sgld as sgld_lib
-from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_inputs, check_loss_fn,
-                                  check_positive_int, check_rng_key, check_step_size, default_nbeta, leaf_name,
+from degenjax._src.checks import (check_eval_batch_size, check_init_loss, check_inputs, check_positive_int, check_rng_key, default_nbeta, leaf_name,
                                   num_data)
 from degenjax._src.diagnostics import (LLCDivergenceError, convergence, divergence_error, first_divergence,
                                        warn_result)
