@@ -325,16 +325,28 @@ def gpt2_main(args):
     _block(batches)
     flags = dj.structured_sections(model, v, batches[0][:1])
     load = os.getloadavg()[0]
-    t0, c0 = time.perf_counter(), _cpu()
-    b = dj.interaction_basis(model, v, batches, jacobian_kwargs={"chunk_size": 1})
-    t1 = time.perf_counter()
-    e = dj.interaction_edges(model, v, b, batches, chunk_size=32)
-    _block(e)
-    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+
+    def call():
+        t0, c0 = time.perf_counter(), _cpu()
+        b = dj.interaction_basis(model, v, batches, jacobian_kwargs={"chunk_size": args.gpt2_chunk})
+        _block(b.Lambda)
+        t1 = time.perf_counter()
+        e = dj.interaction_edges(model, v, b, batches, chunk_size=32)
+        _block(e)
+        return b, time.perf_counter() - t0, t1 - t0, _cpu() - c0
+
+    b, wall, basis_s, cpu = call()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"n": args.gpt2_n, "wall": wall, "basis": t1 - t0, "cpu": cpu, "peak_rss_gib": rss / 2**20,
-                      "load": load, "load_end": os.getloadavg()[0],
-                      "dims": list(b.dims), "structured": "".join("s" if f else "-" for f in flags)}))
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    row = {"n": args.gpt2_n, "wall": wall, "basis": basis_s, "cpu": cpu, "peak_rss_gib": rss / 2**20,
+           "load": load, "load_end": os.getloadavg()[0], "dims": list(b.dims),
+           "structured": "".join("s" if f else "-" for f in flags), "device": f"{dev.platform}:{dev.device_kind}"}
+    if stats:  # accelerator memory: the peak of the allocator over the process (model, data and the call)
+        row["peak_device_gib"] = stats.get("peak_bytes_in_use", float("nan")) / 2**30
+    if args.gpt2_warm:  # a second call, compiled: the time per sample without compilation
+        row["warm"] = call()[1]
+    print(json.dumps(row))
 
 
 def _subprocess(argv):
@@ -384,6 +396,9 @@ def main(argv=None):
     ap.add_argument("--gpt2-context", type=int, default=4, help="tokens per sample in the GPT-2 row")
     ap.add_argument("--gpt2-layers", type=int, default=1, help="blocks of the GPT-2-small-shaped model")
     ap.add_argument("--gpt2-batch", type=int, default=2, help="samples per streamed batch in the GPT-2 row")
+    ap.add_argument("--gpt2-chunk", type=int, default=1, help="examples per vmapped chunk of the per-example "
+                    "Jacobian Grams in the GPT-2 row (LayerNorm sections)")
+    ap.add_argument("--gpt2-warm", action="store_true", help="GPT-2 row: time a second (compiled) call too")
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gpt2-n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-results", action="store_true", help="do not record the run (benchmarks/results.jsonl -> RESULTS.md)")
@@ -397,17 +412,18 @@ def main(argv=None):
     sp_rows, t_rows, ref_rows, g_rows, notes = [], [], [], [], []
     t_start = time.perf_counter()
     load = os.getloadavg()
-    print("training the modular-addition transformer ...", flush=True)
-    module, v, x, y, tr, te, (final, trained) = train_modadd(args.p, args.frac, args.steps, cache=args.train_cache,
-                                                             stop_acc=args.stop_acc, use_bias=not args.no_bias)
-    acc_tr = float(_accuracy(y[tr])(module.apply(v, x[tr])))
-    acc_te = float(_accuracy(y[te])(module.apply(v, x[te])))
-    notes.append(f"mod-add transformer p={args.p}: {len(tr)} training pairs ({args.frac:.0%}), {trained} AdamW "
-                 f"steps (lr 1e-3, wd 1.0), d_model 128, 4 heads, d_mlp 512, biases "
-                 f"{'none in attention' if args.no_bias else 'everywhere (as rib)'}; train loss {final:.2e}, train "
-                 f"acc {acc_tr:.3f}, held-out acc {acc_te:.3f}")
-    print("  " + notes[-1], flush=True)
-    tmodel = models.transformer_sections(module, x[:2])
+    if not (args.skip_sparsity and args.skip_timing and args.skip_reference):  # the GPT-2 rows alone need no training
+        print("training the modular-addition transformer ...", flush=True)
+        module, v, x, y, tr, te, (final, trained) = train_modadd(args.p, args.frac, args.steps, cache=args.train_cache,
+                                                                 stop_acc=args.stop_acc, use_bias=not args.no_bias)
+        acc_tr = float(_accuracy(y[tr])(module.apply(v, x[tr])))
+        acc_te = float(_accuracy(y[te])(module.apply(v, x[te])))
+        notes.append(f"mod-add transformer p={args.p}: {len(tr)} training pairs ({args.frac:.0%}), {trained} AdamW "
+                     f"steps (lr 1e-3, wd 1.0), d_model 128, 4 heads, d_mlp 512, biases "
+                     f"{'none in attention' if args.no_bias else 'everywhere (as rib)'}; train loss {final:.2e}, train "
+                     f"acc {acc_tr:.3f}, held-out acc {acc_te:.3f}")
+        print("  " + notes[-1], flush=True)
+        tmodel = models.transformer_sections(module, x[:2])
     if not args.skip_reference:
         print("the reference convention: one call in a fresh process ...", flush=True)
         fc_args = ["--first-call-only", "--p", str(args.p), "--frac", str(args.frac), "--steps", str(trained)]
@@ -451,13 +467,22 @@ def main(argv=None):
     for n in [int(a) for a in args.gpt2_ns.split(",") if a.strip()]:
         print(f"GPT-2-small-shaped, n={n} ...", flush=True)
         r = _subprocess(["--gpt2-n", str(n), "--gpt2-context", str(args.gpt2_context), "--gpt2-layers",
-                         str(args.gpt2_layers), "--gpt2-batch", str(args.gpt2_batch)])
+                         str(args.gpt2_layers), "--gpt2-batch", str(args.gpt2_batch), "--gpt2-chunk",
+                         str(args.gpt2_chunk)] + (["--gpt2-warm"] if args.gpt2_warm else []))
         print(f"  {r}", flush=True)
-        g_rows.append((n, args.gpt2_context, args.gpt2_layers, r["structured"], f"{r['wall']:.1f}",
-                       f"{r['basis']:.1f}", f"{r['wall'] / n:.2f}", f"{r['cpu']:.1f}", f"{r['cpu'] / n:.2f}",
-                       f"{r['peak_rss_gib']:.2f}", f"{r['load']:.1f} / {r['load_end']:.1f}"))
-    notes.append(f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min; 2 cores "
-                 f"shared with other jobs), at the end: {os.getloadavg()[0]:.2f}")
+        warm = r.get("warm")
+        g_rows.append((n, args.gpt2_context, args.gpt2_layers, r["structured"], r["device"], f"{r['wall']:.1f}",
+                       f"{r['basis']:.1f}", f"{r['wall'] / n:.2f}",
+                       "-" if warm is None else f"{warm:.2f} ({warm / n:.3f})", f"{r['cpu']:.1f}",
+                       f"{r['cpu'] / n:.2f}", f"{r['peak_rss_gib']:.2f}",
+                       f"{r['peak_device_gib']:.2f}" if "peak_device_gib" in r else "-",
+                       f"{r['load']:.1f} / {r['load_end']:.1f}"))
+    if g_rows and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        notes.append("GPT-2 rows: a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) was shared between their "
+                     "processes, so the first call of a later row compiles little; the second-call column is "
+                     "compiled in every row")
+    notes.append(f"load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min; "
+                 f"{os.cpu_count()} cores shared with other jobs), at the end: {os.getloadavg()[0]:.2f}")
 
     devices = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
     cmd = "python benchmarks/basis.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -499,11 +524,12 @@ def main(argv=None):
                             "load (1 min) during the warm calls"), t_rows), ""]
     if g_rows:
         section += ["GPT-2-small-shaped (d_model 768, 12 heads, d_mlp 3072, vocab 50257; random init, float64) with "
-                    "fewer blocks and a short context: LIB of every residual-stream node layer + edges between "
+                    "the blocks and context given: LIB of every residual-stream node layer + edges between "
                     "them, each n in a fresh process (compilation included). Sections marked `-` (LayerNorm inside) "
                     "take the per-example path; the unembedding is structured.", "",
-                    _table(("samples n", "context", "blocks", "fast path", "wall (s)", "of which basis (s)",
-                            "wall per sample (s)", "process CPU (s)", "CPU per sample (s)", "peak RSS (GiB)",
+                    _table(("samples n", "context", "blocks", "fast path", "device", "wall (s)", "of which basis (s)",
+                            "wall per sample (s)", "second call, compiled (s) (per sample)", "process CPU (s)",
+                            "CPU per sample (s)", "peak RSS (GiB)", "peak device memory (GiB)",
                             "load (1 min) at start / end"), g_rows), ""]
     text = "\n".join(section) + "\n"
     print(text)
