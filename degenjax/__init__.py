@@ -108,6 +108,7 @@ _LAZY = {
     # toolkit: sweeps, checkpoints, quickstart, plots
     "load_sweep_config": "degenjax._src.sweep",
     "run_sweep": "degenjax._src.sweep",
+    "enable_compilation_cache": "degenjax._src.compilecache",
     "SweepConfig": "degenjax._src.sweep",
     "load_checkpoint": "degenjax._src.checkpoints",
     "save_msgpack": "degenjax._src.checkpoints",
@@ -207,6 +208,7 @@ if TYPE_CHECKING:
     from degenjax._src.plots import plot_modules as plot_modules
     from degenjax._src.sweep import load_sweep_config as load_sweep_config
     from degenjax._src.sweep import run_sweep as run_sweep
+    from degenjax._src.compilecache import enable_compilation_cache as enable_compilation_cache
     from degenjax._src.sweep import SweepConfig as SweepConfig
     from degenjax._src.checkpoints import load_checkpoint as load_checkpoint
     from degenjax._src.checkpoints import save_msgpack as save_msgpack
@@ -322,6 +324,7 @@ __all__ = [
     "plot_modules",
     "load_sweep_config",
     "run_sweep",
+    "enable_compilation_cache",
     "SweepConfig",
     "load_checkpoint",
     "save_msgpack",

@@ -97,19 +97,15 @@ def _options(
              "Placed before the command: degenjax --compile-cache DIR llc ..."),
 ):
     if compile_cache is not None:
-        import jax
-
+        from degenjax._src.compilecache import enable_compilation_cache
         from degenjax._src.validation import check_writable
 
         try:
             check_writable(compile_cache, folder=True, what="--compile-cache")
-            compile_cache.mkdir(parents=True, exist_ok=True)
+            enable_compilation_cache(compile_cache)
         except (ValueError, OSError) as err:
             typer.echo(f"Error: {' '.join(str(err).split())}", err=True)
             raise typer.Exit(code=1) from None
-        jax.config.update("jax_compilation_cache_dir", str(compile_cache))
-        # JAX's default keeps only programs that took >= 1 s to compile; an estimator's programs often take less
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _search_dirs(*extra) -> list[str]:
