@@ -30,6 +30,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -399,12 +400,17 @@ def main(argv=None):
     ap.add_argument("--gpt2-chunk", type=int, default=1, help="examples per vmapped chunk of the per-example "
                     "Jacobian Grams in the GPT-2 row (LayerNorm sections)")
     ap.add_argument("--gpt2-warm", action="store_true", help="GPT-2 row: time a second (compiled) call too")
+    ap.add_argument("--cache-rows", action="store_true", help="reference rows also with the on-disk compilation "
+                    "cache (degenjax.enable_compilation_cache) filled by an earlier process")
+    ap.add_argument("--compile-cache", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gpt2-n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-results", action="store_true", help="do not record the run (benchmarks/results.jsonl -> RESULTS.md)")
     args = ap.parse_args(argv)
     if args.first_call_only:
         args.rib_cut = bool(args.rib_cut)
+        if args.compile_cache:
+            dj.enable_compilation_cache(args.compile_cache)
         return first_call_main(args)
     if args.gpt2_n:
         return gpt2_main(args)
@@ -430,16 +436,23 @@ def main(argv=None):
         fc_args += ["--no-bias"] if args.no_bias else []
         fc_args += ["--train-cache", args.train_cache] if args.train_cache else []
         fc_args += ["--rib-cut"] if args.rib_cut else []
-        runs = [_subprocess(fc_args) for _ in range(args.repeats)]
-        for r in runs:
-            print(f"  first call: {r}", flush=True)
-        walls = sorted(r["wall"] for r in runs)
-        ref_rows.append((f"modadd p={args.p}, folded, 3 node layers + output", len(tr),
-                         "dims " + ",".join(map(str, runs[0]["dims"])),
-                         " / ".join(f"{w:.2f}" for w in walls), f"{np.median(walls):.2f}",
-                         " / ".join(f"{r['cpu']:.1f}" for r in runs),
-                         f"{max(r['peak_rss_gib'] for r in runs):.2f}", f"{runs[0]['rss_before_gib']:.2f}",
-                         " / ".join(f"{r['load']:.1f}-{r['load_end']:.1f}" for r in runs)))
+        variants = [("", fc_args)]
+        if args.cache_rows:  # a fresh process whose on-disk compilation cache an earlier process filled
+            cache_dir = tempfile.mkdtemp(prefix="degenjax-basis-cache-")
+            _subprocess(fc_args + ["--compile-cache", cache_dir])  # fills the cache (not timed)
+            variants.append((", compilation cache filled by an earlier process", fc_args + ["--compile-cache",
+                                                                                           cache_dir]))
+        for label, fa in variants:
+            runs = [_subprocess(fa) for _ in range(args.repeats)]
+            for r in runs:
+                print(f"  first call{label}: {r}", flush=True)
+            walls = sorted(r["wall"] for r in runs)
+            ref_rows.append((f"modadd p={args.p}, folded, 3 node layers + output{label}", len(tr),
+                             "dims " + ",".join(map(str, runs[0]["dims"])),
+                             " / ".join(f"{w:.2f}" for w in walls), f"{np.median(walls):.2f}",
+                             " / ".join(f"{r['cpu']:.1f}" for r in runs),
+                             f"{max(r['peak_rss_gib'] for r in runs):.2f}", f"{runs[0]['rss_before_gib']:.2f}",
+                             " / ".join(f"{r['load']:.1f}-{r['load_end']:.1f}" for r in runs)))
     if not args.skip_sparsity:
         te_sub = te[: args.req_n]
         sp_rows += sparsity_rows(f"modadd p={args.p}", tmodel, v, x[tr], x[te_sub], y[te_sub], None, args.batch)
@@ -504,7 +517,9 @@ def main(argv=None):
                     "before attention, the MLP and the unembedding, biases tied to the constant), Lambda_0 = M~_00, "
                     "the next layer's full C as target, and the last node layer -> raw output edges. One call of "
                     "`interaction_basis` + `interaction_edges(output=True)` in a fresh Python process (compilation "
-                    "included), on one batch of all training pairs; repeats are separate processes. Peak memory = "
+                    "included), on one batch of all training pairs; repeats are separate processes (with --cache-rows also "
+                    "fresh processes that load the compiled programs from an on-disk cache an earlier process filled, "
+                    "`degenjax.enable_compilation_cache`). Peak memory = "
                     "the process's peak RSS (before the call: the model, data and JAX runtime).", "",
                     _table(("model", "N", "LIB dims", "first call, each (s)", "median (s)", "CPU time (s)",
                             "peak RSS (GiB)", "RSS before the call (GiB)", "load (1 min) at start-end, each"),
