@@ -162,7 +162,13 @@ def attention_edges(att: AttentionStructure, hh, Cp, C_next, accum_dtype):
     AVO_all = _ein("jhe,hei->hji", aV, Om)  # (H, d^_l, d^'): the value path's coefficient per head
     if A0p is not None:
         AVO_all = jnp.concatenate([AVO_all, A0p[None]], axis=0)
+    Hw = AVO_all.shape[0]
 
+    # U = U1 + V per example and position, with U1 = c Y (query and key paths) and V_ji = sum_h w_hj AVO_hji (values
+    # and pass-through). sum (U1 + V)^2 = sum U1^2 + 2 sum_h AVO_h o Z_h + sum_hg AVO_h o AVO_g o W2_hg, with
+    # Z_h = sum_{x,t} w_h U1 and W2_hg = sum_{x,t} w_h w_g (per j): no (x, t, j, h, i) product is formed, and Z is a
+    # GEMM over the long (x, t) axis. Every term is a sum of products of the same float64 numbers; the three parts
+    # can cancel only where an edge is far below the others of its row (relative error ~ eps x the parts / E_ji).
     def chunk(q, k, v, P, G, h):
         h = h.astype(cdt)
         g = _ein("nhtrs,nrhe->nhtse", G, v)  # (n, H, T, T, dv)
@@ -171,16 +177,19 @@ def attention_edges(att: AttentionStructure, hh, Cp, C_next, accum_dtype):
         aQk = _ein("jha,nuha->nhju", aQ, k)  # (n, H, d^_l, T)
         aKq = _ein("jha,ntha->nhtj", aK, q)  # (n, H, T, d^_l)
         # query and key paths together: coefficients c[n, t, j, (h, u)] on Y[n, (h, u), t, :], one small GEMM per
-        # (example, position); the value path as a sum over heads of w * (aV Om); no (n, H, T, d^_l, dv) tensor
+        # (example, position); no (n, H, T, d^_l, dv) tensor
         c = h[:, :, :, None, None] * jnp.transpose(aQk, (0, 2, 1, 3))[:, None] + (
             jnp.transpose(aKq, (0, 2, 3, 1))[..., None] * jnp.transpose(h, (0, 2, 1))[:, None, :, None, :])
         if A0p is not None:  # the pass-through as one more "head" with weights h and coefficient A0'
             w = jnp.concatenate([w, h[:, None]], axis=1)
-        # sum over heads of w[n, h, t, j] AVO[h, j, i] as a broadcast product (an einsum makes it a GEMM batched over
-        # j with a contraction of H, about twice slower on CPU)
-        U = _ein("ntjhu,nhtui->ntji", c, Y) + jnp.sum(
-            jnp.transpose(w, (0, 2, 3, 1))[..., None] * jnp.transpose(AVO_all, (1, 0, 2))[None, None], axis=3)
-        return jnp.sum(U * U, axis=(0, 1)).T.astype(dt)
+        U1 = _ein("ntjhu,nhtui->ntji", c, Y)
+        return {"UU": _ein("ntji,ntji->ji", U1, U1).astype(dt), "Z": _ein("nhtj,ntji->hji", w, U1).astype(dt),
+                "W2": _ein("nhtj,ngtj->jhg", w, w).astype(dt)}
 
     c = _chunks(n, H * T * T * (dv + dn) + T * dj * (H * T + 2 * dn))
-    return _scan_chunks(chunk, (att.q, att.k, att.v, att.P, att.G, hh), n, c, jnp.zeros((dn, dj), dt))
+    zero = {"UU": jnp.zeros((dj, dn), dt), "Z": jnp.zeros((Hw, dj, dn), dt), "W2": jnp.zeros((dj, Hw, Hw), dt)}
+    acc = _scan_chunks(chunk, (att.q, att.k, att.v, att.P, att.G, hh), n, c, zero)
+    AVO = AVO_all.astype(dt)
+    E = (acc["UU"] + 2.0 * jnp.sum(AVO * acc["Z"], axis=0)
+         + _ein("hji,gji,jhg->ji", AVO, AVO, acc["W2"]))
+    return jnp.maximum(E, 0.0).T  # a sum of squares: rounding of the three parts may not make it negative
