@@ -275,6 +275,10 @@ def _run_children(names, args, on_row):
             proc = subprocess.Popen(_child_cmd(name, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, env=_child_env(args.jobs), cwd=ROOT)
             err = []
+            timer = None
+            if args.case_timeout:
+                timer = threading.Timer(args.case_timeout, proc.kill)
+                timer.start()
             t_err = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
             t_err.start()
             last = None
@@ -285,11 +289,14 @@ def _run_children(names, args, on_row):
                     print(f"  [{name}] {line.rstrip()}", flush=True)
             proc.wait()
             t_err.join()
+            if timer is not None:
+                timer.cancel()
             wall = time.perf_counter() - t0
             with lock:
                 if proc.returncode != 0 or last is None:
                     print("".join(err)[-3000:], file=sys.stderr)
-                    print(f"[{time.perf_counter() - t_all:7.1f} s] {name}: FAILED after {wall:.0f} s", flush=True)
+                    why = "timed out" if args.case_timeout and wall >= args.case_timeout else "FAILED"
+                    print(f"[{time.perf_counter() - t_all:7.1f} s] {name}: {why} after {wall:.0f} s", flush=True)
                     failed.append(name)
                     continue
                 row = json.loads(last)
@@ -318,6 +325,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("case", "float32", "float64"), default="case",
                    help="'case': each case's own (float32 for the GPU-sized networks and dln-devinterp)")
     p.add_argument("--jobs", type=int, default=1, help="cases run concurrently (each in its own process)")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="S",
+                   help="kill a case after S seconds (no row is written for it)")
     p.add_argument("--verbose", action="store_true", help="print the recipe's progress lines")
     p.add_argument("--out", default=os.path.join(HERE, "llc_accuracy.jsonl"))
     p.add_argument("--ingest", action="append", default=[], metavar="JSONL",
