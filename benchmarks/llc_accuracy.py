@@ -1,7 +1,8 @@
 """LLC accuracy battery: the recipe's lambda^ (``estimate_llc(..., step_size="auto")``, no hand-tuning) against exact
 learning coefficients.
 
-Cases (``--cases``, comma-separated names; default all but the GPU-sized ones, ``--cases gpu`` for those):
+Cases (``--cases``, comma-separated names; default ``cpu``: all but the networks of 800+ parameters,
+``gpu``: those, ``all``):
 
 * regular regressions (lambda = d/2), with label noise and ``w*`` the exact least-squares minimum;
 * reduced-rank regressions (two-layer linear networks, Aoyagi & Watanabe 2005) and deep linear networks of several
@@ -27,8 +28,8 @@ Run (from the repository root; the package need not be installed, nothing is wri
 
     python benchmarks/llc_accuracy.py                               # CPU cases, rows -> benchmarks/llc_accuracy.jsonl
     python benchmarks/llc_accuracy.py --cases linreg5,rrr444 --no-results
-    PYTHONPATH=. python3 benchmarks/llc_accuracy.py --cases gpu --jobs 3 --max-steps 400000 \
-        --out $OUT/llc_gpu.jsonl --no-results                       # the large networks on one GPU, float32
+    PYTHONPATH=. python3 benchmarks/llc_accuracy.py --cases gpu --jobs 7 --max-steps 400000 --case-timeout 220 \
+        --out $OUT/llc_gpu.jsonl --no-results    # the 7 networks of 800 to 120 000 parameters on one GPU, float32
     python benchmarks/llc_accuracy.py --ingest llc_gpu.jsonl --no-results   # add those rows to the table
 
 Each case runs in a fresh process (its own x64 setting; compile time counted as a user pays it), ``--jobs K`` of
@@ -130,7 +131,7 @@ def devinterp_dln_case():
 
 # name: (builder, batch size, float64 = the default dtype)
 CASES = {}
-# name: (kind, sizes, rank, GPU-sized): the model, for m and the target
+# name: (kind, sizes, rank, in the 'gpu' group): the model, for m and the target
 MODELS = {}
 
 
@@ -149,10 +150,11 @@ _dln("rrr444", [4, 4, 4], 2, 10_000)
 _dln("rrr534", [5, 3, 4], 1, 10_000)
 _dln("dln3333", [3, 3, 3, 3], 1, 10_000)
 _dln("dln-5-10-10-10-5", [5, 10, 10, 10, 5], 2, 20_000)
-_dln("dln-10-20-20-10", [10, 20, 20, 10], 5, 20_000)
-_dln("dln-20-30-30-20", [20, 30, 30, 20], 8, 20_000)
-_dln("dln-16x6", [16, 32, 32, 32, 32, 16], 4, 20_000)
-# GPU-sized (float32): 2 x 10^4, 4 x 10^4, 8 x 10^4 and 1.2 x 10^5 parameters, depths 3 to 5
+# GPU-sized (float32; ~20-60 min each on one CPU core at the default budget): 800 to 1.2 x 10^5 parameters, depths 3
+# to 5, ranks 4 to 20
+_dln("dln-10-20-20-10", [10, 20, 20, 10], 5, 20_000, x64=False, gpu=True)
+_dln("dln-20-30-30-20", [20, 30, 30, 20], 8, 20_000, x64=False, gpu=True)
+_dln("dln-16x6", [16, 32, 32, 32, 32, 16], 4, 20_000, x64=False, gpu=True)
 _dln("dln-50-100-100-50", [50, 100, 100, 50], 10, 20_000, x64=False, gpu=True)
 _dln("dln-50-100x4-50", [50, 100, 100, 100, 100, 50], 10, 20_000, x64=False, gpu=True)
 _dln("dln-100-200-200-100", [100, 200, 200, 100], 20, 20_000, x64=False, gpu=True)
@@ -212,6 +214,8 @@ def run_case(name, args):
             "llc_mean": est, "llc_uncertainty": float(res.llc_uncertainty), "rel_error": est / exact - 1.0,
             "trustworthy": r.trustworthy, "step_size": r.step_size,
             "rungs": [(row["step_size"], row["llc_mean"]) for row in r.rungs], "total_steps": r.total_steps,
+            # per rung: ||w - w*||^2 over the window, its relaxation time and the burn-in (diffusion time)
+            "rung_dist2": [(row.get("dist2"), row.get("relaxation_time"), row.get("burn_in_time")) for row in r.rungs],
             "recipe_s": wall, "one_estimate_s": float(finest["seconds"]), "dtype": "float64" if x64 else "float32",
             "equilibrated": [bool(row.get("equilibrated", False)) for row in r.rungs],
             "localization_check": None if r.localization_check is None else (

@@ -24,10 +24,11 @@ def test_battery_has_five_deep_linear_networks_from_1e2_to_1e5_parameters():
     assert len({len(m[1]) for m in dlns.values()}) >= 3  # depths
     assert len({m[2] for m in dlns.values()}) >= 4  # ranks
     assert len({max(m[1]) for m in dlns.values()}) >= 4  # widths
-    # the GPU-sized ones run in float32
+    # the GPU group runs in float32 and holds every network of 800 parameters or more
     for name, (_, _, _, gpu) in battery.MODELS.items():
         if gpu:
-            assert battery.CASES[name][2] is False and sizes[name] >= 20_000
+            assert battery.CASES[name][2] is False
+    assert {n for n, v in sizes.items() if v >= 800} <= {n for n, m in battery.MODELS.items() if m[3]}
 
 
 def test_multiplicity_and_finite_n_target():
