@@ -269,7 +269,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                initial_steps: int = 2000, max_steps: int = 400_000, min_ess: float = 200.0,
                target_rel: float = 0.02, nonlinear_tol: float = 0.05, first_step_size: float | None = None,
                equilibration: float = 2.5, warm_start: bool = True, loc_factor: float = 10.0,
-               loc_tol: float = 0.05,
+               loc_tol: float = 0.05, drift_tol: float = 0.1,
                progress: bool = False, on_divergence: str = "raise", warn: bool = True) -> llc_lib.LLCResult:
     """Runs the step-size recipe (module docstring) and returns its `LLCResult` (``recipe`` = `LLCRecipe`).
 
@@ -294,6 +294,9 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         localization bias bound: part of the reported bias, and the result is untrustworthy when it exceeds
         ``loc_tol`` (relative).
         ``loc_factor <= 1`` skips this check.
+      drift_tol: the window mean of ``||w - w*||^2`` of the finest rung may differ from its linear prediction in the
+        step from the two coarser rungs (consecutive earlier stretches of the same chains) by at most this fraction
+        (or three standard errors); more is a drift that makes the result untrustworthy.
       warm_start: start every finer rung where the previous rung's chains stopped (already equilibrated along the
         slow directions up to the step-size bias) instead of at ``w*``.
       progress: print one line per rung.
@@ -371,6 +374,8 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         d = rung.dist_window()
         d = d[:, ::max(1, d.shape[1] // 16384)]
         dconv = convergence(d)
+        d_chain = d.mean(axis=1)
+        d_se = float(np.std(d_chain, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else float("nan")
         ess_d = dconv.ess if np.isfinite(dconv.ess) else 0.0
         relax = rung.steps // 2 * num_chains / max(ess_d, 1e-9) * rung.step_size  # diffusion time per relaxation
         # the chains' whole run before the window counts as burn-in: a warm rung continues chains that already ran
@@ -380,7 +385,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         return dict(step_size=rung.step_size, num_steps=rung.steps, num_burnin=rung.steps // 2,
                     llc_mean=float(per_chain.mean()), llc_se=float(np.nanmax([se, mcse])), rhat=conv.rhat,
                     ess=conv.ess, converged=conv.converged, diverged=False, seconds=rung.seconds,
-                    dist2=float(d.mean()), ess_dist2=ess_d, relaxation_time=float(relax), burn_in_time=float(burn),
+                    dist2=float(d.mean()), dist2_se=d_se, ess_dist2=ess_d, relaxation_time=float(relax), burn_in_time=float(burn),
                     equilibrated=bool(ess_d > 0 and burn >= equilibration * relax)), per_chain
 
     tried = []  # every rung run, for the report
@@ -477,11 +482,14 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     # whole ladder, 2.5 T and more): a tenth-or-less of the ladder's cost. (The 4-4-4 network, rank 2: the cold first
     # rung's ESS of ||w - w*||^2 was 8.3 < 10 after 2 x 64000 steps, and the budget could not double the ladder.)
     first_rerun = False
+    ok0 = True
     if (warm_start and not results[0][0].get("equilibrated", False) and results[0][1] is not None
             and used + steps0 <= max_steps):
         r0 = new_rung(eps0, start=rungs[-1])
         ok0 = r0.extend(steps0)
         used += r0.steps
+        if not ok0:
+            say("rung 0's warm rerun diverged: the chains at the end of the ladder are stiffer still")
         if ok0:
             say(f"rung 0 (cold, not equilibrated) rerun warm from the finest rung's chains: {r0.steps} steps")
             tried.append(dict(results[0][0], note="replaced: started cold at w* and not equilibrated; rerun warm"))
@@ -624,6 +632,31 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         problems.append(("the first rung did not settle within the budget, even rerun warm" if first_rerun else
                          "the first rung did not settle within the budget") + " (still drifting or not converged after "
                         f"{steps0} steps: the chains may not have reached equilibrium)")
+    if not ok0:
+        problems.append(f"the first rung, rerun warm from the finest rung's chains at step {eps0:.3g}, diverged: the "
+                        "chains kept moving into stiffer regions along the ladder")
+    # Drift along the slow directions. ||w - w*||^2 over a rung's window depends on the step only through the same
+    # first-order bias as lambda^ (linreg50: 0.0202, 0.0148, 0.0131 at steps in ratio 3, successive differences in
+    # ratio 3.3), so over the last three rungs it must be linear in the step: the finest rung's value is predicted from
+    # the two coarser ones. The rungs are consecutive stretches of the same chains (the finest two last), so a drift
+    # in time breaks that: on the 5-10-10-10-5 network at gamma = 1 the window means are 121, 146, 180 (predicted
+    # 154), while the relaxation estimates (0.8, 1.4, 2.4) pass the history test for the finer rungs (a slow trend
+    # looks like a long correlation time that the history already spans); at gamma = 10 they are 24.0, 23.8, 24.3.
+    last = rows[-3:]
+    if len(last) == 3 and all(np.isfinite([r_.get("dist2", np.nan) for r_ in last])):
+        wts = _lagrange_at_zero(np.array([r_["step_size"] for r_ in last[:2]]) - last[2]["step_size"])
+        pred = float(wts @ np.array([r_["dist2"] for r_ in last[:2]]))
+        se_j = (math.sqrt(last[2]["dist2_se"] ** 2 + float(np.sum((wts * np.array([r_["dist2_se"] for r_ in
+                                                                                   last[:2]])) ** 2)))
+                if num_chains > 1 else 0.0)
+        jump = last[2]["dist2"] - pred
+        if abs(jump) > max(3 * se_j, drift_tol * max(abs(last[2]["dist2"]), 1e-300)):
+            problems.append(
+                "||w - w*||^2 still drifts along the ladder (window means " + ", ".join(
+                    f"{r_['dist2']:.3g}" for r_ in last) + f" at steps {_steps(last)}: the finest is {jump:+.3g} "
+                f"off the value {pred:.3g} that a step-size bias linear in the step predicts, above "
+                f"{100 * drift_tol:g}% and 3 standard errors ({se_j:.2g})): the chains have not reached equilibrium "
+                "along the flat directions")
     used_rows = rows[-min(len(rows), 3):]
     unsettled = [row for row in used_rows if not row["equilibrated"]]
     if unsettled:
