@@ -40,3 +40,25 @@ def test_recipe_flags_chains_that_cannot_equilibrate_within_the_budget():
     h = 2 * nbeta * x.T @ x / n
     equilibrium = 0.5 * np.trace(h @ np.linalg.inv(h + 0.01 * np.eye(2)))
     assert float(res.llc_mean) < equilibrium - 0.2, (float(res.llc_mean), equilibrium)
+
+
+def test_recipe_flags_a_drift_of_the_chains_along_the_ladder():
+    # 20 coordinates the loss does not see, under a localization of 1e-3: free Brownian motion over the ladder, so
+    # ||w - w*||^2 grows with time (rung by rung) instead of following the step-size bias (linear in the step)
+    rng = np.random.default_rng(0)
+    n = 1000
+    x = rng.normal(size=(n, 1))
+    y = x[:, 0] + 0.5 * rng.normal(size=(n,))
+    params = {"a": jnp.asarray(np.linalg.lstsq(x, y, rcond=None)[0]), "flat": jnp.zeros(20)}
+
+    def loss(p, batch):
+        return jnp.mean((batch[0] @ p["a"] + 0.0 * jnp.sum(p["flat"]) - batch[1]) ** 2)
+
+    res = dj.estimate_llc(jax.random.key(1), loss, params, (jnp.asarray(x), jnp.asarray(y)), num_chains=4,
+                          num_draws=1, step_size="auto", batch_size=100, localization=1e-3, warn=False,
+                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000})
+    rec = res.recipe
+    assert not rec.trustworthy and "still drifts along the ladder" in rec.message, rec.message
+    # free diffusion: E ||w_flat||^2 = 20 t grows by > 50% between the two finest rungs' windows (T apart)
+    used = [r for r in rec.rungs if "note" not in r]
+    assert used[-1]["dist2"] > 1.5 * used[-2]["dist2"]
