@@ -341,6 +341,9 @@ def main(argv=None):
     if args.child:
         print(json.dumps(run_case(args.child, args)), flush=True)
         return
+    # the parent never computes, but it imports degenjax.theory for the table: it must not reserve an accelerator's
+    # memory that the children need
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.jobs < 1 or args.max_steps < 8 or args.chains < 1:
         p.error("--jobs and --chains must be >= 1 and --max-steps >= 8")
     groups = {"cpu": [c for c in CASES if not MODELS[c][3]], "gpu": [c for c in CASES if MODELS[c][3]],
