@@ -55,7 +55,7 @@ import time
 
 sys.dont_write_bytecode = True  # nothing written outside --out (no __pycache__ in the checkout)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -283,7 +283,7 @@ def _run_children(names, args, on_row):
             if args.case_timeout:
                 timer = threading.Timer(args.case_timeout, proc.kill)
                 timer.start()
-            t_err = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+            t_err = threading.Thread(target=err.extend, args=(proc.stderr,), daemon=True)
             t_err.start()
             last = None
             for line in proc.stdout:

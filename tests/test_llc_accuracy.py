@@ -9,7 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import llc_accuracy as battery  # noqa: E402
+import llc_accuracy as battery
 
 
 def _num_params(widths):
