@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import degenjax
-from degenjax.theory import dln_learning_coefficient, regular, rrr_learning_coefficient
+from degenjax.theory import dln_learning_coefficient, regular, rrr_learning_coefficient, rrr_multiplicity
 
 
 def _aoyagi_brute_force(widths, r):
@@ -143,15 +143,74 @@ def test_under_jit():
     @jax.jit
     def scaled(x):
         lam = dln_learning_coefficient([10, 20, 20, 10], 5)
-        return x * float(lam) + float(rrr_learning_coefficient(5, 3, 5, 0)) + float(regular(4))
+        return (x * float(lam) + float(rrr_learning_coefficient(5, 3, 5, 0)) + float(regular(4))
+                + rrr_multiplicity(5, 3, 4, 1))
 
-    np.testing.assert_allclose(np.asarray(scaled(jnp.asarray(2.0))), 2.0 * 50 + 6.5 + 2.0, rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(scaled(jnp.asarray(2.0))), 2.0 * 50 + 6.5 + 2.0 + 2, rtol=0, atol=0)
 
     # A traced size is a clear error, not an opaque ConcretizationTypeError.
     with pytest.raises(ValueError, match="traced JAX value"):
         jax.jit(lambda r: jnp.asarray(float(dln_learning_coefficient([4, 4, 4], r))))(2)
 
 
+@pytest.mark.parametrize("M, H, N, r, m", [
+    (1, 1, 1, 0, 2),  # L = (ab)^2 = a^2 b^2: normal crossing, both coordinates reach the threshold 1/2
+    (1, 1, 1, 1, 1),  # (ab - c)^2, c != 0: a smooth hypersurface, regular in the normal direction
+    (1, 2, 1, 0, 1),  # (a1 b1 + a2 b2)^2: smooth away from 0, the blow-up of 0 gives 4/4 = 1 > 1/2
+    (1, 1, 2, 0, 1),  # a^2 (b1^2 + b2^2): threshold 1/2 from a only, 2/2 = 1 from the blown-up b
+    (2, 1, 1, 0, 1),  # the mirror image of the previous case
+    (4, 4, 4, 2, 1),  # M + H + N + r even
+    (5, 3, 4, 1, 2),  # odd, case 1
+    (5, 1, 5, 1, 1),  # case 1 on its boundary (N + r = M + H = 6), even sum
+    (1, 1, 5, 0, 1),  # case 2 (M + H < N + r): m = 1 although the sum is odd
+    (6, 1, 1, 1, 1),  # case 3 (N + H < M + r), odd sum
+    (1, 5, 1, 1, 1),  # case 4 (M + N < H + r), even
+    (1, 6, 1, 1, 1),  # case 4, odd sum
+])
+def test_rrr_multiplicity_cases(M, H, N, r, m):
+    assert rrr_multiplicity(M, H, N, r) == m
+    assert rrr_multiplicity(N, H, M, r) == m  # symmetric in M and N, like lambda
+    assert isinstance(rrr_multiplicity(float(M), H, N, r), int)
+
+
+def test_rrr_multiplicity_sets_the_finite_t_offset_by_quadrature():
+    """L = (ab)^2 on [-1, 1]^2 (rrr (1, 1, 1, 0): lambda 1/2, m 2): t E_t[L] = lambda - (m - 1) / log t + o(1/log t).
+
+    Independent float64 quadrature of the tempered posterior: the inner integral over b in closed form (incomplete
+    gamma), the outer over log a.
+    """
+    from scipy import integrate, special
+
+    def t_mean_loss(t):
+        def inner(k, c):  # int_0^1 b^(2k) exp(-c b^2) db
+            s = k + 0.5
+            return special.gamma(s) * special.gammainc(s, c) / (2 * c ** s)
+
+        lo = -0.5 * np.log(t) - 40
+        z = integrate.quad(lambda u: inner(0, t * np.exp(2 * u)) * np.exp(u), lo, 0, limit=500, epsabs=0, epsrel=1e-12)[0]
+        k = integrate.quad(lambda u: np.exp(3 * u) * inner(1, t * np.exp(2 * u)), lo, 0, limit=500, epsabs=0, epsrel=1e-12)[0]
+        return t * k / z
+
+    lam, m = float(rrr_learning_coefficient(1, 1, 1, 0)), rrr_multiplicity(1, 1, 1, 0)
+    assert (lam, m) == (0.5, 2)
+    # (t E[L] - lambda) log t -> -(m - 1): -0.78 at t = 1086 (n = 10^4, t = n / log n), -0.93 at t = 10^12
+    scaled = [(t_mean_loss(t) - lam) * np.log(t) for t in (1086.0, 1e6, 1e12)]
+    assert scaled[0] > scaled[1] > scaled[2] > -(m - 1) - 0.02
+    assert scaled[2] < -(m - 1) + 0.1
+    # at t = 1086: 0.388; the m = 2 prediction 0.357 is 3.6x closer than lambda = 0.5
+    v = t_mean_loss(1086.0)
+    assert abs(v - (lam - (m - 1) / np.log(1086.0))) < 0.035
+    assert abs(v - lam) > 3 * abs(v - (lam - (m - 1) / np.log(1086.0)))
+
+
+def test_rrr_multiplicity_bad_inputs():
+    with pytest.raises(ValueError, match="cannot exceed min"):
+        rrr_multiplicity(2, 3, 4, 3)
+    with pytest.raises(ValueError, match="must be a Python or NumPy number"):
+        rrr_multiplicity("2", 3, 4, 0)
+
+
 def test_public_namespace():
+    assert degenjax.theory.rrr_multiplicity is rrr_multiplicity
     assert degenjax.theory.dln_learning_coefficient is dln_learning_coefficient
     assert "theory" in degenjax.__all__

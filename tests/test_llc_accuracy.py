@@ -1,0 +1,76 @@
+"""benchmarks/llc_accuracy.py without running a case: the battery's design (sizes, depths, ranks), the multiplicity
+and finite-n target columns, resume/ingest of another machine's rows, and the table."""
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import llc_accuracy as battery
+
+
+def _num_params(widths):
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def test_battery_has_five_deep_linear_networks_from_1e2_to_1e5_parameters():
+    dlns = {name: m for name, m in battery.MODELS.items() if m[0] == "dln" and len(m[1]) >= 4}
+    sizes = {name: _num_params(m[1]) for name, m in dlns.items()}
+    assert len(dlns) >= 5
+    assert min(sizes.values()) <= 300 and max(sizes.values()) >= 100_000
+    assert len({len(m[1]) for m in dlns.values()}) >= 3  # depths
+    assert len({m[2] for m in dlns.values()}) >= 4  # ranks
+    assert len({max(m[1]) for m in dlns.values()}) >= 4  # widths
+    # the GPU group runs in float32 and holds every network of 800 parameters or more
+    for name, (_, _, _, gpu) in battery.MODELS.items():
+        if gpu:
+            assert battery.CASES[name][2] is False
+    assert {n for n, v in sizes.items() if v >= 800} <= {n for n, m in battery.MODELS.items() if m[3]}
+
+
+def test_multiplicity_and_finite_n_target():
+    assert battery.multiplicity("linreg50") == 1
+    assert battery.multiplicity("rrr444") == 1  # 4 + 4 + 4 + 2 even
+    assert battery.multiplicity("rrr534") == 2  # 5 + 3 + 4 + 1 odd, case 1 of Aoyagi & Watanabe (2005)
+    assert battery.multiplicity("dln3333") is None  # deeper networks: not computed
+    nbeta = 1e4 / math.log(1e4)  # 1085.7
+    assert battery.finite_target(7.0, 2, nbeta) == pytest.approx(6.8569, abs=1e-4)
+    assert battery.finite_target(7.5, 1, nbeta) == 7.5
+    assert battery.finite_target(4.0, None, nbeta) is None
+
+
+def _row(case, device, llc, trusted=True, date="2026-11-30T00:00Z"):
+    plat = device.split(":")[0]
+    return {"case": case, "num_params": 27, "n": 10_000, "batch_size": 100, "exact": 7.0, "llc_mean": llc,
+            "llc_uncertainty": 0.1, "rel_error": llc / 7.0 - 1, "trustworthy": trusted, "step_size": 1e-5,
+            "recipe_s": 60.0, "one_estimate_s": 30.0, "dtype": "float32", "load": 1.0, "message": "m",
+            "device": device, "device_platform": plat, "date": date}
+
+
+def test_ingest_adds_another_machines_rows_once_and_the_table_shows_both(tmp_path, capsys):
+    out, gpu = tmp_path / "rows.jsonl", tmp_path / "gpu.jsonl"
+    out.write_text(json.dumps(_row("rrr534", "cpu:cpu", 6.866)) + "\n")
+    gpu.write_text(json.dumps(_row("rrr534", "gpu:NVIDIA H200", 6.80, trusted=False)) + "\n")
+    for _ in range(2):  # a second ingest of the same file adds nothing
+        capsys.readouterr()
+        battery.main(["--ingest", str(gpu), "--out", str(out), "--no-results"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["device"] for r in rows] == ["cpu:cpu", "gpu:NVIDIA H200"]
+    text = capsys.readouterr().out
+    lines = [x for x in text.splitlines() if x.startswith("| rrr534 |")]
+    assert len(lines) == 2
+    cpu_line = next(x for x in lines if "cpu:cpu" in x)
+    cells = [c.strip() for c in cpu_line.strip("|").split("|")]
+    cols = [c.strip() for c in battery.COLUMNS.strip("|").split("|")]
+    assert cells[cols.index("m")] == "2"
+    assert cells[cols.index("error vs lambda")] == "-1.9%"
+    assert cells[cols.index("vs target")] == f"{100 * (6.866 / (7 - 1 / math.log(1e4 / math.log(1e4))) - 1):+.1f}%"
+    assert "- rrr534 (gpu:NVIDIA H200): m" in text  # the untrusted row's reason is listed
+
+
+def test_unknown_case_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit):
+        battery.main(["--cases", "nope", "--out", str(tmp_path / "x.jsonl"), "--no-results"])
