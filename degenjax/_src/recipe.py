@@ -659,8 +659,9 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                 f"{localization:g}, {loc_bias:.3g} (the change over sqrt({loc_factor:g}) - 1), is above "
                 f"{100 * loc_tol:g}%"
                 if loc_row is not None else f"the rerun at {loc_factor * localization:g} diverged")
-            + "): the chains are confined by the localization, not the loss, along flat directions; a weaker "
-              "localization (with longer chains) or more data reduces it")
+            + "): along flat directions the localization, not the loss, sets where the chains go (a weaker one, "
+              "with longer chains, or more data reduces this; when the chains also drift, see below, they are not yet "
+              "where it confines them)")
     if not first_rung_settled:
         problems.append(("the first rung did not settle within the budget, even rerun warm" if first_rerun else
                          "the first rung did not settle within the budget") + " (still drifting or not converged after "
