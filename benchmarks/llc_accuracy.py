@@ -8,7 +8,8 @@ Cases (``--cases``, comma-separated names; default ``cpu``: all but the networks
 * reduced-rank regressions (two-layer linear networks, Aoyagi & Watanabe 2005) and deep linear networks of several
   depths, widths and ranks, 300 to 120 000 parameters (Aoyagi 2024), noise-free and realizable, at the
   minimal-rank factorisation of the teacher (each factor of rank r, zero-padded), where the local learning
-  coefficient is the global one;
+  coefficient is the global one, and ``gdln-*`` at a generic point of the same zero set (random factors, as in
+  Lau et al. 2023, arXiv 2308.12108);
 * ``dln-devinterp``: the devinterp benchmark's network (10-20-20-10, rank 5, random factors, label noise 1, n = 10^5,
   float32, ``w*`` the noisy teacher), where devinterp's usual settings give 57.4.
 
@@ -28,8 +29,8 @@ Run (from the repository root; the package need not be installed, nothing is wri
 
     python benchmarks/llc_accuracy.py                               # CPU cases, rows -> benchmarks/llc_accuracy.jsonl
     python benchmarks/llc_accuracy.py --cases linreg5,rrr444 --no-results
-    PYTHONPATH=. python3 benchmarks/llc_accuracy.py --cases gpu --jobs 7 --max-steps 400000 --case-timeout 220 \
-        --out $OUT/llc_gpu.jsonl --no-results    # the 7 networks of 800 to 120 000 parameters on one GPU, float32
+    PYTHONPATH=. python3 benchmarks/llc_accuracy.py --cases gpu --jobs 8 --max-steps 400000 --case-timeout 230 \
+        --out $OUT/llc_gpu.jsonl --no-results    # 8 networks of 800 to 120 000 parameters on one GPU, float32
     python benchmarks/llc_accuracy.py --ingest llc_gpu.jsonl --no-results   # add those rows to the table
 
 Each case runs in a fresh process (its own x64 setting; compile time counted as a user pays it), ``--jobs K`` of
@@ -110,6 +111,37 @@ def dln_case(widths, rank, n, seed=0):
     return loss, tuple(ws), (jnp.asarray(x), jnp.asarray(x @ u @ v.T)), float(dln_learning_coefficient(widths, rank))
 
 
+def dln_generic_case(widths, rank, n, seed=0):
+    """Noise-free teacher at a generic point of the zero set (as in Lau et al. 2023, arXiv 2308.12108, and the
+    devinterp DLN): random Gaussian factors ``W_l`` of scale ``1/sqrt(fan-in)``, the middle one truncated to rank r;
+    ``w*`` = the teacher. Its local learning coefficient is Aoyagi's global one (all of ``W_L ... W_1 = T`` has it)."""
+    import jax.numpy as jnp
+
+    from degenjax.theory import dln_learning_coefficient
+
+    rng = np.random.default_rng(seed)
+    ws = [rng.normal(size=(a, b)) / np.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
+    mid = len(ws) // 2
+    u, sv, vt = np.linalg.svd(ws[mid], full_matrices=False)
+    sv[rank:] = 0.0
+    ws[mid] = (u * sv) @ vt
+    x = rng.normal(size=(n, widths[0]))
+    prod = ws[0]
+    for w in ws[1:]:
+        prod = prod @ w
+    assert np.linalg.matrix_rank(prod) == rank
+
+    def loss(ps, batch):
+        bx, by = batch
+        h = bx
+        for w in ps:
+            h = h @ w
+        return jnp.mean(jnp.sum(jnp.square(h - by), axis=1))
+
+    return (loss, tuple(jnp.asarray(w) for w in ws), (jnp.asarray(x), jnp.asarray(x @ prod)),
+            float(dln_learning_coefficient(widths, rank)))
+
+
 def devinterp_dln_case():
     import jax.numpy as jnp
 
@@ -159,6 +191,8 @@ _dln("dln-50-100-100-50", [50, 100, 100, 50], 10, 20_000, x64=False, gpu=True)
 _dln("dln-50-100x4-50", [50, 100, 100, 100, 100, 50], 10, 20_000, x64=False, gpu=True)
 _dln("dln-100-200-200-100", [100, 200, 200, 100], 20, 20_000, x64=False, gpu=True)
 _dln("dln-100-200x3-100", [100, 200, 200, 200, 100], 20, 20_000, x64=False, gpu=True)
+_add("gdln-10-20-20-10", lambda: dln_generic_case([10, 20, 20, 10], 5, 20_000), 100, False, "dln", (10, 20, 20, 10),
+     5, True)
 _add("dln-devinterp", devinterp_dln_case, 500, False, "devinterp", (10, 20, 20, 10), 5)
 
 
