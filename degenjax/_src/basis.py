@@ -23,11 +23,12 @@ In the new basis the second moment of the coordinates is ``diag(Lambda)``. If ``
 
 Truncation keeps eigenvalues ``> max(rtol * largest, atol)`` in each of the two cuts (activation covariance, then
 ``M~``), settable per node layer and per cut. It picks array shapes, so it needs concrete eigenvalues: under
-``jax.jit`` pass static ``dims`` (e.g. from an eager run). The per-layer linear algebra and the streamed Gram/edge
-steps are compiled and cached per shape (``jit=True``); ``jit=False`` runs them op by op. When x64 is disabled the
-per-layer eigendecompositions run in float64 on the host (the Grams are exact in float32, their eigenvalues are
-not), so float32 runs keep the directions a float64 run keeps; under an outer ``jax.jit`` without x64 they stay in
-float32 and a warning names ``jax_enable_x64``.
+``jax.jit`` pass static ``dims`` (e.g. from an eager run). The streamed Gram/edge steps are compiled and cached per
+shape (``jit=True``); ``jit=False`` runs them op by op. The per-layer linear algebra (two ``(d, d)``
+eigendecompositions and a few products) runs on concrete values in float64 LAPACK on the host, whatever the dtype:
+nothing is compiled for it (compiling it cost more than running it), and float32 runs keep the directions a float64
+run keeps (the Grams are exact in float32, their eigenvalues are not). Under an outer ``jax.jit`` it is part of the
+caller's program, in the default dtype (without x64 a warning names ``jax_enable_x64``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from degenjax._src.eigen import eigh
+from degenjax._src.compileopts import lib_jit
+from degenjax._src.eigen import eigh, host_eigh
 from degenjax._src.numerics import acc_dtype, warn_float32
 from degenjax._src.grams import ActivationStats, activation_stats, as_batch_list, jacobian_gram
 from degenjax._src.sections import Sections, as_sections
@@ -249,84 +251,87 @@ def _num_kept(count, fixed: int | None, available: int, what: str) -> int:
     return int(count)
 
 
-def _safe_inv(v):
+def _safe_inv(v, xp=jnp):
     pos = v > 0
-    return jnp.where(pos, 1.0 / jnp.where(pos, v, 1.0), 0.0)
+    return xp.where(pos, 1.0 / xp.where(pos, v, 1.0), 0.0)
 
 
-def _assemble(mu, R, Rp, lam0):
+def _assemble(mu, R, Rp, lam0, xp=jnp):
     """``C`` (constant column first, centring row last) and ``C^+`` from the non-constant maps (module docstring)."""
     d, n = R.shape
     dt = R.dtype
-    s0 = jnp.sqrt(lam0)
-    top = jnp.concatenate([jnp.zeros((d, 1), dt), R], axis=1)
-    bottom = jnp.concatenate([s0[None], -(mu @ R)])[None, :]
-    C = jnp.concatenate([top, bottom], axis=0)
-    first = jnp.concatenate([mu / s0, (1.0 / s0)[None]])[None, :]
-    rest = jnp.concatenate([Rp, jnp.zeros((n, 1), dt)], axis=1)
-    return C, jnp.concatenate([first, rest], axis=0)
+    s0 = xp.sqrt(lam0)
+    top = xp.concatenate([xp.zeros((d, 1), dt), R], axis=1)
+    bottom = xp.concatenate([xp.reshape(s0, (1,)), -(mu @ R)])[None, :]
+    C = xp.concatenate([top, bottom], axis=0)
+    first = xp.concatenate([mu / s0, xp.reshape(1.0 / s0, (1,))])[None, :]
+    rest = xp.concatenate([Rp, xp.zeros((n, 1), dt)], axis=1)
+    return C, xp.concatenate([first, rest], axis=0)
 
 
-def _layer_full(cov, mu, M, cuts, key, *, kind: str, k: int | None):
+def _layer_full(cov, mu, M, cuts, key, *, kind: str, k: int | None, xp=jnp):
     """Untruncated basis of one layer: ``C`` ``(d+1, d+1)``, ``C^+``, ``Lambda`` with columns in descending order.
 
     ``M`` is the ``(d + 1, d + 1)`` Jacobian Gram with respect to ``(h, c)``. ``cuts = (rtol_g, atol_g, rtol_i,
     atol_i)``. The activation cutoff is applied by masking (directions at or below it get zero weight, so no noise
     direction is whitened); the interaction cutoff is applied afterwards by slicing the leading columns, which is
     exact since each column depends only on its own eigenpair. ``k`` (static) is only used by ``kind="random"``.
+    ``xp`` is ``jax.numpy`` (traced or device values) or ``numpy`` (concrete float64 values on the host).
     """
     dt = cov.dtype
     rg, ag, ri, ai = cuts
-    D, U = eigh(cov)
-    keep_g = D > jnp.maximum(rg * jnp.maximum(D[0], 0.0), ag)
-    count_g = jnp.sum(keep_g).astype(jnp.int32)
+    eig = eigh if xp is jnp else host_eigh
+    D, U = eig(cov)
+    keep_g = D > xp.maximum(rg * xp.maximum(D[0], 0.0), ag)
+    count_g = xp.sum(keep_g).astype(xp.int32)
     if kind == "pca":
         R = U * keep_g[None, :].astype(dt)
-        C, Cp = _assemble(mu, R, R.T, jnp.ones((), dt))
-        return C, Cp, jnp.concatenate([jnp.ones((1,), dt), jnp.where(keep_g, D, 0.0)]), D, D, count_g, count_g
+        C, Cp = _assemble(mu, R, R.T, xp.ones((), dt), xp)
+        return C, Cp, xp.concatenate([xp.ones((1,), dt), xp.where(keep_g, D, 0.0)]), D, D, count_g, count_g
     if kind == "random":
         Uk, Dk = U[:, :k], D[:k]
-        q, r = jnp.linalg.qr(jax.random.normal(key, (k, k), dt))
-        Q = q * jnp.sign(jnp.diag(r))[None, :]  # Haar-distributed orthogonal matrix
-        C, Cp = _assemble(mu, Uk @ Q, Q.T @ Uk.T, jnp.ones((), dt))
-        lam = jnp.einsum("ij,i,ij->j", Q, Dk, Q)
-        return C, Cp, jnp.concatenate([jnp.ones((1,), dt), lam]), D, Dk, count_g, jnp.asarray(k, jnp.int32)
+        if xp is jnp:
+            g = jax.random.normal(key, (k, k), dt)
+        else:
+            with jax.enable_x64(True):
+                g = np.asarray(jax.random.normal(key, (k, k), jnp.float64))
+        q, r = xp.linalg.qr(g)
+        Q = q * xp.sign(xp.diag(r))[None, :]  # Haar-distributed orthogonal matrix
+        C, Cp = _assemble(mu, Uk @ Q, Q.T @ Uk.T, xp.ones((), dt), xp)
+        lam = xp.einsum("ij,i,ij->j", Q, Dk, Q)
+        return C, Cp, xp.concatenate([xp.ones((1,), dt), lam]), D, Dk, count_g, xp.asarray(k, xp.int32)
     d = cov.shape[0]
-    s = jnp.where(keep_g, jnp.sqrt(jnp.where(keep_g, D, 1.0)), 0.0)
+    s = xp.where(keep_g, xp.sqrt(xp.where(keep_g, D, 1.0)), 0.0)
     S = U * s[None, :]  # whitened coordinates -> activations (zero for dropped directions)
-    Lam, V = eigh(S.T @ M[:d, :d] @ S)
-    cut_i = jnp.maximum(ri * jnp.maximum(Lam[0], 0.0), ai)
-    count_i = jnp.sum(Lam > cut_i).astype(jnp.int32)
-    R = (U * _safe_inv(s)[None, :]) @ V * jnp.sqrt(jnp.maximum(Lam, 0.0))[None, :]
-    Rp = (_safe_inv(jnp.sqrt(jnp.maximum(Lam, 0.0)))[:, None] * V.T) @ (s[:, None] * U.T)
+    Lam, V = eig(S.T @ M[:d, :d] @ S)
+    cut_i = xp.maximum(ri * xp.maximum(Lam[0], 0.0), ai)
+    count_i = xp.sum(Lam > cut_i).astype(xp.int32)
+    R = (U * _safe_inv(s, xp)[None, :]) @ V * xp.sqrt(xp.maximum(Lam, 0.0))[None, :]
+    Rp = (_safe_inv(xp.sqrt(xp.maximum(Lam, 0.0)), xp)[:, None] * V.T) @ (s[:, None] * U.T)
     # the constant direction: Lambda_0 = M~_00 = (mu, 1) M (mu, 1)^T, with the bias paths of a folded layer
-    m1 = jnp.concatenate([mu, jnp.ones((1,), dt)])
+    m1 = xp.concatenate([mu, xp.ones((1,), dt)])
     lam0 = m1 @ M @ m1
-    lam0 = jnp.where(lam0 > cut_i, lam0, jnp.ones((), dt))
-    C, Cp = _assemble(mu, R, Rp, lam0)
-    return C, Cp, jnp.concatenate([lam0[None], Lam]), D, Lam, count_g, count_i
+    lam0 = xp.where(lam0 > cut_i, lam0, xp.ones((), dt))
+    C, Cp = _assemble(mu, R, Rp, lam0, xp)
+    return C, Cp, xp.concatenate([xp.reshape(lam0, (1,)), Lam]), D, Lam, count_g, count_i
 
 
-_layer_full_jit = jax.jit(_layer_full, static_argnames=("kind", "k"))
-
-
-def _host_float64(args) -> bool:
-    """Whether the per-layer algebra should run in float64 on the host: x64 off and concrete inputs."""
-    return not jax.config.jax_enable_x64 and not is_traced(args)
+_layer_full_jit = lib_jit(_layer_full, static_argnames=("kind", "k", "xp"))
 
 
 def _run_layer(fn, cov, mu, M, cuts, key, kind, k):
-    if not _host_float64((cov, mu, M, cuts)):
+    """The per-layer algebra: traced values in the caller's program (``fn``: `_layer_full`, compiled or not);
+    concrete values in float64 LAPACK on the host, whatever the dtype (the Grams are exact in float32, their
+    eigenvalues are not), returned in ``cov``'s dtype: nothing to compile, and no device round trips."""
+    if is_traced((cov, mu, M, cuts)):
         if not jax.config.jax_enable_x64:
             warn_float32("the interaction basis (eigendecompositions and cutoffs, under jax.jit)")
         return fn(cov, mu, M, cuts, key, kind=kind, k=k)
-    out_dt = cov.dtype
-    with jax.enable_x64(True):
-        to64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
-        key64 = None if key is None else key
-        res = _layer_full_jit(to64(cov), to64(mu), to64(M), tuple(to64(c) for c in cuts), key64, kind=kind, k=k)
-        res = jax.tree.map(np.asarray, res)
-    return tuple(jnp.asarray(r, out_dt if np.issubdtype(r.dtype, np.floating) else jnp.int32) for r in res)
+    out_dt = np.dtype(cov.dtype)
+    to64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    res = _layer_full(to64(cov), to64(mu), to64(M), tuple(to64(c) for c in cuts), key, kind=kind, k=k, xp=np)
+    return tuple(np.asarray(r, out_dt if np.issubdtype(np.asarray(r).dtype, np.floating) else np.int32)
+                 for r in res)
 
 
 class LayerBasis(NamedTuple):
@@ -370,7 +375,8 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
       keep: if given, keep exactly ``min(keep, d)`` non-constant directions (static shapes, so this works under
         ``jax.jit``); the cutoffs still mask directions below them.
       name: the layer's name for error messages.
-      jit: compile the linear algebra (cached per shape); False runs it op by op.
+      jit: with traced values (under the caller's ``jax.jit``), compile the linear algebra as one nested program
+        (False: op by op). Concrete values always run in float64 NumPy on the host (module docstring).
 
     Returns:
       `LayerBasis` ``(C, C_pinv, Lambda, gram_spectrum, interaction_spectrum, num_dropped_gram,
@@ -426,7 +432,8 @@ def layer_basis(cov: ArrayLike, mean: ArrayLike, M: ArrayLike | None, *, kind: s
     if kind in ("pca", "random"):
         spec = spec[:n]
     out = (C[:, :n + 1], Cp[:n + 1], Lambda[:n + 1], D, spec, dropped_g, dropped_i)
-    return LayerBasis(*(jnp.asarray(a) for a in out)) if concrete else LayerBasis(*out)
+    # device_put, not jnp.asarray: moving host values compiles nothing (jnp.asarray stages a program per shape)
+    return LayerBasis(*(jax.device_put(a) for a in out)) if concrete else LayerBasis(*out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,8 +511,9 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
       jacobian_kwargs: extra keyword arguments for `degenjax.jacobian_gram` (e.g. ``num_sources``, ``key``,
         ``chunk_size``, ``mesh``, ``jit``).
       activation_kwargs: extra keyword arguments for `degenjax.activation_stats` (e.g. ``mesh``, ``jit``).
-      jit: compile the per-batch Gram steps and the per-layer linear algebra (each cached per shape), as the Gram
-        functions do; False runs everything op by op. Inside the user's ``jax.jit`` either way works.
+      jit: compile the per-batch Gram steps (cached per shape), as the Gram functions do; False runs them op by op
+        (the per-layer linear algebra runs on the host; module docstring). Inside the user's ``jax.jit`` either way
+        works.
       progress: show a tqdm progress bar for each pass over the data (the activation pass and one Jacobian pass per
         node layer).
 
@@ -573,7 +581,7 @@ def interaction_basis(model, params, batches, *, kind: str = "lib", rtol=None, a
             v is None for cuts in rt + at for v in cuts.values()):
         _warn_precision_cut(model, results, rt, at, kind)
     if concrete:
-        grams, means = [jnp.asarray(g) for g in grams], [jnp.asarray(m) for m in means]
+        grams, means = [jax.device_put(g) for g in grams], [jax.device_put(m) for m in means]
     return InteractionBasis(C=C, C_pinv=Cp, Lambda=Lam, mean=tuple(means), dims=tuple(c.shape[1] for c in C),
                             gram_spectrum=Dfull, interaction_spectrum=spec, num_dropped_gram=dg,
                             num_dropped_interaction=di, grams=tuple(grams))

@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 from degenjax._src import distributed
 from degenjax._src import sgld as sgld_lib
 from degenjax._src.checks import (check_eval_batch_size, check_inputs, check_positive_int, default_nbeta)
+from degenjax._src.compileopts import options_supported
 from degenjax._src.diagnostics import convergence
 from degenjax._src.llc import (LLCResult, cached_runner, chain_shardings, chunk_runner, constrain,
                                parameter_mask, summarize)
@@ -115,16 +116,6 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_DOTS_ONLY = "LIBRARY_FUSION_TYPE_DOT"
 
 
-@functools.lru_cache(maxsize=None)
-def _ynn_option_supported() -> bool:
-    try:
-        jax.jit(lambda x: jnp.sum(x), compiler_options={_YNN_OPTION: _YNN_DOTS_ONLY}).lower(
-            jax.ShapeDtypeStruct((8,), jnp.float32)).compile()
-    except Exception:  # noqa: BLE001 - an XLA without the option: keep its defaults
-        return False
-    return True
-
-
 def bitwise_compiler_options(devices=None) -> dict | None:
     """XLA options under which a chain's arithmetic does not depend on the size of the chain axis.
 
@@ -137,7 +128,7 @@ def bitwise_compiler_options(devices=None) -> dict | None:
       devices: the devices the program runs on (default: ``jax.devices()``).
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not devices or any(d.platform != "cpu" for d in devices) or not _ynn_option_supported():
+    if not devices or any(d.platform != "cpu" for d in devices) or not options_supported(((_YNN_OPTION, _YNN_DOTS_ONLY),)):
         return None
     return {_YNN_OPTION: _YNN_DOTS_ONLY}
 

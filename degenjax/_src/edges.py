@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from degenjax._src.basis import InteractionBasis, check_basis_matches, from_hat, section_width, to_hat
+from degenjax._src.compileopts import lib_jit
 from degenjax._src.grams import as_batch_list
 from degenjax._src.numerics import HIGHEST, acc_dtype
 from degenjax._src.progress import track
@@ -149,7 +150,7 @@ def _edges_step(params, x, Cs, Cps, *, model, chunk_size: int, modes: tuple, str
     return out
 
 
-_edges_step_jit = jax.jit(_edges_step, static_argnames=("model", "chunk_size", "modes", "structured"))
+_edges_step_jit = lib_jit(_edges_step, static_argnames=("model", "chunk_size", "modes", "structured"))
 
 
 def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_size: int = 64,
@@ -225,7 +226,7 @@ def interaction_edges(model, params, basis: InteractionBasis, batches, *, chunk_
         return []
     edges = [t / c for t, c in zip(totals, count)]
     if not is_traced(edges):
-        edges = [jnp.asarray(e) for e in edges]
+        edges = [jax.device_put(e) for e in edges]  # no per-shape program (as jnp.asarray would compile)
         for l, e in enumerate(edges):
             if not bool(np.all(np.isfinite(np.asarray(e)))):
                 nxt = model.layer_name(l + 1) if l + 1 < L else "output"

@@ -59,17 +59,36 @@ def eigh(a: ArrayLike, *, symmetry_rtol: float | None = None) -> tuple[jax.Array
     if mesh is not None:  # the dense solver needs the whole matrix: gather it (replicate) on the Explicit mesh
         a = jax.reshard(a, NamedSharding(mesh, P()))
     if not is_traced(a) and a.size:
-        if not bool(jnp.all(jnp.isfinite(a))):
-            raise ValueError("eigh input contains NaN or inf entries; check how the matrix was computed.")
-        scale = float(jnp.max(jnp.abs(a)))
-        asym = float(jnp.max(jnp.abs(a - jnp.swapaxes(a, -1, -2))))
-        rtol = default_symmetry_rtol(in_dtype) if symmetry_rtol is None else symmetry_rtol
-        if asym > rtol * scale:
-            raise ValueError(f"eigh input is not symmetric: max|A - A^T| / max|A| = {asym / scale:.3g} > "
-                             f"symmetry_rtol = {rtol:.3g}. Pass a symmetric matrix, or raise symmetry_rtol to accept "
-                             "the symmetrised (A + A^T)/2.")
+        _check_dense(np.asarray(a), in_dtype, symmetry_rtol)
     a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
     values, vectors = jnp.linalg.eigh(a, symmetrize_input=False)
+    return values[..., ::-1], vectors[..., ::-1]
+
+
+def _check_dense(a: np.ndarray, in_dtype, symmetry_rtol: float | None):
+    """`eigh`'s input checks on concrete values (NumPy on the host: no device program is compiled for them)."""
+    if not np.all(np.isfinite(a)):
+        raise ValueError("eigh input contains NaN or inf entries; check how the matrix was computed.")
+    scale = float(np.max(np.abs(a)))
+    asym = float(np.max(np.abs(a - np.swapaxes(a, -1, -2))))
+    rtol = default_symmetry_rtol(in_dtype) if symmetry_rtol is None else symmetry_rtol
+    if asym > rtol * scale:
+        raise ValueError(f"eigh input is not symmetric: max|A - A^T| / max|A| = {asym / scale:.3g} > "
+                         f"symmetry_rtol = {rtol:.3g}. Pass a symmetric matrix, or raise symmetry_rtol to accept "
+                         "the symmetrised (A + A^T)/2.")
+
+
+def host_eigh(a, *, in_dtype=None, symmetry_rtol: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`eigh` of a concrete matrix in float64 LAPACK on the host (NumPy): the same conventions and checks, no
+    device program to compile (for the small per-layer steps of the basis, whose first call would otherwise be
+    dominated by compiling them). ``in_dtype`` (default the input's) sets the symmetry tolerance."""
+    a = np.asarray(a)
+    in_dtype = a.dtype if in_dtype is None else in_dtype
+    in_dtype = in_dtype if np.issubdtype(in_dtype, np.floating) else np.dtype(np.float32)
+    a = a.astype(np.float64)
+    if a.size:
+        _check_dense(a, in_dtype, symmetry_rtol)
+    values, vectors = np.linalg.eigh(0.5 * (a + np.swapaxes(a, -1, -2)))
     return values[..., ::-1], vectors[..., ::-1]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from degenjax._src.compileopts import lib_jit
 from degenjax._src.numerics import HIGHEST
 from degenjax._src.progress import track
 from degenjax._src.sections import Sections, as_sections, forward, section_shapes
@@ -200,23 +201,28 @@ def gram_accumulator(*, center: bool = True, accum_dtype=None, chunk_size: int =
         return GramState(shift, GramSums(*(p[0] for p in pairs)), GramSums(*(p[1] for p in pairs)))
 
     def finalize(state: GramState) -> GramStats:
-        s = jax.tree.map(jnp.add, state.sums, state.compensation)
-        n = s.count
-        m = s.first / n
-        mean = state.shift + m
-        cov = s.second / n - jnp.outer(m, m)
-        cov = 0.5 * (cov + cov.T)
-        d = mean.shape[0]
-        one = jnp.ones((1, 1), acc)
-        if center:
-            zero = jnp.zeros((d, 1), acc)
-            gram = jnp.block([[cov, zero], [zero.T, one]])
-        else:
-            col = mean[:, None]
-            gram = jnp.block([[cov + jnp.outer(mean, mean), col], [col.T, one]])
-        return GramStats(gram, mean, n)
+        return _finalize_state(state, center, acc, jnp)
 
     return GramAccumulator(init, update, finalize)
+
+
+def _finalize_state(state: GramState, center: bool, acc, xp) -> GramStats:
+    """`gram_accumulator`'s ``finalize`` with ``xp`` = ``jax.numpy``, or ``numpy`` for concrete states on the host."""
+    s = jax.tree.map(xp.add, state.sums, state.compensation)
+    n = s.count
+    m = s.first / n
+    mean = state.shift + m
+    cov = s.second / n - xp.outer(m, m)
+    cov = 0.5 * (cov + cov.T)
+    d = mean.shape[0]
+    one = xp.ones((1, 1), acc)
+    if center:
+        zero = xp.zeros((d, 1), acc)
+        gram = xp.block([[cov, zero], [zero.T, one]])
+    else:
+        col = mean[:, None]
+        gram = xp.block([[cov + xp.outer(mean, mean), col], [col.T, one]])
+    return GramStats(gram, mean, n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,7 +431,7 @@ def _finalize_all(states, *, center, accum_dtype):
     return [acc.finalize(s) for s in states]
 
 
-_finalize_all_jit = jax.jit(_finalize_all, static_argnames=("center", "accum_dtype"))
+_finalize_all_jit = lib_jit(_finalize_all, static_argnames=("center", "accum_dtype"))
 
 
 def _zero_state(d: int, dtype) -> GramState:
@@ -434,7 +440,7 @@ def _zero_state(d: int, dtype) -> GramState:
     return GramState(np.zeros((d,), dtype), zeros, zeros)
 
 
-_activation_step_jit = jax.jit(_activation_step, static_argnames=("model", "accum_dtype", "chunk_size", "mesh",
+_activation_step_jit = lib_jit(_activation_step, static_argnames=("model", "accum_dtype", "chunk_size", "mesh",
                                                                   "axes"))
 
 
@@ -505,7 +511,11 @@ def activation_stats(model, params, batches, *, center: bool = True, accum_dtype
     if states is None:
         raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
                          "generator of arrays). A generator can only be consumed once.")
-    out = (_finalize_all_jit if jit else _finalize_all)(states, center=center, accum_dtype=acc_dt)
+    if is_traced(states):
+        out = (_finalize_all_jit if jit else _finalize_all)(states, center=center, accum_dtype=acc_dt)
+    else:  # a few (d, d) operations on the host, in the accumulation dtype: nothing to compile
+        host = jax.tree.map(np.asarray, states)
+        out = [GramStats(*(jax.device_put(a) for a in _finalize_state(st, center, acc_dt, np))) for st in host]
     return ActivationStats(tuple(o.gram for o in out), tuple(o.mean for o in out), tuple(o.count for o in out))
 
 
@@ -670,7 +680,7 @@ def _jacobian_step(totals, params, x, bases, keys, *, model, layers, target, num
                          out_specs=(P(), P()))(totals, params, x, bases, keys)
 
 
-_jacobian_step_jit = jax.jit(_jacobian_step, static_argnames=("model", "layers", "target", "num_sources",
+_jacobian_step_jit = lib_jit(_jacobian_step, static_argnames=("model", "layers", "target", "num_sources",
                                                               "chunk_size", "accum_dtype", "mesh", "axes",
                                                               "structured"))
 
@@ -736,7 +746,7 @@ def _jacobian_driver(model, params, batches, layers, out_bases, *, target, num_s
         raise ValueError(f"{fn}: `batches` is empty; pass at least one batch (an array, or a non-empty list / "
                          "generator of arrays). A generator can only be consumed once.")
     if not is_traced(totals):  # on the host: no small device programs to compile for the last steps
-        return [jnp.asarray((np.asarray(t) + np.asarray(c)) / n) for (t, c), n in zip(totals, counts)]
+        return [jax.device_put((np.asarray(t) + np.asarray(c)) / n) for (t, c), n in zip(totals, counts)]
     return [(t + c) / jnp.asarray(n, acc_dt) for (t, c), n in zip(totals, counts)]
 
 
