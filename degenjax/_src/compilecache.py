@@ -14,8 +14,8 @@ import pathlib
 
 from degenjax._src.validation import check_writable
 
-# JAX's default keeps only programs that took >= 1 s to compile; most of degenjax's take 0.1-1 s
-_MIN_COMPILE_SECONDS = 0.2
+# JAX's default keeps only programs that took >= 1 s to compile; most of degenjax's take 0.05-1 s
+_MIN_COMPILE_SECONDS = 0.05
 
 
 def enable_compilation_cache(path=None, *, min_compile_seconds: float = _MIN_COMPILE_SECONDS) -> pathlib.Path:
