@@ -1,9 +1,9 @@
 """JAX's persistent compilation cache, set up for degenjax's programs.
 
-A first call of `interaction_basis` or `estimate_llc` in a fresh process spends most of its time compiling (e.g. about 3.5 of
-the 6 s of the p = 113 transformer's LIB + edges on a 2-core CPU, `benchmarks/basis.py`). With the cache on, the
-compiled programs are written to a folder and a later process with the same shapes (the same model and data sizes
-again, a resumed sweep) loads them instead: that call took 3.8 s there. The CLI's ``--compile-cache`` (or
+A first call of `interaction_basis` or `estimate_llc` in a fresh process spends much of its time compiling (e.g. about
+1.9 of the 4.9 s of the p = 113 transformer's LIB + edges on a 2-core CPU, `benchmarks/basis.py`). With the cache on,
+the compiled programs are written to a folder and a later process with the same shapes (the same model and data sizes
+again, a resumed sweep) loads them instead: that call took 3.7 s there. The CLI's ``--compile-cache`` (or
 ``DEGENJAX_COMPILE_CACHE``) calls this function.
 """
 

@@ -2,9 +2,11 @@
 
 The interaction-basis programs (activation and Jacobian Grams, edges) are many small fusions around a few large
 matrix products. On CPU, XLA's MLIR fusion emitters take about 1.5x as long to compile them as its elemental IR
-emitters and run them no faster (p = 113 modular-addition transformer, float64, one core: 3.7 -> 2.5 s of
-compilation, 5.3 -> 5.0 s of running; benchmarks/RESULTS.md). ``lib_jit`` compiles them with the elemental
-emitters wherever the installed XLA has that option (it is a CPU option: other backends ignore it).
+emitters and run them no faster (p = 113 modular-addition transformer in the reference convention, float64, its
+five programs on one core: 3.7 -> 2.5 s of compilation, 5.3 -> 5.0 s of running; the whole first call 8.9 -> 7.5 s
+on one core, and with the host-side eigendecompositions 6.0 -> 4.9 s on two, benchmarks/RESULTS.md; a GPT-2 block:
+first call 7.6 -> 6.2 s, its compiled call 2.5% slower). ``lib_jit`` compiles them with the elemental emitters
+wherever the installed XLA has that option (it is a CPU option: other backends ignore it).
 """
 
 from __future__ import annotations
