@@ -26,9 +26,10 @@ What it shows (rows in ``benchmarks/llc_ground_truth.jsonl``):
   ``x = 0`` at 3.9-4.1 (``extrapolations``; the recipe's localization extrapolation);
 * the 5-10-10-10-5 network (rank 2, exact 12.5, n = 2 x 10^4) gives 12.31 at gamma = 1 but 11.72 at 10 and 7.93 at
   100, while the recipe gave 20.6 at gamma = 1: there the sampler is what fails. At equilibrium under gamma = 1 the
-  chains sit ~200 from ``w*`` (squared distance) along the symmetry orbits, where the top curvature of U is ~600x
-  that at ``w*`` (``curvature at equilibrium``): full-batch SGLD started there diverges at step 1e-6 and needs ~3e-8
-  for 3% (``--sgld-steps``), while the orbits relax over ~1 unit of diffusion time (10^7-10^8 steps);
+  chains sit ~200 from ``w*`` (squared distance) along the symmetry orbits, where the top curvature of U is
+  400-1600x that at ``w*`` (``curvature at equilibrium``): full-batch SGLD started there diverges at step 1e-6 and is
+  +12% at 1e-7, +5% at 3e-8 (``--sgld-steps``), while the orbits relax over ~1 unit of diffusion time (10^7-10^8
+  steps); at gamma = 3 the curvature is ~50x and at 10 ~6x;
 * the reduced-rank regressions reproduce the closed forms: 5-3-4 (m = 2) 6.83 for the finite-n value 6.857, 4-4-4
   7.38 for 7.5.
 

@@ -96,9 +96,9 @@ gamma = 10 the same budget equilibrates (24.0, 23.8, 24.3) and gives 11.91 (-4.7
 gamma there (8.17 at 100), so that run is untrustworthy too; the recipe does not switch localization by itself.
 An exact sampler (NUTS on the exact potential, ``benchmarks/llc_ground_truth.py``) shows why no budget of this order
 suffices at gamma = 1: the posterior there gives 12.31 (so the estimand is fine), but its chains sit at squared
-distance ~200 from ``w*`` along the symmetry orbits, where the top curvature is ~600x that at ``w*``; full-batch SGLD
-started from those equilibrium draws diverges at step 1e-6 and needs ~3e-8 for 3%, i.e. 10^7-10^8 steps per unit of
-diffusion time. At gamma = 10 the exact values are 11.72 (n = 2 x 10^4), 12.23 (10^5), 12.46 (10^6) with curvature
+distance ~200 from ``w*`` along the symmetry orbits, where the top curvature is 400-1600x that at ``w*``; full-batch
+SGLD started from those equilibrium draws diverges at step 1e-6 and is still +12% at 1e-7 and +5% at 3e-8, i.e.
+10^7-10^8 steps per unit of diffusion time. At gamma = 10 the exact values are 11.72 (n = 2 x 10^4), 12.23 (10^5), 12.46 (10^6) with curvature
 ~6x that at ``w*``: a stronger localization with more data is within reach, the default gamma = 1 is not.
 The same happens at a generic point of a network's zero set (random factors, the 10-20-20-10 network, rank 5, exact
 50, n = 20 000): the first rung's lambda^ is 51.8, 52.2 after 2000 and 4000 steps (a ladder stopped there gives 51.45,
