@@ -71,8 +71,9 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    does not approach 4 within reach of n), and all its values for gamma = 0.1 to 10 lie on lines in ``x = 1 /
    log(n beta / gamma^2)`` that meet ``x = 0`` at 3.98 to 4.03; through gamma = 1 and 10 at n = 10^4 the 4-4-4,
    5-3-4 and 3-3-3-3 networks extrapolate to 7.48, 7.00 and 4.01 (exact 7.5, 7, 4). So when the change to
-   ``loc_factor`` gamma is significant, lowers lambda^ and ``n beta / (loc_factor gamma)^2 > e^2``, the estimate is
-   moved to ``x = 0`` along that line (``loc_extrapolate``; this targets lambda itself, not its finite-n value) and
+   ``loc_factor`` gamma is significant, lowers lambda^ and ``n beta / (loc_factor gamma)^2 > e^2``, and every other
+   check of step 7 passed (the extrapolation would amplify an unequilibrated value), the estimate is moved to
+   ``x = 0`` along that line (``loc_extrapolate``; this targets lambda itself, not its finite-n value) and
    half the correction is kept as the localization bias. It is a measured model, not a theorem: ``L = (ab)^2``
    (quadrature: 0.391 and 0.293 at gamma = 1 and 10, n beta = 1086, asymptotically 0.5) extrapolates to 0.442, short
    by 1.1x its correction, and half the correction (5.8%) then fails ``loc_tol``; the exact-sampler values of the
@@ -625,6 +626,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     # rung gives 10.9, 9.6, 8.7, 7.9 at gamma = 0.3, 1, 3, 10 while the extrapolation at gamma = 1 is 7.36 for an
     # exact 7.5, because a weaker localization lets the chains reach stiffer regions.)
     loc_row = None
+    loc_extrap = None  # (correction to gamma -> 0, its standard error) where it applies
     loc_bias = 0.0
     loc_ok = True
     if localization > 0 and loc_factor > 1 and rungs[-2].step_size * (loc_factor - 1) * localization <= 0.5:
@@ -658,26 +660,18 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             # 3-3-3-3 networks is linear in x, and the line through gamma = 1 and 10 at n = 10^4 meets x = 0 at 7.48,
             # 7.00 and 4.01 (exact 7.5, 7, 4). Used where the change is significant and lowers lambda^, and the
             # stronger localization still has n beta / gamma^2 > e^2 (x < 1/2).
+            # (applied below, once every other check has passed)
             weight = localization_extrapolation_weight(nbeta, localization, gamma2)
-            loc_corr = 0.0
             if loc_extrapolate and loc_bias > 0 and delta < 0 and weight is not None:
-                loc_corr = -delta * weight
-                # half the correction as the remaining bias: the linear model's error on the exact-sampler values of
-                # the networks above is 0.1-16% of its correction (L = (ab)^2: 110%, flagged by loc_tol then)
-                loc_bias = 0.5 * abs(loc_corr)
-                se = math.hypot(se, se_delta * weight)
-                llc = llc + loc_corr
-                q_c = q_c + loc_corr
-            loc_ok = loc_bias <= loc_tol * abs(llc)
+                loc_extrap = (-delta * weight, se_delta * weight)
+            loc_ok = loc_bias <= loc_tol * abs(lim_1)
             loc_row = dict(localization=gamma2, llc_mean=lim_2, llc_mean_at_localization=lim_1, change=delta,
-                           change_se=se_delta, rungs=tuple(row for row, _ in pair), correction=loc_corr)
+                           change_se=se_delta, rungs=tuple(row for row, _ in pair), correction=0.0)
             say(f"localization x{loc_factor:g}: extrapolated lambda^ {lim_2:.4g} (vs {lim_1:.4g} at {localization:g})"
-                f"; correction to gamma -> 0 {loc_corr:+.3g}; localization bias bound {loc_bias:.3g}")
+                f"; localization bias bound {loc_bias:.3g}")
 
     rows = [row for row, _ in results]
     finest = rows[-1]
-    bias = math.hypot(bias, loc_bias)
-    unc = math.sqrt(se ** 2 + bias ** 2)
     problems = []
     notes = []
     if stiff_note is not None:
@@ -697,26 +691,6 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         else:
             notes.append(stiff_note + f" (budget max_steps={max_steps}); the extrapolation's rungs are below "
                          "step x curvature 2.5")
-    if loc_row is not None and loc_row["correction"] != 0:
-        notes.append(f"extrapolated to localization -> 0 along 1 / log(n beta / gamma^2) from "
-                     f"{loc_row['llc_mean_at_localization']:.4g} at gamma = {localization:g} and "
-                     f"{loc_row['llc_mean']:.4g} at {loc_factor * localization:g} (both at step 0): correction "
-                     f"{loc_row['correction']:+.3g}, half of it counted as bias")
-    if not loc_ok:
-        problems.append(
-            "lambda^ depends on the localization (" + (
-                f"extrapolated to step 0 from the two finest steps: {loc_row['llc_mean_at_localization']:.4g} at "
-                f"gamma = {localization:g} vs {loc_row['llc_mean']:.4g} at {loc_factor * localization:g}, a change "
-                f"above 2 standard errors ({loc_row['change_se']:.2g}); " + (
-                    f"the remaining bias after extrapolating to gamma -> 0 (correction {loc_row['correction']:+.3g})"
-                    f", {loc_bias:.3g} (half the correction), is above {100 * loc_tol:g}%"
-                    if loc_row["correction"] != 0 else
-                    f"the bias it implies at gamma = {localization:g}, {loc_bias:.3g} (the change over "
-                    f"sqrt({loc_factor:g}) - 1), is above {100 * loc_tol:g}%")
-                if loc_row is not None else f"the rerun at {loc_factor * localization:g} diverged")
-            + "): along flat directions the localization, not the loss, sets where the chains go (a weaker one, "
-              "with longer chains, or more data reduces this; when the chains also drift, see below, they are not yet "
-              "where it confines them)")
     if not first_rung_settled:
         problems.append(("the first rung did not settle within the budget, even rerun warm" if first_rerun else
                          "the first rung did not settle within the budget") + " (still drifting or not converged after "
@@ -763,6 +737,43 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         problems.append(f"lambda^(eps) is not yet linear in eps (last correction {bias:.3g} > "
                         f"{max(3 * max(se_d, se), nonlinear_tol * abs(llc)):.3g}) within the budget of {max_steps} "
                         "steps per chain")
+    # The localization extrapolation assumes both lambda^(gamma) values are right, so it is applied only when every
+    # other check passed (the 5-10-10-10-5 network's unequilibrated 20.6 at gamma = 1 would become 26.2). Half the
+    # correction is kept as the remaining bias: the linear model's error on the exact-sampler values of the networks
+    # of step 6 is 0.1-16% of its correction (L = (ab)^2: 110%, which loc_tol then flags).
+    if loc_extrap is not None and not problems:
+        loc_corr, se_corr = loc_extrap
+        loc_bias = 0.5 * abs(loc_corr)
+        se = math.hypot(se, se_corr)
+        llc = llc + loc_corr
+        q_c = q_c + loc_corr
+        loc_ok = loc_bias <= loc_tol * abs(llc)
+        loc_row["correction"] = loc_corr
+        say(f"extrapolated to localization -> 0: correction {loc_corr:+.3g}, lambda^ {llc:.4g}")
+    elif loc_extrap is not None:
+        notes.append("no extrapolation to localization -> 0 (the other checks failed)")
+    bias = math.hypot(bias, loc_bias)
+    unc = math.sqrt(se ** 2 + bias ** 2)
+    if loc_row is not None and loc_row["correction"] != 0:
+        notes.append(f"extrapolated to localization -> 0 along 1 / log(n beta / gamma^2) from "
+                     f"{loc_row['llc_mean_at_localization']:.4g} at gamma = {localization:g} and "
+                     f"{loc_row['llc_mean']:.4g} at {loc_factor * localization:g} (both at step 0): correction "
+                     f"{loc_row['correction']:+.3g}, half of it counted as bias")
+    if not loc_ok:
+        problems.append(
+            "lambda^ depends on the localization (" + (
+                f"extrapolated to step 0 from the two finest steps: {loc_row['llc_mean_at_localization']:.4g} at "
+                f"gamma = {localization:g} vs {loc_row['llc_mean']:.4g} at {loc_factor * localization:g}, a change "
+                f"above 2 standard errors ({loc_row['change_se']:.2g}); " + (
+                    f"the remaining bias after extrapolating to gamma -> 0 (correction {loc_row['correction']:+.3g})"
+                    f", {loc_bias:.3g} (half the correction), is above {100 * loc_tol:g}%"
+                    if loc_row["correction"] != 0 else
+                    f"the bias it implies at gamma = {localization:g}, {loc_bias:.3g} (the change over "
+                    f"sqrt({loc_factor:g}) - 1), is above {100 * loc_tol:g}%")
+                if loc_row is not None else f"the rerun at {loc_factor * localization:g} diverged")
+            + "): along flat directions the localization, not the loss, sets where the chains go (a weaker one, "
+              "with longer chains, or more data reduces this; when the chains also drift, see above, they are not yet "
+              "where it confines them)")
     ladder = ", ".join(f"{row['step_size']:.3g}: {row['llc_mean']:.4g}" for row in rows)
     trust = not problems
     seconds = time.perf_counter() - t_start
