@@ -74,3 +74,23 @@ def test_ingest_adds_another_machines_rows_once_and_the_table_shows_both(tmp_pat
 def test_unknown_case_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit):
         battery.main(["--cases", "nope", "--out", str(tmp_path / "x.jsonl"), "--no-results"])
+
+
+def test_exact_sampler_column_reads_the_ground_truth_rows(tmp_path):
+    truth = tmp_path / "truth.jsonl"
+    rows = [{"case": "rrr534", "n": 10_000, "gamma": 10.0, "lambda_ideal": 6.2, "se": 0.05},
+            {"case": "rrr534", "n": 10_000, "gamma": 1.0, "lambda_ideal": 6.80, "se": 0.04},
+            {"case": "rrr534", "n": 20_000, "gamma": 1.0, "lambda_ideal": 6.9, "se": 0.04}]
+    truth.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the latest row at the case's n and localization 1, else None
+    assert battery.ideal_value("rrr534", 10_000, path=truth) == (6.80, 0.04)
+    assert battery.ideal_value("rrr444", 10_000, path=truth) is None
+    assert battery.ideal_value("rrr534", 10_000, path=tmp_path / "missing.jsonl") is None
+    text = battery.table([_row("rrr534", "cpu:cpu", 6.866)], ["rrr534"], ideal_path=truth)
+    line = next(x for x in text.splitlines() if x.startswith("| rrr534 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    cols = [c.strip() for c in battery.COLUMNS.strip("|").split("|")]
+    assert len(cells) == len(cols)
+    assert cells[cols.index("exact sampler n beta E[L]")] == "6.8 +- 0.04"
+    assert cells[cols.index("vs exact sampler")] == f"{100 * (6.866 / 6.80 - 1):+.1f}%"
+    assert cells[cols.index("error vs lambda")] == "-1.9%"

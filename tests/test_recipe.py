@@ -1,6 +1,8 @@
 """The step-size recipe's trust checks: unequilibrated chains are still flagged (the warm rerun of a cold first rung
 and the history-aware equilibration test must not turn a short run into a trusted one)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +64,34 @@ def test_recipe_flags_a_drift_of_the_chains_along_the_ladder():
     # free diffusion: E ||w_flat||^2 = 20 t grows by > 50% between the two finest rungs' windows (T apart)
     used = [r for r in rec.rungs if "note" not in r]
     assert used[-1]["dist2"] > 1.5 * used[-2]["dist2"]
+
+
+def test_localization_extrapolation_weight_recovers_lambda_from_closed_forms():
+    from degenjax._src.recipe import localization_extrapolation_weight as weight
+
+    # a curve lambda - c / log(t / gamma^2) (t = n beta): the line through gamma and 10 gamma meets x = 0 at lambda
+    lam, c, t = 4.0, 2.3, 1e4 / math.log(1e4)
+    f = lambda g: lam - c / math.log(t / g ** 2)
+    w = weight(t, 1.0, 10.0)
+    assert abs(f(1.0) + w * (f(1.0) - f(10.0)) - lam) < 1e-12
+    # L = (ab)^2 under exp(-t L - gamma/2 (a^2 + b^2)), t E[L] by quadrature in the radial form
+    # Z(t) = int exp(-t a^2 b^2 - gamma (a^2 + b^2) / 2) da db; t E[L] = -d log Z / d log t (numerically)
+    import numpy as np
+
+    def tEL(tt, g):
+        a = np.linspace(-12, 12, 4001)
+        da = a[1] - a[0]
+        # inner integral over b is Gaussian: sqrt(2 pi / (2 t a^2 + gamma))
+        inner = np.sqrt(2 * np.pi / (2 * tt * a ** 2 + g)) * np.exp(-g * a ** 2 / 2)
+        z = inner.sum() * da
+        # E[t a^2 b^2] = E_a[t a^2 / (2 t a^2 + gamma)]
+        return float((inner * tt * a ** 2 / (2 * tt * a ** 2 + g)).sum() * da / z)
+
+    v1, v10 = tEL(t, 1.0), tEL(t, 10.0)
+    assert 0.25 < v10 < v1 < 0.5
+    ext = v1 + w * (v1 - v10)
+    # closer to the asymptotic 1/2 than the value at gamma = 1, but short of it (the documented under-correction)
+    assert abs(ext - 0.5) < abs(v1 - 0.5) and ext < 0.5
+    # ... by more than the half-correction bias bound, which then exceeds the recipe's loc_tol = 5%: flagged
+    assert 0.5 - ext > 0.5 * (ext - v1) and 0.5 * (ext - v1) > 0.05 * ext
+    assert weight(t, 1.0, 50.0) is None and weight(t, 10.0, 1.0) is None
