@@ -266,9 +266,20 @@ def run_case(name, args):
     loss, params, data, exact = build()
     num_params = int(sum(np.size(p) for p in jax.tree.leaves(params)))
     t0 = time.perf_counter()
-    res = dj.estimate_llc(jax.random.key(args.seed), loss, params, data, num_chains=args.chains, num_draws=1,
-                          step_size="auto", batch_size=batch, warn=False, progress=args.verbose,
-                          recipe_kwargs={"max_steps": args.max_steps})
+    try:
+        res = dj.estimate_llc(jax.random.key(args.seed), loss, params, data, num_chains=args.chains, num_draws=1,
+                              step_size="auto", batch_size=batch, warn=False, progress=args.verbose,
+                              recipe_kwargs={"max_steps": args.max_steps})
+    except dj.LLCDivergenceError as e:  # every rung diverged: a row of the table too (no estimate, not trusted)
+        n = int(jax.tree.leaves(data)[0].shape[0])
+        nan = float("nan")
+        return {"case": name, "num_params": num_params, "n": n, "batch_size": batch, "exact": exact,
+                "m": multiplicity(name), "nbeta": n / math.log(n), "target": None, "llc_mean": nan,
+                "llc_uncertainty": nan, "rel_error": nan, "trustworthy": False, "step_size": nan, "rungs": [],
+                "recipe_s": time.perf_counter() - t0, "one_estimate_s": nan,
+                "dtype": "float64" if x64 else "float32", "load": os.getloadavg()[0], "max_steps": args.max_steps,
+                "message": f"no estimate: {e}", "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), **_device()}
     wall = time.perf_counter() - t0
     r = res.recipe
     finest = [row for row in r.rungs if not row["diverged"]][-1]
@@ -502,6 +513,8 @@ def _line(r, ideal_path=GROUND_TRUTH):
     ideal = ideal_value(r["case"], r["n"], r.get("localization", 1.0), ideal_path)
     ideal_cell = "" if ideal is None else f"{ideal[0]:.4g} +- {ideal[1]:.2g}"
     vs_ideal = "" if ideal is None else f"{100 * (r['llc_mean'] / ideal[0] - 1):+.1f}%"
+    if not math.isfinite(r["llc_mean"]):  # no estimate (every rung diverged): said in the notes below the table
+        vs_target = vs_ideal = ""
     return (f"| {r['case']} | {r['num_params']} | {r['n']} | {r.get('dtype', '')} | {r.get('device', 'cpu')} | "
             f"{r['exact']:.4g} | {'' if m is None else m} | {'' if target is None else format(target, '.4g')} | "
             f"{ideal_cell} | "

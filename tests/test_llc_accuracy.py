@@ -94,3 +94,36 @@ def test_exact_sampler_column_reads_the_ground_truth_rows(tmp_path):
     assert cells[cols.index("exact sampler n beta E[L]")] == "6.8 +- 0.04"
     assert cells[cols.index("vs exact sampler")] == f"{100 * (6.866 / 6.80 - 1):+.1f}%"
     assert cells[cols.index("error vs lambda")] == "-1.9%"
+
+
+def _diverging_case():
+    # a regression whose loss is NaN everywhere but at w* itself: every rung of the recipe diverges
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 3))
+    y = x @ np.ones(3)
+    w0 = jnp.asarray(np.linalg.lstsq(x, y, rcond=None)[0])
+
+    def loss(w, batch):
+        bx, by = batch
+        return jnp.mean((bx @ w - by) ** 2) + jnp.where(jnp.sum((w - w0) ** 2) > 1e-12, jnp.nan, 0.0)
+
+    return loss, w0, (jnp.asarray(x), jnp.asarray(y)), 1.5
+
+
+def test_a_case_whose_every_rung_diverges_is_a_row_marked_in_the_table(monkeypatch):
+    import argparse
+
+    monkeypatch.setitem(battery.CASES, "trap3", (_diverging_case, 50, True))
+    monkeypatch.setitem(battery.MODELS, "trap3", ("regular", (3,), None, False))
+    args = argparse.Namespace(dtype="case", seed=0, chains=2, verbose=False, max_steps=20_000)
+    row = battery.run_case("trap3", args)
+    assert row["trustworthy"] is False and math.isnan(row["llc_mean"]) and row["n"] == 500
+    assert "no estimate" in row["message"] and "diverged" in row["message"]
+    json.dumps(row)  # a jsonl row like any other
+    text = battery.table([row], ["trap3"])
+    line = next(x for x in text.splitlines() if x.startswith("| trap3 "))
+    assert "| nan +- nan |" in line and "| NO |" in line
+    assert "- trap3 (" in text and "no estimate" in text
