@@ -276,10 +276,8 @@ def run_case(name, args):
         return {"case": name, "num_params": num_params, "n": n, "batch_size": batch, "exact": exact,
                 "m": multiplicity(name), "nbeta": n / math.log(n), "target": None, "llc_mean": nan,
                 "llc_uncertainty": nan, "rel_error": nan, "trustworthy": False, "step_size": nan, "rungs": [],
-                "recipe_s": time.perf_counter() - t0, "one_estimate_s": nan,
-                "dtype": "float64" if x64 else "float32", "load": os.getloadavg()[0], "max_steps": args.max_steps,
-                "message": f"no estimate: {e}", "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), **_device()}
+                "recipe_s": time.perf_counter() - t0, "one_estimate_s": nan, "message": f"no estimate: {e}",
+                **_run_info(x64, args)}
     wall = time.perf_counter() - t0
     r = res.recipe
     finest = [row for row in r.rungs if not row["diverged"]][-1]
@@ -294,13 +292,18 @@ def run_case(name, args):
             "rungs": [(row["step_size"], row["llc_mean"]) for row in r.rungs], "total_steps": r.total_steps,
             # per rung: ||w - w*||^2 over the window, its relaxation time and the burn-in (diffusion time)
             "rung_dist2": [(row.get("dist2"), row.get("relaxation_time"), row.get("burn_in_time")) for row in r.rungs],
-            "recipe_s": wall, "one_estimate_s": float(finest["seconds"]), "dtype": "float64" if x64 else "float32",
+            "recipe_s": wall, "one_estimate_s": float(finest["seconds"]),
             "equilibrated": [bool(row.get("equilibrated", False)) for row in r.rungs],
             "localization_check": None if r.localization_check is None else (
                 r.localization_check["localization"], r.localization_check["llc_mean"]),
-            "load": os.getloadavg()[0], "max_steps": args.max_steps, "message": r.message,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "date": datetime.datetime.now(
-                datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), **_device()}
+            "message": r.message, **_run_info(x64, args)}
+
+
+def _run_info(x64, args):
+    """The fields every row records about how it was run: dtype, budget, load, machine, date and device."""
+    return {"dtype": "float64" if x64 else "float32", "load": os.getloadavg()[0], "max_steps": args.max_steps,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), **_device()}
 
 
 def _platform_of(row):

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from degenjax._src.compileopts import lib_jit
 from degenjax._src.eigen import eigh, host_eigh
 from degenjax._src.numerics import acc_dtype, warn_float32
 from degenjax._src.grams import ActivationStats, activation_stats, as_batch_list, jacobian_gram
@@ -316,7 +315,8 @@ def _layer_full(cov, mu, M, cuts, key, *, kind: str, k: int | None, xp=jnp):
     return C, Cp, xp.concatenate([xp.reshape(lam0, (1,)), Lam]), D, Lam, count_g, count_i
 
 
-_layer_full_jit = lib_jit(_layer_full, static_argnames=("kind", "k", "xp"))
+# only reached with traced values (a caller's jax.jit), where compiler options do not apply
+_layer_full_jit = jax.jit(_layer_full, static_argnames=("kind", "k"))
 
 
 def _run_layer(fn, cov, mu, M, cuts, key, kind, k):

@@ -54,12 +54,10 @@ class _LibJit:
 
     def __call__(self, *args, **kwargs):
         fn = self._get(args, kwargs)
-        if fn is self._plain:
-            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except ValueError as e:  # concrete arguments inside a caller's trace: options are refused there
-            if "compiler_options" not in str(e):
+            if fn is self._plain or "compiler_options" not in str(e):
                 raise
             return self._plain(*args, **kwargs)
 

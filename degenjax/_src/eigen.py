@@ -78,13 +78,12 @@ def _check_dense(a: np.ndarray, in_dtype, symmetry_rtol: float | None):
                          "the symmetrised (A + A^T)/2.")
 
 
-def host_eigh(a, *, in_dtype=None, symmetry_rtol: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def host_eigh(a, *, symmetry_rtol: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`eigh` of a concrete matrix in float64 LAPACK on the host (NumPy): the same conventions and checks, no
     device program to compile (for the small per-layer steps of the basis, whose first call would otherwise be
-    dominated by compiling them). ``in_dtype`` (default the input's) sets the symmetry tolerance."""
+    dominated by compiling them). The input's dtype sets the symmetry tolerance."""
     a = np.asarray(a)
-    in_dtype = a.dtype if in_dtype is None else in_dtype
-    in_dtype = in_dtype if np.issubdtype(in_dtype, np.floating) else np.dtype(np.float32)
+    in_dtype = a.dtype if np.issubdtype(a.dtype, np.floating) else np.dtype(np.float32)
     a = a.astype(np.float64)
     if a.size:
         _check_dense(a, in_dtype, symmetry_rtol)

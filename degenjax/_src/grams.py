@@ -431,7 +431,8 @@ def _finalize_all(states, *, center, accum_dtype):
     return [acc.finalize(s) for s in states]
 
 
-_finalize_all_jit = lib_jit(_finalize_all, static_argnames=("center", "accum_dtype"))
+# only reached with traced states (concrete ones are finalised on the host)
+_finalize_all_jit = jax.jit(_finalize_all, static_argnames=("center", "accum_dtype"))
 
 
 def _zero_state(d: int, dtype) -> GramState:
