@@ -296,6 +296,9 @@ def run_case(name, args):
             "equilibrated": [bool(row.get("equilibrated", False)) for row in r.rungs],
             "localization_check": None if r.localization_check is None else (
                 r.localization_check["localization"], r.localization_check["llc_mean"]),
+            # the recipe's escalation (step 8 of degenjax/_src/recipe.py): the setting measured and the first attempt
+            "escalation": None if r.escalation is None else {
+                k: r.escalation[k] for k in ("nbeta", "localization", "from_llc", "from_uncertainty", "from_problems")},
             "message": r.message, **_run_info(x64, args)}
 
 

@@ -197,6 +197,9 @@ def llc(
                                                "summarize the finite chains; flag: keep them (a NaN estimate "
                                                "still exits with status 1)."),
     max_steps: int = typer.Option(400_000, help="With --step-size auto: SGLD steps per chain over all rungs."),
+    escalate: bool = typer.Option(True, help="With --step-size auto: when the chains cannot be sampled within "
+                                             "--max-steps, measure again at 10x the localization and 100x n beta "
+                                             "(the same finite-n value; up to 100x the steps) and say so."),
     seed: int = typer.Option(0, help="PRNG seed."),
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
     out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here (the llc_record schema), "
@@ -227,7 +230,7 @@ def llc(
               on_divergence=on_divergence.value)
     if eps == "auto":
         res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=progress, warn=False,
-                           recipe_kwargs={"max_steps": max_steps}, **kw)
+                           recipe_kwargs={"max_steps": max_steps, "escalate": escalate}, **kw)
     elif progress:  # eager, checked for divergence between chunks
         res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=True, warn=False,
                            num_chunks=min(5, num_draws + num_burnin), **kw)
@@ -243,6 +246,9 @@ def llc(
                 "batch_size": batch_size, "localization": localization, "num_burnin": num_burnin,
                 "sampler": sampler.value, "seed": seed, "step_size_setting": step_size, "nbeta_setting": nbeta,
                 "on_divergence": on_divergence.value,
+                # the localization sampled (the recipe may escalate it; nbeta is the sampled one already)
+                "localization_measured": localization if res.recipe is None or res.recipe.escalation is None
+                else res.recipe.escalation["localization"],
                 "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
     record = llc_record(res, **settings)
     typer.echo(f"LLC = {float(res.llc_mean):.5g} +- {float(res.llc_uncertainty):.3g} (std over chains "

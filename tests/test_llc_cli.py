@@ -48,6 +48,7 @@ def test_llc_auto_writes_record_and_traces(workdir):
     # a regular model with 3 parameters: lambda = 3/2, within the recipe's reported uncertainty
     assert abs(r["llc_mean"] - 1.5) <= 2.5 * r["llc_uncertainty"], r
     assert r["recipe_trustworthy"] is True and r["step_size_setting"] == "auto"
+    assert r["localization_measured"] == r["localization"] == 1.0  # not escalated (a regular model)
     assert r["num_data"] == 2000 and r["num_params"] == 3 and r["batch_size"] == 100 and r["degenjax_version"]
     z = np.load(workdir / "r.npz")
     assert z["loss_trace"].shape == (r["num_chains"], r["num_draws"])

@@ -24,7 +24,7 @@ def test_recipe_flags_chains_that_cannot_equilibrate_within_the_budget():
 
     res = dj.estimate_llc(jax.random.key(1), loss, w, (jnp.asarray(x), jnp.asarray(y)), num_chains=4, num_draws=1,
                           step_size="auto", batch_size=100, localization=0.01, warn=False,
-                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000})
+                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000, "escalate": False})
     rec = res.recipe
     assert not rec.trustworthy, rec.message
     assert "not equilibrated along the slowest direction" in rec.message, rec.message
@@ -58,7 +58,7 @@ def test_recipe_flags_a_drift_of_the_chains_along_the_ladder():
 
     res = dj.estimate_llc(jax.random.key(1), loss, params, (jnp.asarray(x), jnp.asarray(y)), num_chains=4,
                           num_draws=1, step_size="auto", batch_size=100, localization=1e-3, warn=False,
-                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000})
+                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000, "escalate": False})
     rec = res.recipe
     assert not rec.trustworthy and "still drifts along the ladder" in rec.message, rec.message
     # free diffusion: E ||w_flat||^2 = 20 t grows by > 50% between the two finest rungs' windows (T apart)
@@ -95,3 +95,57 @@ def test_localization_extrapolation_weight_recovers_lambda_from_closed_forms():
     # ... by more than the half-correction bias bound, which then exceeds the recipe's loc_tol = 5%: flagged
     assert 0.5 - ext > 0.5 * (ext - v1) and 0.5 * (ext - v1) > 0.05 * ext
     assert weight(t, 1.0, 50.0) is None and weight(t, 10.0, 1.0) is None
+
+
+def _stiffening_llc(nbeta, gamma, m2):
+    """E[nbeta L] for L(a, b) = m2 a^2 (1 + b^2) under exp(-nbeta L - gamma/2 (a^2 + b^2)) by quadrature (SciPy):
+    a | b is Gaussian with precision 2 nbeta m2 (1 + b^2) + gamma, so E[nbeta L | b] = nbeta m2 (1 + b^2) / (2 nbeta
+    m2 (1 + b^2) + gamma), and b has density ~ exp(-gamma b^2 / 2) / sqrt(2 nbeta m2 (1 + b^2) + gamma)."""
+    from scipy import integrate
+
+    prec = lambda b: 2 * nbeta * m2 * (1 + b * b) + gamma
+    dens = lambda b: np.exp(-gamma * b * b / 2) / np.sqrt(prec(b))
+    top = 40 / np.sqrt(gamma)
+    num = integrate.quad(lambda b: dens(b) * nbeta * m2 * (1 + b * b) / prec(b), 0, top, limit=400)[0]
+    return num / integrate.quad(dens, 0, top, limit=400)[0]
+
+
+def test_recipe_escalates_when_the_chains_cannot_be_sampled_within_the_budget():
+    # L = m2 a^2 (1 + b^2): b is a flat direction along which the curvature grows (like a deep linear network's
+    # symmetry orbits). A budget too small to equilibrate b at gamma = 1 makes the first attempt untrustworthy; the
+    # recipe then measures at (loc_factor^2 n beta, loc_factor gamma) and is right there (quadrature reference)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1000,)))
+    m2 = float(np.mean(np.asarray(x) ** 2))
+
+    def loss(w, batch):
+        return jnp.mean((batch * w[0]) ** 2) * (1 + w[1] ** 2)
+
+    kw = dict(num_chains=4, num_draws=1, step_size="auto", batch_size=100, warn=False)
+    budget = dict(initial_steps=400, max_steps=2000, loc_factor=3.0, target_rel=0.1)
+    res = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs={
+        **budget, "escalate_max_steps": 200_000}, **kw)
+    rec = res.recipe
+    nbeta = 1000 / np.log(1000)
+    assert rec.escalation is not None, rec.message
+    esc = rec.escalation
+    assert {"unsettled", "unequilibrated"} & set(esc["from_problems"]), esc
+    assert esc["from_localization"] == 1.0 and esc["localization"] == 3.0
+    assert math.isclose(esc["nbeta"], 9 * nbeta, rel_tol=1e-12) and math.isclose(float(res.nbeta), 9 * nbeta,
+                                                                                  rel_tol=1e-6)
+    assert rec.trustworthy and "Escalated: measured at localization 3" in rec.message, rec.message
+    ref = _stiffening_llc(9 * nbeta, 3.0, m2)
+    assert 0.49 < ref < 0.5
+    assert abs(float(res.llc_mean) - ref) <= 2.5 * float(res.llc_uncertainty) <= 0.1, (float(res.llc_mean), ref)
+    assert rec.total_steps > esc["from_total_steps"] > 0
+    # an escalation that is not trustworthy either leaves the user's setting, and says what it found
+    res2 = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs={
+        **budget, "escalate_max_steps": 1200}, **kw)
+    rec2 = res2.recipe
+    assert rec2.escalation is None and not rec2.trustworthy
+    assert math.isclose(float(res2.nbeta), nbeta, rel_tol=1e-6)
+    assert "Escalated to localization 3 and n beta 1303" in rec2.message, rec2.message
+    # and without escalation the first attempt is returned as it was
+    res3 = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs={**budget, "escalate": False}, **kw)
+    assert not res3.recipe.trustworthy and "Escalated" not in res3.recipe.message
+    assert float(res3.llc_mean) == esc["from_llc"]

@@ -85,6 +85,23 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    asymptotic (near-linear) regime: the last correction is at most ``max(3 se, nonlinear_tol x |lambda^|)``. If the
    first rung diverges or the ladder is not yet linear, the ladder moves down by one rung while the budget allows;
    otherwise the report says so, with every rung tried.
+8. *Escalation* (``escalate=True``): when the result is untrustworthy because the chains could not be sampled within
+   the budget (too stiff along the chains, the first rung not settled, its warm rerun diverged, ``||w - w*||^2``
+   drifting or not equilibrated), the recipe runs again at ``loc_factor`` times the localization and
+   ``loc_factor^2`` times ``n beta``, with ``loc_factor^2`` times the budget (the same budget of diffusion time:
+   its steps are that much smaller). Both settings have the same ``x = 1 / log(n beta / gamma^2)``, the variable
+   along which the exact sampler's finite-n values lie (step 6), and so, in that measured model, the same value;
+   but the stronger localization confines the chains along the flat directions (the symmetry orbits of a deep
+   linear network), where the curvature, and with it the number of SGLD steps, grows with the distance from ``w*``.
+   On the 5-10-10-10-5 network the exact sampler's chains sit at squared distance 202, 74 and 24 from ``w*`` at
+   gamma = 1, 3 and 10, where the top curvature is ~1000x, ~50x and ~5x that at ``w*``: the SGLD cost per
+   relaxation time, ``n beta h(gamma) / gamma`` steps, is ~25x smaller at ``(100 n beta, 10 gamma)`` than at
+   ``(n beta, gamma)``, which is what puts it within a budget. Its own step 6 then compares ``10 gamma`` with
+   ``100 gamma`` at ``100 n beta``, the same ``x`` as gamma and 10 gamma at ``n beta``. The escalated result is
+   returned (``recipe.escalation`` records both settings and the first attempt) only when it is trustworthy;
+   otherwise the first attempt is, with what the escalation found in its message. The reported ``nbeta`` is the
+   one sampled. A model whose only problem is the localization check (``L = (ab)^2``), the ladder's linearity or
+   convergence is not escalated: the same ``x`` would give the same verdict.
 
 Where it fails: the deep linear network 5-10-10-10-5 (rank 2, exact 12.5, n = 20 000). At gamma = 1 the chains
 never equilibrate within 2M steps: ``||w - w*||^2`` grows along the ladder (window means 121, 146, 180, diffusion
@@ -158,6 +175,12 @@ class LLCRecipe:
       localization_check: the two finest rungs rerun at ``loc_factor`` times the localization: a dict with
         ``localization``, ``llc_mean`` (their extrapolation to step 0), ``llc_mean_at_localization`` (the same
         extrapolation at the user's localization), ``change``, ``change_se`` and ``rungs``; None when skipped.
+      problems: the checks that failed, one short name each (``"stiff"``, ``"unsettled"``, ``"rerun_diverged"``,
+        ``"drift"``, ``"unequilibrated"``, ``"unconverged"``, ``"nonlinear"``, ``"localization"``, ``"diverged"``);
+        empty when trustworthy.
+      escalation: when the recipe escalated (module docstring, step 8): a dict with the setting measured
+        (``nbeta``, ``localization``) and the first attempt's (``from_nbeta``, ``from_localization``, ``from_llc``,
+        ``from_uncertainty``, ``from_problems``, ``from_message``, ``from_rungs``, ``from_total_steps``); else None.
     """
 
     llc: float
@@ -173,6 +196,8 @@ class LLCRecipe:
     total_steps: int
     seconds: float
     localization_check: dict | None = None
+    problems: tuple = ()
+    escalation: dict | None = None
 
     def table(self) -> list[dict]:
         """The rungs as a list of dicts (one row per step size)."""
@@ -326,6 +351,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                target_rel: float = 0.02, nonlinear_tol: float = 0.05, first_step_size: float | None = None,
                equilibration: float = 2.5, warm_start: bool = True, loc_factor: float = 10.0,
                loc_tol: float = 0.05, drift_tol: float = 0.1, loc_extrapolate: bool = True,
+               escalate: bool = True, escalate_max_steps: int | None = None,
                progress: bool = False, on_divergence: str = "raise", warn: bool = True) -> llc_lib.LLCResult:
     """Runs the step-size recipe (module docstring) and returns its `LLCResult` (``recipe`` = `LLCRecipe`).
 
@@ -358,6 +384,13 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         (or three standard errors); more is a drift that makes the result untrustworthy.
       warm_start: start every finer rung where the previous rung's chains stopped (already equilibrated along the
         slow directions up to the step-size bias) instead of at ``w*``.
+      escalate: when the chains could not be sampled at the requested setting within the budget (too stiff, not
+        equilibrated or drifting along the flat directions), measure again at ``loc_factor`` times the localization
+        and ``loc_factor^2`` times ``nbeta`` (module docstring, step 8); the escalated result is returned only when
+        it is trustworthy (``recipe.escalation`` says so), else the first attempt, with the escalated one in its
+        message.
+      escalate_max_steps: the escalated run's budget (default ``max_steps * loc_factor^2``: its steps are
+        ``loc_factor^2`` times smaller, so this is the same budget of diffusion time).
       progress: print one line per rung.
       on_divergence: ``"raise"`` raises `LLCDivergenceError` when even a rung below the divergent one diverges.
       warn: warn when the result is not trustworthy.
@@ -366,6 +399,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
       `LLCResult` of the finest rung, with ``llc_mean``/``llc_per_chain``/``llc_std`` the extrapolated values,
       ``llc_uncertainty`` the total uncertainty and ``recipe`` the `LLCRecipe` report.
     """
+    call = dict(locals())  # the arguments, for the escalated rerun (step 8)
     t_start = time.perf_counter()
     if is_traced((rng_key, params, data)) or isinstance(jnp.zeros(()), jax.core.Tracer):
         raise ValueError("step_size='auto' chooses the step size on the host from measured runs and cannot run "
@@ -673,6 +707,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     rows = [row for row, _ in results]
     finest = rows[-1]
     problems = []
+    kinds = []  # one short name per problem (LLCRecipe.problems)
     notes = []
     if stiff_note is not None:
         # the linearity check alone is fooled when the extrapolation's rungs are near SGLD's limit: on the
@@ -682,6 +717,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         # coarser of the two finest rungs is past eps h = 2.5. (The 5-3-4 network: eps h = 3.65, 1.22, 0.41 along
         # the chains; linear in the two finest: 6.85 for the finite-n value 6.857, exact 7.)
         if rungs[-2].step_size * h_run > 2.5:
+            kinds.append("stiff")
             problems.append(stiff_note + f" (budget max_steps={max_steps})")
         elif len(rungs) >= 3 and rungs[-3].step_size * h_run > 2.5:
             notes.append(stiff_note + f" (budget max_steps={max_steps}); the coarsest rung (step x curvature "
@@ -692,10 +728,12 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             notes.append(stiff_note + f" (budget max_steps={max_steps}); the extrapolation's rungs are below "
                          "step x curvature 2.5")
     if not first_rung_settled:
+        kinds.append("unsettled")
         problems.append(("the first rung did not settle within the budget, even rerun warm" if first_rerun else
                          "the first rung did not settle within the budget") + " (still drifting or not converged after "
                         f"{steps0} steps: the chains may not have reached equilibrium)")
     if not ok0:
+        kinds.append("rerun_diverged")
         problems.append(f"the first rung, rerun warm from the finest rung's chains at step {eps0:.3g}, diverged: the "
                         "chains kept moving into stiffer regions along the ladder")
     # Drift along the slow directions. ||w - w*||^2 over a rung's window depends on the step only through the same
@@ -717,6 +755,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         se_j = float(np.std(jumps, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else 0.0
         jump = float(jumps.mean())
         if abs(jump) > max(3 * se_j, drift_tol * max(abs(last[2]["dist2"]), 1e-300)):
+            kinds.append("drift")
             problems.append(
                 "||w - w*||^2 still drifts along the ladder (window means " + ", ".join(
                     f"{r_['dist2']:.3g}" for r_ in last) + f" at steps {_steps(last)}: the finest is {jump:+.3g} "
@@ -726,14 +765,17 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     used_rows = rows[-min(len(rows), 3):]
     unsettled = [row for row in used_rows if not row["equilibrated"]]
     if unsettled:
+        kinds.append("unequilibrated")
         problems.append("not equilibrated along the slowest direction at step " + ", ".join(
             f"{row['step_size']:.3g} (burn-in {row['burn_in_time']:.3g} of diffusion time, the previous rungs "
             f"included, < {equilibration:g} relaxation times of ||w - w*||^2, ~{row['relaxation_time']:.3g} each "
             f"(ESS {row['ess_dist2']:.1f} over {num_chains} chains))" for row in unsettled)
             + "; lambda^ is then biased (low when the chains start at w*)")
     if not finest["converged"]:
+        kinds.append("unconverged")
         problems.append(f"the finest rung is not converged (R-hat {finest['rhat']:.3f}, ESS {finest['ess']:.0f})")
     if not linear:
+        kinds.append("nonlinear")
         problems.append(f"lambda^(eps) is not yet linear in eps (last correction {bias:.3g} > "
                         f"{max(3 * max(se_d, se), nonlinear_tol * abs(llc)):.3g}) within the budget of {max_steps} "
                         "steps per chain")
@@ -760,6 +802,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                      f"{loc_row['llc_mean']:.4g} at {loc_factor * localization:g} (both at step 0): correction "
                      f"{loc_row['correction']:+.3g}, half of it counted as bias")
     if not loc_ok:
+        kinds.append("localization")
         problems.append(
             "lambda^ depends on the localization (" + (
                 f"extrapolated to step 0 from the two finest steps: {loc_row['llc_mean_at_localization']:.4g} at "
@@ -787,7 +830,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                    "batch size (less gradient noise)." + "".join(f" Note: {n_}." for n_ in notes))
     report = LLCRecipe(llc=llc, uncertainty=unc, se=se, bias=bias, step_size=float(finest["step_size"]),
                        trustworthy=trust, message=message, rungs=tuple(tried + rows), h_max=h_max,
-                       localization_check=loc_row,
+                       localization_check=loc_row, problems=tuple(kinds),
                        diffusion_time=float(steps0 * eps0), total_steps=int(used), seconds=seconds)
     trace = rungs[-1].window()
     result = llc_lib.summarize(np, trace, np.full((trace.shape[1], num_chains), np.nan, trace.dtype),
@@ -799,9 +842,57 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                              step_size=jnp.asarray(finest["step_size"], dtype), num_data=jnp.asarray(n, jnp.int32),
                              recipe=report)
     say(message)
-    if warn and not trust:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if escalate and not trust and _ESCALATE.intersection(kinds) and localization > 0 and loc_factor > 1:
+        result = _escalated(call, result, t_start, say)
+        report = result.recipe
+    if warn and not report.trustworthy:
+        warnings.warn(report.message, RuntimeWarning, stacklevel=3)
     return result
+
+
+# problems of sampling along the flat directions, which a stronger localization (with n beta scaled to keep x) relieves
+_ESCALATE = frozenset({"stiff", "unsettled", "rerun_diverged", "drift", "unequilibrated"})
+
+
+def _escalated(call: dict, first: llc_lib.LLCResult, t_start: float, say) -> llc_lib.LLCResult:
+    """Step 8 of the module docstring: the recipe rerun at ``(loc_factor^2 nbeta, loc_factor gamma)``."""
+    f = float(call["loc_factor"])
+    r0 = first.recipe
+    nbeta, gamma = float(first.nbeta), float(call["localization"])
+    nbeta2, gamma2 = f * f * nbeta, f * gamma
+    budget = call["escalate_max_steps"]
+    budget = int(call["max_steps"] * f * f) if budget is None else check_positive_int("escalate_max_steps", budget)
+    say(f"escalating: the chains could not be sampled at localization {gamma:g} within the budget "
+        f"({', '.join(r0.problems)}); measuring at localization {gamma2:g} and n beta {nbeta2:.4g} (the same "
+        f"x = 1 / log(n beta / gamma^2)), budget {budget} steps per chain")
+    kw = dict(call, rng_key=jax.random.fold_in(call["rng_key"], 0x5EC), nbeta=nbeta2, localization=gamma2,
+              max_steps=budget, escalate=False, first_step_size=None, warn=False, on_divergence="raise")
+    why = (f"at localization {gamma:g} and n beta {nbeta:.4g} the chains could not be sampled within the budget "
+           f"({', '.join(r0.problems)})")
+    try:
+        second = llc_recipe(**kw)
+    except LLCDivergenceError as e:
+        note = f" Escalated to localization {gamma2:g} and n beta {nbeta2:.4g}: diverged ({e})."
+        return first._replace(recipe=dataclasses.replace(r0, message=r0.message + note,
+                                                         seconds=time.perf_counter() - t_start))
+    r1 = second.recipe
+    if not r1.trustworthy:
+        note = (f" Escalated to localization {gamma2:g} and n beta {nbeta2:.4g} ({r1.total_steps} more steps per "
+                f"chain): {r1.llc:.4g} +- {r1.uncertainty:.2g}, not trustworthy either ({', '.join(r1.problems)}).")
+        return first._replace(recipe=dataclasses.replace(
+            r0, message=r0.message + note, total_steps=r0.total_steps + r1.total_steps,
+            seconds=time.perf_counter() - t_start))
+    escalation = dict(nbeta=nbeta2, localization=gamma2, from_nbeta=nbeta, from_localization=gamma,
+                      from_llc=r0.llc, from_uncertainty=r0.uncertainty, from_problems=r0.problems,
+                      from_message=r0.message, from_rungs=r0.rungs, from_total_steps=r0.total_steps)
+    message = (f"{r1.message}. Escalated: measured at localization {gamma2:g} and n beta {nbeta2:.4g} because "
+               f"{why}; that setting has the same x = 1 / log(n beta / gamma^2), which the finite-n value follows, "
+               f"and confines the chains along the flat directions {f:g}x more tightly (the first attempt gave "
+               f"{r0.llc:.4g} +- {r0.uncertainty:.2g}, untrustworthy)")
+    report = dataclasses.replace(r1, message=message, total_steps=r0.total_steps + r1.total_steps,
+                                 seconds=time.perf_counter() - t_start, escalation=escalation)
+    say(message)
+    return second._replace(recipe=report)
 
 
 def _steps(rows) -> str:
@@ -815,7 +906,8 @@ def _fail(reason, tried, h_max, init_loss, nbeta, num_chains, dtype, t_start, us
         raise LLCDivergenceError(message)
     report = LLCRecipe(llc=float("nan"), uncertainty=float("nan"), se=float("nan"), bias=float("nan"),
                        step_size=float("nan"), trustworthy=False, message=message, rungs=tuple(tried), h_max=h_max,
-                       diffusion_time=float("nan"), total_steps=int(used), seconds=time.perf_counter() - t_start)
+                       diffusion_time=float("nan"), total_steps=int(used), seconds=time.perf_counter() - t_start,
+                       problems=("diverged",))
     if warn:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
     nan = jnp.full((), jnp.nan, dtype)
