@@ -504,6 +504,15 @@ def table(rows, names, ideal_path=GROUND_TRUTH):
              "it along 1 / log(n beta / gamma^2) to gamma -> 0 (degenjax's recipe, step 6), i.e. to lambda itself: "
              "then `error vs lambda` is its error, and `target` and `exact sampler` (finite-n values) are below it "
              "by design.")
+    escalated = [latest[k] for k in order if latest[k].get("escalation")]
+    if escalated:
+        text += ("\n\nEscalated (the recipe's step 8: the chains could not be sampled at localization 1 within the "
+                 "budget, so it measured at 10x the localization and 100x n beta, the same x = 1 / log(n beta / "
+                 "gamma^2)):\n\n" + "\n".join(
+                     f"- {r['case']} ({r.get('device', 'cpu')}): measured at localization "
+                     f"{r['escalation']['localization']:g}, n beta {r['escalation']['nbeta']:.4g}; the first attempt "
+                     f"gave {r['escalation']['from_llc']:.4g} +- {r['escalation']['from_uncertainty']:.2g} "
+                     f"({', '.join(r['escalation']['from_problems'])})" for r in escalated))
     untrusted = [latest[k] for k in order if not latest[k]["trustworthy"]]
     if untrusted:
         text += "\n\n" + "\n".join(f"- {r['case']} ({r.get('device', 'cpu')}): {r.get('message', '')}"
@@ -513,7 +522,8 @@ def table(rows, names, ideal_path=GROUND_TRUTH):
 
 def _line(r, ideal_path=GROUND_TRUTH):
     m = r.get("m", multiplicity(r["case"]))
-    nbeta = r.get("nbeta") or r["n"] / math.log(r["n"])
+    # the finite-n target at the case's own n beta (an escalated row sampled 100x that, at the same x)
+    nbeta = r["n"] / math.log(r["n"]) if r.get("escalation") else (r.get("nbeta") or r["n"] / math.log(r["n"]))
     target = finite_target(r["exact"], m, nbeta)
     vs_target = "" if target is None else f"{100 * (r['llc_mean'] / target - 1):+.1f}%"
     ideal = ideal_value(r["case"], r["n"], r.get("localization", 1.0), ideal_path)

@@ -197,9 +197,9 @@ def llc(
                                                "summarize the finite chains; flag: keep them (a NaN estimate "
                                                "still exits with status 1)."),
     max_steps: int = typer.Option(400_000, help="With --step-size auto: SGLD steps per chain over all rungs."),
-    escalate: bool = typer.Option(True, help="With --step-size auto: when the chains cannot be sampled within "
-                                             "--max-steps, measure again at 10x the localization and 100x n beta "
-                                             "(the same finite-n value; up to 100x the steps) and say so."),
+    escalate: bool = typer.Option(False, help="With --step-size auto: when the chains cannot be sampled within "
+                                              "--max-steps, measure again at 10x the localization and 100x n beta "
+                                              "(the same finite-n value; up to 100x the steps) and say so."),
     seed: int = typer.Option(0, help="PRNG seed."),
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
     out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here (the llc_record schema), "

@@ -24,7 +24,7 @@ def test_recipe_flags_chains_that_cannot_equilibrate_within_the_budget():
 
     res = dj.estimate_llc(jax.random.key(1), loss, w, (jnp.asarray(x), jnp.asarray(y)), num_chains=4, num_draws=1,
                           step_size="auto", batch_size=100, localization=0.01, warn=False,
-                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000, "escalate": False})
+                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000})
     rec = res.recipe
     assert not rec.trustworthy, rec.message
     assert "not equilibrated along the slowest direction" in rec.message, rec.message
@@ -58,7 +58,7 @@ def test_recipe_flags_a_drift_of_the_chains_along_the_ladder():
 
     res = dj.estimate_llc(jax.random.key(1), loss, params, (jnp.asarray(x), jnp.asarray(y)), num_chains=4,
                           num_draws=1, step_size="auto", batch_size=100, localization=1e-3, warn=False,
-                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000, "escalate": False})
+                          recipe_kwargs={"initial_steps": 400, "max_steps": 20_000})
     rec = res.recipe
     assert not rec.trustworthy and "still drifts along the ladder" in rec.message, rec.message
     # free diffusion: E ||w_flat||^2 = 20 t grows by > 50% between the two finest rungs' windows (T apart)
@@ -124,7 +124,7 @@ def test_recipe_escalates_when_the_chains_cannot_be_sampled_within_the_budget():
     kw = dict(num_chains=4, num_draws=1, step_size="auto", batch_size=100, warn=False)
     budget = dict(initial_steps=400, max_steps=2000, loc_factor=3.0, target_rel=0.1)
     res = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs={
-        **budget, "escalate_max_steps": 200_000}, **kw)
+        **budget, "escalate": True, "escalate_max_steps": 200_000}, **kw)
     rec = res.recipe
     nbeta = 1000 / np.log(1000)
     assert rec.escalation is not None, rec.message
@@ -140,12 +140,14 @@ def test_recipe_escalates_when_the_chains_cannot_be_sampled_within_the_budget():
     assert rec.total_steps > esc["from_total_steps"] > 0
     # an escalation that is not trustworthy either leaves the user's setting, and says what it found
     res2 = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs={
-        **budget, "escalate_max_steps": 1200}, **kw)
+        **budget, "escalate": True, "escalate_max_steps": 1200}, **kw)
     rec2 = res2.recipe
     assert rec2.escalation is None and not rec2.trustworthy
     assert math.isclose(float(res2.nbeta), nbeta, rel_tol=1e-6)
     assert "Escalated to localization 3 and n beta 1303" in rec2.message, rec2.message
-    # and without escalation the first attempt is returned as it was
-    res3 = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs={**budget, "escalate": False}, **kw)
+    # by default (no escalation) the first attempt is returned as it was, and its message says what escalation does
+    res3 = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2), x, recipe_kwargs=budget, **kw)
     assert not res3.recipe.trustworthy and "Escalated" not in res3.recipe.message
     assert float(res3.llc_mean) == esc["from_llc"]
+    assert "Or escalate=True (recipe_kwargs; CLI --escalate): measure at localization 3 and n beta 1303" in (
+        res3.recipe.message), res3.recipe.message

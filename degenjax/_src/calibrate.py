@@ -395,8 +395,7 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
     for nb in nbs:
         for gamma in gammas:
             res = llc_recipe(rng_key, loss_fn, params, data, batch_size=batch_size, num_chains=num_chains, nbeta=nb,
-                             localization=gamma, sampler=sampler, warn=False, on_divergence="flag",
-                             **{"escalate": False, **recipe_kwargs})  # calibrate reports each setting of its grid
+                             localization=gamma, sampler=sampler, warn=False, on_divergence="flag", **recipe_kwargs)
             rec = res.recipe
             recipes.append(rec)
             for row in rec.rungs:

@@ -241,10 +241,7 @@ def llc_stage(trained: Trained, config: QuickstartConfig, *, progress: bool = Fa
                   mesh=chain_mesh(config.num_chains))
     if config.step_size == "auto":  # the recipe (eager: it decides between runs)
         llc = estimate_llc(key, loss_fn, params, data, warn=False,
-                           # a demo's budget: the recipe says when it is not enough, without escalating (recipe
-                           # step 8: up to loc_factor^2 times the budget)
-                           recipe_kwargs={"max_steps": config.llc_max_steps, "initial_steps": 1000,
-                                          "escalate": False}, **llc_kw)
+                           recipe_kwargs={"max_steps": config.llc_max_steps, "initial_steps": 1000}, **llc_kw)
     elif progress:  # eager: a progress bar between chunks of the scan
         llc = estimate_llc(key, loss_fn, params, data, progress=True,
                            num_chunks=min(5, config.num_draws + config.num_burnin), **llc_kw)

@@ -85,7 +85,7 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    asymptotic (near-linear) regime: the last correction is at most ``max(3 se, nonlinear_tol x |lambda^|)``. If the
    first rung diverges or the ladder is not yet linear, the ladder moves down by one rung while the budget allows;
    otherwise the report says so, with every rung tried.
-8. *Escalation* (``escalate=True``): when the result is untrustworthy because the chains could not be sampled within
+8. *Escalation* (opt-in, ``escalate=True``): when the result is untrustworthy because the chains could not be sampled within
    the budget (too stiff along the chains, the first rung not settled, its warm rerun diverged, ``||w - w*||^2``
    drifting or not equilibrated), the recipe runs again at ``loc_factor`` times the localization and
    ``loc_factor^2`` times ``n beta``, with ``loc_factor^2`` times the budget (the same budget of diffusion time:
@@ -96,7 +96,10 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    On the 5-10-10-10-5 network the exact sampler's chains sit at squared distance 202, 74 and 24 from ``w*`` at
    gamma = 1, 3 and 10, where the top curvature is ~1000x, ~50x and ~5x that at ``w*``: the SGLD cost per
    relaxation time, ``n beta h(gamma) / gamma`` steps, is ~25x smaller at ``(100 n beta, 10 gamma)`` than at
-   ``(n beta, gamma)``, which is what puts it within a budget. Its own step 6 then compares ``10 gamma`` with
+   ``(n beta, gamma)``. Measured there (n beta = 2.0e5, gamma = 10): the first rung, at step 3.1e-7, equilibrates
+   (``||w - w*||^2`` 20.3, 22.7, 22.4 after 1M, 2M, 4M steps; the exact sampler's 24 at this x), which at gamma = 1
+   no budget up to 2M steps did; but the finer rungs need 3x and 9x its steps, ~5e7 steps per chain in all, ~3 h
+   on 2 CPU cores (~200 us per step of 4 chains). Hence opt-in. Its own step 6 then compares ``10 gamma`` with
    ``100 gamma`` at ``100 n beta``, the same ``x`` as gamma and 10 gamma at ``n beta``. The escalated result is
    returned (``recipe.escalation`` records both settings and the first attempt) only when it is trustworthy;
    otherwise the first attempt is, with what the escalation found in its message. The reported ``nbeta`` is the
@@ -351,7 +354,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                target_rel: float = 0.02, nonlinear_tol: float = 0.05, first_step_size: float | None = None,
                equilibration: float = 2.5, warm_start: bool = True, loc_factor: float = 10.0,
                loc_tol: float = 0.05, drift_tol: float = 0.1, loc_extrapolate: bool = True,
-               escalate: bool = True, escalate_max_steps: int | None = None,
+               escalate: bool = False, escalate_max_steps: int | None = None,
                progress: bool = False, on_divergence: str = "raise", warn: bool = True) -> llc_lib.LLCResult:
     """Runs the step-size recipe (module docstring) and returns its `LLCResult` (``recipe`` = `LLCRecipe`).
 
@@ -388,7 +391,8 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         equilibrated or drifting along the flat directions), measure again at ``loc_factor`` times the localization
         and ``loc_factor^2`` times ``nbeta`` (module docstring, step 8); the escalated result is returned only when
         it is trustworthy (``recipe.escalation`` says so), else the first attempt, with the escalated one in its
-        message.
+        message. Off by default: it can cost up to ``loc_factor^2`` times the budget (the message of a result it
+        could help says so).
       escalate_max_steps: the escalated run's budget (default ``max_steps * loc_factor^2``: its steps are
         ``loc_factor^2`` times smaller, so this is the same budget of diffusion time).
       progress: print one line per rung.
@@ -828,6 +832,11 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         message = (f"No trustworthy setting: {'; '.join(problems)}. Tried lambda^(step) = {ladder}; the "
                    f"extrapolation gives {llc:.4g} +- {unc:.2g}. Raise max_steps, use more chains, or a larger "
                    "batch size (less gradient noise)." + "".join(f" Note: {n_}." for n_ in notes))
+        if not escalate and _ESCALATE.intersection(kinds) and localization > 0 and loc_factor > 1:
+            message += (f" Or escalate=True (recipe_kwargs; CLI --escalate): measure at localization "
+                        f"{loc_factor * localization:g} and n beta {loc_factor ** 2 * nbeta:.4g}, the same "
+                        f"1 / log(n beta / gamma^2), where the chains are confined along the flat directions (up to "
+                        f"{loc_factor ** 2:g}x the steps).")
     report = LLCRecipe(llc=llc, uncertainty=unc, se=se, bias=bias, step_size=float(finest["step_size"]),
                        trustworthy=trust, message=message, rungs=tuple(tried + rows), h_max=h_max,
                        localization_check=loc_row, problems=tuple(kinds),
