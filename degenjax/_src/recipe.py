@@ -98,8 +98,9 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    relaxation time, ``n beta h(gamma) / gamma`` steps, is ~25x smaller at ``(100 n beta, 10 gamma)`` than at
    ``(n beta, gamma)``. Measured there (n beta = 2.0e5, gamma = 10): the first rung, at step 3.1e-7, equilibrates
    (``||w - w*||^2`` 20.3, 22.7, 22.4 after 1M, 2M, 4M steps; the exact sampler's 24 at this x), which at gamma = 1
-   no budget up to 2M steps did; but the finer rungs need 3x and 9x its steps, ~5e7 steps per chain in all, ~3 h
-   on 2 CPU cores (~200 us per step of 4 chains). Hence opt-in. Its own step 6 then compares ``10 gamma`` with
+   no budget up to 2M steps did; but the finer rungs need 3x and 9x its steps, and the ladder restarts lower when
+   the curvature along the chains (~6x that at ``w*`` here) requires it: 5e7 to 3e8 steps per chain, 3 h or more on
+   2 CPU cores (~200 us per step of 4 chains). Hence opt-in. Its own step 6 then compares ``10 gamma`` with
    ``100 gamma`` at ``100 n beta``, the same ``x`` as gamma and 10 gamma at ``n beta``. The escalated result is
    returned (``recipe.escalation`` records both settings and the first attempt) only when it is trustworthy;
    otherwise the first attempt is, with what the escalation found in its message. The reported ``nbeta`` is the
