@@ -161,6 +161,12 @@ def quickstart(
     typer.echo(f"Wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots.")
 
 
+class Escalate(str, Enum):
+    none = "none"
+    localization = "localization"
+    same_x = "same_x"
+
+
 class OnDivergence(str, Enum):
     raise_ = "raise"
     drop = "drop"
@@ -197,9 +203,10 @@ def llc(
                                                "summarize the finite chains; flag: keep them (a NaN estimate "
                                                "still exits with status 1)."),
     max_steps: int = typer.Option(400_000, help="With --step-size auto: SGLD steps per chain over all rungs."),
-    escalate: bool = typer.Option(False, help="With --step-size auto: when the chains cannot be sampled within "
-                                              "--max-steps, measure again at 10x the localization and 100x n beta "
-                                              "(the same finite-n value; up to 100x the steps) and say so."),
+    escalate: Escalate = typer.Option(Escalate.localization, help="With --step-size auto, when the chains cannot be "
+                                      "sampled within --max-steps: localization: measure again at 10x the "
+                                      "localization; same_x: then also at 100x n beta (the same finite-n value, up "
+                                      "to 100x the steps); none: do not. Said in the output."),
     seed: int = typer.Option(0, help="PRNG seed."),
     x64: bool = typer.Option(False, "--x64", help="Enable float64 (jax_enable_x64)."),
     out: Optional[pathlib.Path] = typer.Option(None, help="Write the result as JSON here (the llc_record schema), "
@@ -230,7 +237,7 @@ def llc(
               on_divergence=on_divergence.value)
     if eps == "auto":
         res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=progress, warn=False,
-                           recipe_kwargs={"max_steps": max_steps, "escalate": escalate}, **kw)
+                           recipe_kwargs={"max_steps": max_steps, "escalate": escalate.value}, **kw)
     elif progress:  # eager, checked for divergence between chunks
         res = estimate_llc(jax.random.key(seed), loss_fn, params, data, progress=True, warn=False,
                            num_chunks=min(5, num_draws + num_burnin), **kw)

@@ -387,8 +387,8 @@ def estimate_llc(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree,
         of step sizes and extrapolates to ``eps -> 0`` (``llc_mean`` is then its estimate, ``llc_uncertainty``
         includes the remaining bias, ``recipe`` says what was tried and why; ``num_draws`` and ``num_burnin`` are
         chosen by the recipe; when the chains cannot be sampled at the requested ``nbeta`` and ``localization``
-        within the budget, ``recipe_kwargs={"escalate": True}`` measures at ``(100 nbeta, 10 localization)``
-        instead and says so). Not under ``jax.jit``.
+        within the budget, it measures again at 10x the localization and says so: ``escalate`` of
+        ``recipe_kwargs``). Not under ``jax.jit``.
       batch_size: minibatch size, ``<= n``.
       nbeta: ``n * beta``; default ``n / log n`` (module docstring).
       localization: ``gamma`` (default 1.0; module docstring).
