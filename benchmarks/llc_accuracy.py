@@ -298,7 +298,8 @@ def run_case(name, args):
                 r.localization_check["localization"], r.localization_check["llc_mean"]),
             # the recipe's escalation (step 8 of degenjax/_src/recipe.py): the setting measured and the first attempt
             "escalation": None if r.escalation is None else {
-                k: r.escalation[k] for k in ("nbeta", "localization", "from_llc", "from_uncertainty", "from_problems")},
+                k: r.escalation[k] for k in ("stage", "nbeta", "localization", "from_llc", "from_uncertainty",
+                                             "from_problems")},
             "message": r.message, **_run_info(x64, args)}
 
 
@@ -507,8 +508,9 @@ def table(rows, names, ideal_path=GROUND_TRUTH):
     escalated = [latest[k] for k in order if latest[k].get("escalation")]
     if escalated:
         text += ("\n\nEscalated (the recipe's step 8: the chains could not be sampled at localization 1 within the "
-                 "budget, so it measured at 10x the localization and 100x n beta, the same x = 1 / log(n beta / "
-                 "gamma^2)):\n\n" + "\n".join(
+                 "budget, so it measured at 10x the localization (with escalate='same_x' also at 100x n beta) and "
+                 "accepted the first result whose own check against 10x that localization bounded the localization "
+                 "bias with confidence):\n\n" + "\n".join(
                      f"- {r['case']} ({r.get('device', 'cpu')}): measured at localization "
                      f"{r['escalation']['localization']:g}, n beta {r['escalation']['nbeta']:.4g}; the first attempt "
                      f"gave {r['escalation']['from_llc']:.4g} +- {r['escalation']['from_uncertainty']:.2g} "

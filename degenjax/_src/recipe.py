@@ -123,7 +123,8 @@ warm rerun at the end of the ladder diverges), so every rung carries a step-size
 not equilibrated and its warm rerun diverging; the drift test of step 7 sees a paired jump of 26 +- 11, below its
 3 se with 4 chains). At
 gamma = 10 the same budget equilibrates (24.0, 23.8, 24.3) and gives 11.91 (-4.7%), but lambda^ still depends on
-gamma there (8.17 at 100), so that run is untrustworthy too; the recipe does not switch localization by itself.
+gamma there (8.17 at 100), so that run is untrustworthy too (the recipe's escalation, step 8, measures it
+and keeps the first attempt).
 An exact sampler (NUTS on the exact potential, ``benchmarks/llc_ground_truth.py``) shows why no budget of this order
 suffices at gamma = 1: the posterior there gives 12.31 (so the estimand is fine), but its chains sit at squared
 distance ~200 from ``w*`` along the symmetry orbits, where the top curvature is 400-1600x that at ``w*``; full-batch
@@ -191,8 +192,9 @@ class LLCRecipe:
         ``"drift"``, ``"unequilibrated"``, ``"unconverged"``, ``"nonlinear"``, ``"localization"``, ``"diverged"``);
         empty when trustworthy.
       escalation: when the recipe escalated (module docstring, step 8): a dict with the ``stage``
-        (``"localization"`` or ``"same_x"``), the setting measured (``nbeta``, ``localization``) and the first attempt's (``from_nbeta``, ``from_localization``, ``from_llc``,
-        ``from_uncertainty``, ``from_problems``, ``from_message``, ``from_rungs``, ``from_total_steps``); else None.
+        (``"localization"`` or ``"same_x"``), the setting measured (``nbeta``, ``localization``) and the first
+        attempt's (``from_nbeta``, ``from_localization``, ``from_llc``, ``from_uncertainty``, ``from_problems``,
+        ``from_message``, ``from_rungs``, ``from_total_steps``); else None.
     """
 
     llc: float
@@ -686,8 +688,8 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         pair = []
         for r in rungs[-2:]:
             r_loc = new_rung(r.step_size, start=r, gamma=gamma2)
-            frac = 1.0 / loc_factor if loc_rerun is None else float(loc_rerun)
-            ok = r_loc.extend(max(4 * chunk_len, int(round(r.steps * frac / chunk_len)) * chunk_len))
+            rerun = r.steps / loc_factor if loc_rerun is None else r.steps * float(loc_rerun)
+            ok = r_loc.extend(max(4 * chunk_len, int(round(rerun / chunk_len)) * chunk_len))
             used += r_loc.steps
             if not ok:
                 loc_ok = False
