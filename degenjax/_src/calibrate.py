@@ -369,7 +369,8 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
       nbetas: values of ``n beta`` (default ``(n / log n,)``).
       localizations: values of ``gamma``.
       **recipe_kwargs: options of `degenjax._src.recipe.llc_recipe` (``max_steps``, ``initial_steps``, ``ratio``,
-        ``scale``, ``target_rel``, ...) and of `estimate_llc` (``sampler_kwargs``, ``mask``, ``eval_batch_size``).
+        ``scale``, ``target_rel``, ...) and of `estimate_llc` (``sampler_kwargs``, ``mask``, ``eval_batch_size``);
+        ``escalate`` is ``"none"`` unless given (each row reports the setting of its grid).
 
     Returns:
       `Calibration` with ``recipes`` (one `LLCRecipe` per pair) and ``grid`` None. Plot it with
@@ -395,7 +396,8 @@ def calibrate(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *,
     for nb in nbs:
         for gamma in gammas:
             res = llc_recipe(rng_key, loss_fn, params, data, batch_size=batch_size, num_chains=num_chains, nbeta=nb,
-                             localization=gamma, sampler=sampler, warn=False, on_divergence="flag", **recipe_kwargs)
+                             localization=gamma, sampler=sampler, warn=False, on_divergence="flag",
+                             **{"escalate": "none", **recipe_kwargs})  # calibrate reports each setting of its grid
             rec = res.recipe
             recipes.append(rec)
             for row in rec.rungs:
