@@ -226,7 +226,7 @@ def test_recipe_says_when_nothing_is_trustworthy():
     params, data = _dict_problem(n=1000)
     res = dj.estimate_llc(jax.random.key(6), _dict_loss, params, data, num_chains=2, num_draws=1, step_size="auto",
                           batch_size=50, warn=False, recipe_kwargs={"initial_steps": 40, "max_steps": 600,
-                                                                     "target_rel": 1e-4})
+                                                                     "target_rel": 1e-4, "escalate": "none"})
     assert not res.recipe.trustworthy
     assert res.recipe.message.startswith("No trustworthy setting") and "Tried lambda^(step)" in res.recipe.message
     assert len(res.recipe.rungs) >= 3 and res.recipe.total_steps <= 600

@@ -156,7 +156,9 @@ def test_sigkill_during_startup_and_mid_sweep_gives_bitwise_the_uninterrupted_re
 
     assert _run_until(_command(out, cache, 2), tmp_path, mid_sweep)
     snap = _check_snapshot(results, snap)
-    assert 1 <= _lines(results) < 4, "the mid-sweep kill came too late"
+    # (under load the first kill can land after the first group of 2 cells wrote its lines; then only the last group
+    # is left, and the second kill lands in it or in the CSV rewrite after it, still before the process ended)
+    assert 1 <= _lines(results) < 4 or start >= 2, "the mid-sweep kill came too late"
     assert not _run_until(_command(out, cache, 2), tmp_path, lambda t: False)  # resume to the end
     _check_snapshot(results, snap)
     _compare(ref, out, num_cells=4)
