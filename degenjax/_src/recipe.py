@@ -96,7 +96,8 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    result stands for the limit gamma -> 0, with more power than at the user's setting: the change plus two of its
    standard errors, over ``sqrt(loc_factor) - 1``, must be within ``loc_tol`` (a stronger localization is where a
    soft direction's share of lambda^ is lost, and a noisy change would pass step 6), for which its reruns run
-   ``1 / sqrt(loc_factor)`` of the rungs' steps instead of ``1 / loc_factor``. On the generic-point 10-20-20-10 network
+   ``1 / sqrt(loc_factor)`` of the rungs' steps instead of ``1 / loc_factor``; that bound joins the reported bias.
+   On the generic-point 10-20-20-10 network
    (exact 50, n = 2 x 10^4, float32), untrustworthy at gamma = 1 (+43%), gamma = 10 gives 49.83 +- 0.9 (-0.3%;
    exact sampler 49.84) with a localization bias bound of 1.7%, trusted, in 1.9M steps per chain (219 s). On the
    5-10-10-10-5 network gamma = 10 gives 11.88 (-5%; exact sampler 11.72), and the check against 100 (8.21) says
@@ -910,7 +911,7 @@ def _escalated(call: dict, first: llc_lib.LLCResult, t_start: float, say) -> llc
                          f"per chain): {r1.llc:.4g} +- {r1.uncertainty:.2g}, not trustworthy either "
                          f"({', '.join(r1.problems)}).")
             continue
-        weak = _weak_localization_check(r1, f, call["loc_tol"])
+        loc_bound, weak = _localization_bound(r1, f, call["loc_tol"])
         if weak is not None:
             notes.append(f"Escalated to localization {gamma2:g} and n beta {nbeta2:.4g} ({r1.total_steps} more steps "
                          f"per chain): {r1.llc:.4g} +- {r1.uncertainty:.2g}, but {weak}.")
@@ -918,22 +919,27 @@ def _escalated(call: dict, first: llc_lib.LLCResult, t_start: float, say) -> llc
         escalation = dict(stage=stage, nbeta=nbeta2, localization=gamma2, from_nbeta=nbeta, from_localization=gamma,
                           from_llc=r0.llc, from_uncertainty=r0.uncertainty, from_problems=r0.problems,
                           from_message=r0.message, from_rungs=r0.rungs, from_total_steps=r0.total_steps)
+        # the localization bias the check bounds (with confidence) joins the reported bias
+        bias = math.hypot(r1.bias, loc_bound)
+        unc = math.hypot(r1.se, bias)
         if stage == "localization":
             how = (f"measured at localization {gamma2:g} (n beta unchanged) because {why}. The stronger localization "
-                   "confines the chains along the flat directions, and its own check against "
-                   f"{f * gamma2:g} passed, so the estimate stands for the limit localization -> 0 within the "
-                   "reported bias, as at any localization")
+                   f"confines the chains along the flat directions, and its own check against {f * gamma2:g} bounds "
+                   f"the localization bias at {loc_bound:.2g} (the change plus two standard errors, over "
+                   f"sqrt({f:g}) - 1), included in the uncertainty: {r1.llc:.4g} +- {unc:.2g}")
         else:
             how = (f"measured at localization {gamma2:g} and n beta {nbeta2:.4g} because {why}, and at localization "
                    f"{gamma2:g} with n beta {nbeta:.4g} it was not trustworthy either; this setting has the same "
                    "x = 1 / log(n beta / gamma^2), which the finite-n value follows, with the chains confined along "
-                   f"the flat directions {f:g}x more tightly")
+                   f"the flat directions {f:g}x more tightly (localization bias bound {loc_bound:.2g} included: "
+                   f"{r1.llc:.4g} +- {unc:.2g})")
         message = (f"{r1.message}. Escalated: {how} (the first attempt gave {r0.llc:.4g} +- {r0.uncertainty:.2g}, "
                    "untrustworthy)" + "".join(f". {n_}" for n_ in notes))
         report = dataclasses.replace(r1, message=message, total_steps=r0.total_steps + extra_steps,
-                                     seconds=time.perf_counter() - t_start, escalation=escalation)
+                                     seconds=time.perf_counter() - t_start, escalation=escalation, bias=bias,
+                                     uncertainty=unc)
         say(message)
-        return second._replace(recipe=report)
+        return second._replace(recipe=report, llc_uncertainty=jnp.asarray(unc, second.llc_uncertainty.dtype))
     if mode != "same_x":
         nb2 = f * f * nbeta if mode == "localization" else nbeta
         notes.append(f"Or escalate={'same_x' if mode == 'localization' else 'localization'!r} (recipe_kwargs; CLI "
@@ -946,8 +952,9 @@ def _escalated(call: dict, first: llc_lib.LLCResult, t_start: float, say) -> llc
         seconds=time.perf_counter() - t_start))
 
 
-def _weak_localization_check(rec: LLCRecipe, factor: float, loc_tol: float) -> str | None:
-    """Why an escalated result's localization check cannot vouch for it (None when it can).
+def _localization_bound(rec: LLCRecipe, factor: float, loc_tol: float) -> tuple[float, str | None]:
+    """The localization bias an escalated result's check bounds with confidence, and why that check cannot vouch for
+    the result (None when it can).
 
     The escalation raised the localization, which is where a soft direction's share of lambda^ is lost (a regression
     whose soft direction has curvature 0.03 gives 0.5 + 0.11 at gamma = 0.1 and 0.5 + 0.01 at 1, for 1 as gamma ->
@@ -957,15 +964,15 @@ def _weak_localization_check(rec: LLCRecipe, factor: float, loc_tol: float) -> s
     """
     lc = rec.localization_check
     if lc is None:
-        return "it has no localization check to vouch for it"
+        return float("nan"), "it has no localization check to vouch for it"
     if lc.get("correction", 0.0) != 0.0:
-        return None
+        return 0.0, None  # step 6's half-correction is already in rec.bias
     bound = (abs(lc["change"]) + 2.0 * lc["change_se"]) / (math.sqrt(factor) - 1.0)
     if bound <= loc_tol * abs(rec.llc):
-        return None
-    return (f"its localization check cannot rule out a bias of {bound:.3g} ({100 * bound / abs(rec.llc):.0f}%: the "
-            f"change to {lc['localization']:g}, {lc['change']:+.3g} +- {lc['change_se']:.2g}, plus two standard "
-            f"errors, over sqrt({factor:g}) - 1), above {100 * loc_tol:g}%")
+        return bound, None
+    return bound, (f"its localization check cannot rule out a bias of {bound:.3g} ({100 * bound / abs(rec.llc):.0f}%: "
+                   f"the change to {lc['localization']:g}, {lc['change']:+.3g} +- {lc['change_se']:.2g}, plus two "
+                   f"standard errors, over sqrt({factor:g}) - 1), above {100 * loc_tol:g}%")
 
 
 def _steps(rows) -> str:
