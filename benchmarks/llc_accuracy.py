@@ -524,8 +524,8 @@ def table(rows, names, ideal_path=GROUND_TRUTH):
 
 def _line(r, ideal_path=GROUND_TRUTH):
     m = r.get("m", multiplicity(r["case"]))
-    # the finite-n target at the case's own n beta (an escalated row sampled 100x that, at the same x)
-    nbeta = r["n"] / math.log(r["n"]) if r.get("escalation") else (r.get("nbeta") or r["n"] / math.log(r["n"]))
+    # the finite-n target at the case's own n beta (an escalated row's nbeta is the one it sampled)
+    nbeta = (None if r.get("escalation") else r.get("nbeta")) or r["n"] / math.log(r["n"])
     target = finite_target(r["exact"], m, nbeta)
     vs_target = "" if target is None else f"{100 * (r['llc_mean'] / target - 1):+.1f}%"
     ideal = ideal_value(r["case"], r["n"], r.get("localization", 1.0), ideal_path)

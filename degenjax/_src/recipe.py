@@ -729,8 +729,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
 
     rows = [row for row, _ in results]
     finest = rows[-1]
-    problems = []
-    kinds = []  # one short name per problem (LLCRecipe.problems)
+    problems = {}  # short name (LLCRecipe.problems) -> its sentence in the message
     notes = []
     if stiff_note is not None:
         # the linearity check alone is fooled when the extrapolation's rungs are near SGLD's limit: on the
@@ -740,8 +739,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         # coarser of the two finest rungs is past eps h = 2.5. (The 5-3-4 network: eps h = 3.65, 1.22, 0.41 along
         # the chains; linear in the two finest: 6.85 for the finite-n value 6.857, exact 7.)
         if rungs[-2].step_size * h_run > 2.5:
-            kinds.append("stiff")
-            problems.append(stiff_note + f" (budget max_steps={max_steps})")
+            problems["stiff"] = stiff_note + f" (budget max_steps={max_steps})"
         elif len(rungs) >= 3 and rungs[-3].step_size * h_run > 2.5:
             notes.append(stiff_note + f" (budget max_steps={max_steps}); the coarsest rung (step x curvature "
                          f"{rungs[-3].step_size * h_run:.2g} > 2.5) was left out of the extrapolation, linear in the "
@@ -751,14 +749,13 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
             notes.append(stiff_note + f" (budget max_steps={max_steps}); the extrapolation's rungs are below "
                          "step x curvature 2.5")
     if not first_rung_settled:
-        kinds.append("unsettled")
-        problems.append(("the first rung did not settle within the budget, even rerun warm" if first_rerun else
-                         "the first rung did not settle within the budget") + " (still drifting or not converged after "
-                        f"{steps0} steps: the chains may not have reached equilibrium)")
+        problems["unsettled"] = (("the first rung did not settle within the budget, even rerun warm" if first_rerun
+                                  else "the first rung did not settle within the budget")
+                                 + f" (still drifting or not converged after {steps0} steps: the chains may not have "
+                                 "reached equilibrium)")
     if not ok0:
-        kinds.append("rerun_diverged")
-        problems.append(f"the first rung, rerun warm from the finest rung's chains at step {eps0:.3g}, diverged: the "
-                        "chains kept moving into stiffer regions along the ladder")
+        problems["rerun_diverged"] = (f"the first rung, rerun warm from the finest rung's chains at step {eps0:.3g}, "
+                                      "diverged: the chains kept moving into stiffer regions along the ladder")
     # Drift along the slow directions. ||w - w*||^2 over a rung's window depends on the step only through the same
     # first-order bias as lambda^ (linreg50: 0.0202, 0.0148, 0.0131 at steps in ratio 3, successive differences in
     # ratio 3.3), so over the last three rungs it must be linear in the step: the finest rung's value is predicted from
@@ -778,8 +775,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         se_j = float(np.std(jumps, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else 0.0
         jump = float(jumps.mean())
         if abs(jump) > max(3 * se_j, drift_tol * max(abs(last[2]["dist2"]), 1e-300)):
-            kinds.append("drift")
-            problems.append(
+            problems["drift"] = (
                 "||w - w*||^2 still drifts along the ladder (window means " + ", ".join(
                     f"{r_['dist2']:.3g}" for r_ in last) + f" at steps {_steps(last)}: the finest is {jump:+.3g} "
                 f"off the value {pred:.3g} that a step-size bias linear in the step predicts, above "
@@ -788,20 +784,18 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
     used_rows = rows[-min(len(rows), 3):]
     unsettled = [row for row in used_rows if not row["equilibrated"]]
     if unsettled:
-        kinds.append("unequilibrated")
-        problems.append("not equilibrated along the slowest direction at step " + ", ".join(
+        problems["unequilibrated"] = ("not equilibrated along the slowest direction at step " + ", ".join(
             f"{row['step_size']:.3g} (burn-in {row['burn_in_time']:.3g} of diffusion time, the previous rungs "
             f"included, < {equilibration:g} relaxation times of ||w - w*||^2, ~{row['relaxation_time']:.3g} each "
             f"(ESS {row['ess_dist2']:.1f} over {num_chains} chains))" for row in unsettled)
             + "; lambda^ is then biased (low when the chains start at w*)")
     if not finest["converged"]:
-        kinds.append("unconverged")
-        problems.append(f"the finest rung is not converged (R-hat {finest['rhat']:.3f}, ESS {finest['ess']:.0f})")
+        problems["unconverged"] = (f"the finest rung is not converged (R-hat {finest['rhat']:.3f}, "
+                                   f"ESS {finest['ess']:.0f})")
     if not linear:
-        kinds.append("nonlinear")
-        problems.append(f"lambda^(eps) is not yet linear in eps (last correction {bias:.3g} > "
-                        f"{max(3 * max(se_d, se), nonlinear_tol * abs(llc)):.3g}) within the budget of {max_steps} "
-                        "steps per chain")
+        problems["nonlinear"] = (f"lambda^(eps) is not yet linear in eps (last correction {bias:.3g} > "
+                                 f"{max(3 * max(se_d, se), nonlinear_tol * abs(llc)):.3g}) within the budget of "
+                                 f"{max_steps} steps per chain")
     # The localization extrapolation assumes both lambda^(gamma) values are right, so it is applied only when every
     # other check passed (the 5-10-10-10-5 network's unequilibrated 20.6 at gamma = 1 would become 26.2). Half the
     # correction is kept as the remaining bias: the linear model's error on the exact-sampler values of the networks
@@ -825,8 +819,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                      f"{loc_row['llc_mean']:.4g} at {loc_factor * localization:g} (both at step 0): correction "
                      f"{loc_row['correction']:+.3g}, half of it counted as bias")
     if not loc_ok:
-        kinds.append("localization")
-        problems.append(
+        problems["localization"] = (
             "lambda^ depends on the localization (" + (
                 f"extrapolated to step 0 from the two finest steps: {loc_row['llc_mean_at_localization']:.4g} at "
                 f"gamma = {localization:g} vs {loc_row['llc_mean']:.4g} at {loc_factor * localization:g}, a change "
@@ -848,12 +841,12 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                    f"remaining bias estimate {bias:.2g}, statistical se {se:.2g}; chosen step {finest['step_size']:.3g})"
                    + "".join(f". Note: {n_}" for n_ in notes))
     else:
-        message = (f"No trustworthy setting: {'; '.join(problems)}. Tried lambda^(step) = {ladder}; the "
+        message = (f"No trustworthy setting: {'; '.join(problems.values())}. Tried lambda^(step) = {ladder}; the "
                    f"extrapolation gives {llc:.4g} +- {unc:.2g}. Raise max_steps, use more chains, or a larger "
                    "batch size (less gradient noise)." + "".join(f" Note: {n_}." for n_ in notes))
     report = LLCRecipe(llc=llc, uncertainty=unc, se=se, bias=bias, step_size=float(finest["step_size"]),
                        trustworthy=trust, message=message, rungs=tuple(tried + rows), h_max=h_max,
-                       localization_check=loc_row, problems=tuple(kinds),
+                       localization_check=loc_row, problems=tuple(problems),
                        diffusion_time=float(steps0 * eps0), total_steps=int(used), seconds=seconds)
     trace = rungs[-1].window()
     result = llc_lib.summarize(np, trace, np.full((trace.shape[1], num_chains), np.nan, trace.dtype),
@@ -865,7 +858,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
                              step_size=jnp.asarray(finest["step_size"], dtype), num_data=jnp.asarray(n, jnp.int32),
                              recipe=report)
     say(message)
-    if not trust and _ESCALATE.intersection(kinds) and localization > 0 and loc_factor > 1:
+    if not trust and _ESCALATE.intersection(problems) and localization > 0 and loc_factor > 1:
         result = _escalated(call, result, t_start, say)
         report = result.recipe
     if warn and not report.trustworthy:
@@ -941,13 +934,13 @@ def _escalated(call: dict, first: llc_lib.LLCResult, t_start: float, say) -> llc
                                      uncertainty=unc)
         say(message)
         return second._replace(recipe=report, llc_uncertainty=jnp.asarray(unc, second.llc_uncertainty.dtype))
-    if mode != "same_x":
-        nb2 = f * f * nbeta if mode == "localization" else nbeta
-        notes.append(f"Or escalate={'same_x' if mode == 'localization' else 'localization'!r} (recipe_kwargs; CLI "
-                     f"--escalate): measure at localization {f * gamma:g}"
-                     + (f" and n beta {nb2:.4g}, the same 1 / log(n beta / gamma^2) (up to {f * f:g}x the steps)"
-                        if mode == "localization" else ", where the chains are confined along the flat directions")
-                     + ".")
+    hint = "(recipe_kwargs; CLI --escalate): measure at localization"
+    if mode == "none":
+        notes.append(f"Or escalate='localization' {hint} {f * gamma:g}, where the chains are confined along the flat "
+                     "directions.")
+    elif mode == "localization":
+        notes.append(f"Or escalate='same_x' {hint} {f * gamma:g} and n beta {f * f * nbeta:.4g}, the same "
+                     f"1 / log(n beta / gamma^2) (up to {f * f:g}x the steps).")
     return first._replace(recipe=dataclasses.replace(
         r0, message=r0.message + "".join(f" {n_}" for n_ in notes), total_steps=r0.total_steps + extra_steps,
         seconds=time.perf_counter() - t_start))
