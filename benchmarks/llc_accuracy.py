@@ -9,7 +9,8 @@ Cases (``--cases``, comma-separated names; default ``cpu``: all but the networks
   depths, widths and ranks, 300 to 120 000 parameters (Aoyagi 2024), noise-free and realizable, at the
   minimal-rank factorisation of the teacher (each factor of rank r, zero-padded), where the local learning
   coefficient is the global one, and ``gdln-*`` at a generic point of the same zero set (random factors, as in
-  Lau et al. 2023, arXiv 2308.12108);
+  Lau et al. 2023, arXiv 2308.12108; depths 3 to 5, ranks 2 to 8, 300 to 4096 parameters, hidden layers twice as
+  wide as the ends, where the generic point's local value ``d_in d_out / 2`` equals Aoyagi's global one);
 * ``dln-devinterp``: the devinterp benchmark's network (10-20-20-10, rank 5, random factors, label noise 1, n = 10^5,
   float32, ``w*`` the noisy teacher), where devinterp's usual settings give 57.4.
 
@@ -200,8 +201,19 @@ _dln("dln-50-100-100-50", [50, 100, 100, 50], 10, 20_000, x64=False, gpu=True)
 _dln("dln-50-100x4-50", [50, 100, 100, 100, 100, 50], 10, 20_000, x64=False, gpu=True)
 _dln("dln-100-200-200-100", [100, 200, 200, 100], 20, 20_000, x64=False, gpu=True)
 _dln("dln-100-200x3-100", [100, 200, 200, 200, 100], 20, 20_000, x64=False, gpu=True)
-_add("gdln-10-20-20-10", lambda: dln_generic_case([10, 20, 20, 10], 5, 20_000), 100, False, "dln", (10, 20, 20, 10),
-     5, True)
+
+
+def _gdln(name, widths, rank, n, batch=100, x64=False, gpu=True):
+    _add(name, lambda: dln_generic_case(widths, rank, n), batch, x64, "dln", tuple(widths), rank, gpu)
+
+
+# generic points: depths 3 to 5, ranks 2 to 8, 300 to 4096 parameters (hidden layers twice the ends, where the
+# generic local value d_in d_out / 2 equals Aoyagi's global one; 20-30-30-20 at rank 8: 200 vs 199.5)
+_gdln("gdln-5-10-10-10-5", [5, 10, 10, 10, 5], 2, 20_000, x64=True, gpu=False)
+_gdln("gdln-10-20-20-10", [10, 20, 20, 10], 5, 20_000)
+_gdln("gdln-8-16x4-8", [8, 16, 16, 16, 16, 8], 3, 20_000)
+_gdln("gdln-20-30-30-20", [20, 30, 30, 20], 8, 20_000)
+_gdln("gdln-16x6", [16, 32, 32, 32, 32, 16], 4, 20_000)
 _add("dln-devinterp", devinterp_dln_case, 500, False, "devinterp", (10, 20, 20, 10), 5)
 
 
@@ -498,7 +510,8 @@ def table(rows, names, ideal_path=GROUND_TRUTH):
              "n beta, lambda - (m - 1) / log(n beta) (Watanabe's free energy lambda log t - (m - 1) log log t, t = "
              "n beta); for m = 2 at n = 10^4 (n beta = 1086) it is 0.14 below lambda. m is blank where it is not "
              "computed (networks deeper than two layers). `exact sampler` is n beta E[L_n] under the same localized "
-             "tempered posterior (localization 1, this n) sampled by NUTS in float64 on the exact full-batch "
+             "tempered posterior (localization 1, this n; for an escalated row, the localization it measured at) "
+             "sampled by NUTS in float64 on the exact full-batch "
              "potential (benchmarks/llc_ground_truth.py): what the recipe would give with no sampling bias, so "
              "`vs exact sampler` is the recipe's own error and the rest of `error vs lambda` belongs to the "
              "estimand at this n. Where lambda^ depends significantly on the localization, the recipe extrapolates "
@@ -528,8 +541,15 @@ def _line(r, ideal_path=GROUND_TRUTH):
     nbeta = (None if r.get("escalation") else r.get("nbeta")) or r["n"] / math.log(r["n"])
     target = finite_target(r["exact"], m, nbeta)
     vs_target = "" if target is None else f"{100 * (r['llc_mean'] / target - 1):+.1f}%"
-    ideal = ideal_value(r["case"], r["n"], r.get("localization", 1.0), ideal_path)
-    ideal_cell = "" if ideal is None else f"{ideal[0]:.4g} +- {ideal[1]:.2g}"
+    # an escalated row is compared with the exact sampler at the localization it measured (same n beta only)
+    esc = r.get("escalation") or {}
+    gamma = r.get("localization") or 1.0
+    ideal = None
+    if not esc or esc.get("stage") == "localization":
+        gamma = esc.get("localization", gamma)
+        ideal = ideal_value(r["case"], r["n"], gamma, ideal_path)
+    ideal_cell = "" if ideal is None else (f"{ideal[0]:.4g} +- {ideal[1]:.2g}"
+                                           + (f" (at localization {gamma:g})" if gamma != 1 else ""))
     vs_ideal = "" if ideal is None else f"{100 * (r['llc_mean'] / ideal[0] - 1):+.1f}%"
     if not math.isfinite(r["llc_mean"]):  # no estimate (every rung diverged): said in the notes below the table
         vs_target = vs_ideal = ""

@@ -31,7 +31,12 @@ What it shows (rows in ``benchmarks/llc_ground_truth.jsonl``):
   +12% at 1e-7, +5% at 3e-8 (``--sgld-steps``), while the orbits relax over ~1 unit of diffusion time (10^7-10^8
   steps); at gamma = 3 the curvature is ~50x and at 10 ~6x;
 * the reduced-rank regressions reproduce the closed forms: 5-3-4 (m = 2) 6.83 for the finite-n value 6.857, 4-4-4
-  7.38 for 7.5.
+  7.38 for 7.5;
+* at localization 10, where the recipe escalates when its chains cannot be sampled at 1, the generic-point
+  networks give 12.34 (5-10-10-10-5, exact 12.5), 49.84 (10-20-20-10, 50), 31.21 (8-16x4-8, 32), 193.1
+  (20-30-30-20, 199.5) and 125.7 (16x6, 128), and at 100: 11.43, 48.53, 29.04, 184.1, 113.4. The change from 10 to
+  100 is 1.4x (20-30-30-20) to 8x (10-20-20-10) the bias at 10, against the ``sqrt(10) - 1 = 2.16`` the recipe's
+  check assumes.
 
 Rows are appended to ``--out`` (default ``benchmarks/llc_ground_truth.jsonl``) as each (case, n, gamma) finishes,
 with the date, machine, command and load; a rerun skips the triples that already have a row. ``--results`` appends
@@ -66,6 +71,9 @@ CASES = {
     "gdln3333": ((3, 3, 3, 3), 1, True),
     "gdln-5-10-10-10-5": ((5, 10, 10, 10, 5), 2, True),
     "gdln-10-20-20-10": ((10, 20, 20, 10), 5, True),
+    "gdln-8-16x4-8": ((8, 16, 16, 16, 16, 8), 3, True),
+    "gdln-20-30-30-20": ((20, 30, 30, 20), 8, True),
+    "gdln-16x6": ((16, 32, 32, 32, 32, 16), 4, True),
     "rrr444": ((4, 4, 4), 2, False),
     "rrr534": ((5, 3, 4), 1, False),
 }

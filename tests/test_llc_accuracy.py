@@ -6,10 +6,13 @@ import math
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import llc_accuracy as battery
+
+from degenjax.theory import dln_learning_coefficient
 
 
 def _num_params(widths):
@@ -29,6 +32,34 @@ def test_battery_has_five_deep_linear_networks_from_1e2_to_1e5_parameters():
         if gpu:
             assert battery.CASES[name][2] is False
     assert {n for n, v in sizes.items() if v >= 800} <= {n for n, m in battery.MODELS.items() if m[3]}
+
+
+def test_generic_point_networks_have_the_exact_value_they_claim():
+    """At a generic point the end-to-end map ``w -> W_1 ... W_L`` is a submersion (its Jacobian, float64 NumPy, has
+    full rank d_in d_out), so L_n is locally a non-degenerate quadratic in d_in d_out coordinates and the local
+    learning coefficient is d_in d_out / 2; the case's exact value (Aoyagi's global one) must agree within 0.5%."""
+    generic = [name for name in battery.MODELS if name.startswith("gdln-")]
+    assert len(generic) >= 4 and len({len(battery.MODELS[n][1]) for n in generic}) >= 3
+    for name in generic:
+        _, widths, rank, _ = battery.MODELS[name]
+        rng = np.random.default_rng(0)  # the case's construction, without building its data
+        ws = [rng.normal(size=(a, b)) / np.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
+        mid = len(ws) // 2
+        u, sv, vt = np.linalg.svd(ws[mid], full_matrices=False)
+        sv[rank:] = 0.0
+        ws[mid] = (u * sv) @ vt
+        # d(W_1 ... W_L) = sum_l (W_1 .. W_{l-1}) dW_l (W_{l+1} .. W_L): one block of columns per layer
+        blocks = []
+        for l in range(len(ws)):
+            left = np.linalg.multi_dot([np.eye(widths[0])] + ws[:l] + [np.eye(widths[l])])
+            right = np.linalg.multi_dot([np.eye(widths[l + 1])] + ws[l + 1:] + [np.eye(widths[-1])])
+            blocks.append(np.kron(left, right.T))  # vec_row(left dW right) = kron(left, right^T) vec_row(dW)
+        jac = np.concatenate(blocks, axis=1)
+        prod = np.linalg.multi_dot(ws)
+        assert np.linalg.matrix_rank(prod) == rank
+        assert np.linalg.matrix_rank(jac) == widths[0] * widths[-1], name
+        assert float(dln_learning_coefficient(list(widths), rank)) == pytest.approx(
+            widths[0] * widths[-1] / 2, rel=5e-3), name
 
 
 def test_multiplicity_and_finite_n_target():
@@ -94,6 +125,21 @@ def test_exact_sampler_column_reads_the_ground_truth_rows(tmp_path):
     assert cells[cols.index("exact sampler n beta E[L]")] == "6.8 +- 0.04"
     assert cells[cols.index("vs exact sampler")] == f"{100 * (6.866 / 6.80 - 1):+.1f}%"
     assert cells[cols.index("error vs lambda")] == "-1.9%"
+    # an escalated row (measured at localization 10, same n beta) is compared with the exact sampler there
+    esc = dict(_row("rrr534", "cpu:cpu", 6.1), escalation={"stage": "localization", "localization": 10.0,
+                                                           "nbeta": 1085.7, "from_llc": 9.0, "from_uncertainty": 1.0,
+                                                           "from_problems": ["stiff"]})
+    line = next(x for x in battery.table([esc], ["rrr534"], ideal_path=truth).splitlines()
+                if x.startswith("| rrr534 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[cols.index("exact sampler n beta E[L]")] == "6.2 +- 0.05 (at localization 10)"
+    assert cells[cols.index("vs exact sampler")] == f"{100 * (6.1 / 6.2 - 1):+.1f}%"
+    # same_x (another n beta): no exact-sampler row to compare with
+    esc["escalation"] = dict(esc["escalation"], stage="same_x", nbeta=108570.0)
+    line = next(x for x in battery.table([esc], ["rrr534"], ideal_path=truth).splitlines()
+                if x.startswith("| rrr534 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[cols.index("exact sampler n beta E[L]")] == ""
 
 
 def _diverging_case():
