@@ -84,3 +84,41 @@ def test_float32_degeneracy_report_matches_float64():
         act32 = [int(a) for a in rep32.activation_free]
     assert t32 == rep64.totals()
     assert act32 == [0, d2] and t32["sync_free"] == 2 and t32["jacobian_free"] == 0
+
+
+def _offset_regression(offset, n=2000, d=3):
+    # linear regression whose training loss at w* is `offset` + ~0.25: lambda^ is nbeta times a difference ~1e-3
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+    w_star = np.linalg.lstsq(x, y, rcond=None)[0]
+
+    def loss(w, batch):
+        bx, by = batch
+        return jnp.mean(jnp.square(bx @ w - by)) + offset
+
+    return loss, jnp.asarray(w_star, jnp.float32), (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+
+
+def test_float32_llc_of_a_model_with_a_large_training_loss():
+    """lambda^ = nbeta (mean L_t - L_n(w*)) in float32 when L_n(w*) is 400x that difference's scale: the per-chain
+    means (eager: NumPy on the host; under jit: jax.numpy) and the running lambda^ of ``metrics_fn`` agree with a
+    float64 NumPy mean of the same recorded trace (a float32 running sum of 40 000 losses near 100 would round the ~2e-3 excess away)."""
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss, w, data = _offset_regression(100.0)
+        res = dj.estimate_llc(jax.random.key(0), loss, w, data, num_chains=2, num_draws=40_000, step_size=2e-5,
+                              batch_size=200, warn=False, metrics_fn=lambda p, st: {"running": st.running_llc},
+                              metrics_every=40_000 - 1)
+        assert res.loss_trace.dtype == jnp.float32
+        trace = np.asarray(res.loss_trace, np.float64)
+        ref = float(res.nbeta) * (trace.mean(axis=1) - float(res.init_loss))  # float64 NumPy, same draws
+        np.testing.assert_allclose(np.asarray(res.llc_per_chain, np.float64), ref, rtol=1e-3)
+        # the last draw's running lambda^ is over all draws
+        np.testing.assert_allclose(np.asarray(res.metrics["running"][:, -1], np.float64), ref, rtol=1e-3)
+        # and the estimate is a regression's d / 2 (the recorded loss is 100 + a ~2e-3 excess)
+        assert 0.8 < float(res.llc_mean) / 1.5 < 1.2
+        # the same under jit (jax.numpy reductions)
+        jres = jax.jit(lambda k: dj.estimate_llc(k, loss, w, data, num_chains=2, num_draws=40_000, step_size=2e-5,
+                                                 batch_size=200, warn=False))(jax.random.key(0))
+        np.testing.assert_allclose(np.asarray(jres.llc_per_chain, np.float64), ref, rtol=1e-3)

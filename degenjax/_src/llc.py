@@ -273,7 +273,7 @@ def chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_eve
                   batch_sharding=None, metrics_fn=None, metrics_every: int = 1, control_variate: bool = False,
                   replacement: bool = False):
     """A jitted ``run_chunk(carry, ts, ctx) -> (carry, (losses, accs, metrics))`` advancing all chains over the
-    steps ``ts``; ``carry = (states, loss_sum, count)`` (the sums of recorded losses, for ``running_llc``).
+    steps ``ts``; ``carry = (states, loss_sum, count)`` (the sums of recorded ``L - L_n(w*)``, for ``running_llc``).
     With ``control_variate`` the recorded loss is ``L_B(w_t) - L_B(w*) + L_n(w*)`` (one more forward pass per step);
     with ``replacement`` minibatches are drawn independently with replacement (`iid_batch_indices`).
 
@@ -308,11 +308,13 @@ def chunk_runner(loss_fn, algo, sampler_items, n: int, batch_size: int, mala_eve
                 at_star = jax.vmap(loss_fn, (None, 0))(params, batch).astype(info.loss.dtype)
                 info = info._replace(loss=info.loss - at_star + init_loss.astype(info.loss.dtype))
             recorded = t >= num_burnin
-            loss_sum = loss_sum + jnp.where(recorded, info.loss, jnp.zeros_like(info.loss))
+            # centred on L_n(w*) (see `mean_excess`): a float32 running sum of O(1) losses loses lambda^'s signal
+            excess = info.loss if init_loss is None else info.loss - init_loss.astype(info.loss.dtype)
+            loss_sum = loss_sum + jnp.where(recorded, excess, jnp.zeros_like(excess))
             count = count + recorded.astype(count.dtype)
             mets = None
             if metrics_fn is not None:
-                running = nbeta * (loss_sum / jnp.maximum(count, 1).astype(loss_sum.dtype) - init_loss)
+                running = nbeta * (loss_sum / jnp.maximum(count, 1).astype(loss_sum.dtype))
 
                 def one(pos, st, b, loss, run):
                     out = metrics_fn(pos, MetricsState(step=t, loss=loss, running_llc=run, batch=b, center=params,
@@ -575,6 +577,21 @@ def chain_shardings(mesh, chain_axis, data_axis, num_chains, batch_size):
     return chain_sharding, batch_sharding
 
 
+def mean_excess(xp, loss_trace, init_loss):
+    """Per chain, the mean of ``L_t - L_n(w*)`` over the draws of ``loss_trace`` ``(chains, draws)``: centred, and
+    with NumPy in float64.
+
+    lambda^ is ``nbeta`` times this difference, which is ~``lambda / nbeta`` while the losses themselves can be O(1)
+    (a model with a non-zero training loss). NumPy reduces a non-contiguous axis (the traces are stored ``(draws,
+    chains)``) by adding one draw at a time, so a float32 sum of 10^6 losses near 1 rounds away most of that
+    difference: on the devinterp DLN (``L_n(w*)`` ~1, n beta 8686) lambda^ came out ~8 low at 1.15 x 10^6 draws, and
+    ~30 low when the minibatch noise of the recorded loss is small (``control_variate=True``).
+    """
+    if xp is np:
+        return np.mean(np.asarray(loss_trace, np.float64) - np.float64(init_loss), axis=1)
+    return xp.mean(loss_trace - init_loss, axis=1)
+
+
 def summarize(xp, loss_trace, accs, init_loss, nbeta, *, drop: bool = False) -> LLCResult:
     """lambda^ per chain, mean, std and MALA means from the traces, with ``xp`` NumPy or jax.numpy.
 
@@ -584,7 +601,7 @@ def summarize(xp, loss_trace, accs, init_loss, nbeta, *, drop: bool = False) -> 
     init_loss = init_loss.astype(dtype)
     nbeta = xp.asarray(nbeta, dtype=dtype)
     diverged = ~xp.all(xp.isfinite(loss_trace), axis=1)
-    llc_per_chain = nbeta * (xp.mean(loss_trace, axis=1) - init_loss)
+    llc_per_chain = nbeta * mean_excess(xp, loss_trace, init_loss).astype(dtype)
     nan = xp.full((), xp.nan, dtype)
     if drop:
         keep = ~diverged

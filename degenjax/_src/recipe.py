@@ -483,7 +483,7 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
 
     def stats(rung):
         w = rung.window()
-        per_chain = nbeta * (w.mean(axis=1) - init)
+        per_chain = nbeta * llc_lib.mean_excess(np, w, init)
         conv = convergence(w)
         mcse = nbeta * conv.mcse
         se = float(np.std(per_chain, ddof=1) / math.sqrt(num_chains)) if num_chains > 1 else float("nan")
