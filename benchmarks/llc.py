@@ -638,7 +638,8 @@ def main(argv=None):
     p.add_argument("--time-to-5", action="store_true",
                    help="dln part: also time degenjax's recipe to an estimate within 5%% of exact (a fresh process "
                         "running benchmarks/llc_accuracy.py's dln-devinterp case) against devinterp's usual settings")
-    p.add_argument("--recipe-max-steps", type=int, default=300_000)
+    p.add_argument("--recipe-max-steps", type=int, default=2_000_000,
+                   help="--time-to-5: the recipe's budget of SGLD steps per chain (the accuracy battery's default)")
     p.add_argument("--mlp-batch", type=int, default=512)
     p.add_argument("--device", default="cpu", help="torch device for devinterp (cpu or cuda)")
     p.add_argument("--mlp-steps", type=int, default=50)
