@@ -292,8 +292,8 @@ def _time_to_5(args, rows, name, exact, devinterp):
     """Wall time to an estimate within 5% of the exact value: degenjax's recipe (fresh process, compile included)
     against devinterp at its usual settings (the run above)."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "llc_accuracy.py"),
-           "--child", "dln-devinterp", "--chains", str(args.chains), "--seed", str(args.seed), "--max-steps",
-           str(args.recipe_max_steps)]
+           "--child", "dln-devinterp", "--chains", str(args.chains), "--seed", str(args.seed)] + (
+        [] if args.recipe_max_steps is None else ["--max-steps", str(args.recipe_max_steps)])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"recipe child failed:\n{proc.stderr[-4000:]}")
@@ -638,8 +638,8 @@ def main(argv=None):
     p.add_argument("--time-to-5", action="store_true",
                    help="dln part: also time degenjax's recipe to an estimate within 5%% of exact (a fresh process "
                         "running benchmarks/llc_accuracy.py's dln-devinterp case) against devinterp's usual settings")
-    p.add_argument("--recipe-max-steps", type=int, default=2_000_000,
-                   help="--time-to-5: the recipe's budget of SGLD steps per chain (the accuracy battery's default)")
+    p.add_argument("--recipe-max-steps", type=int, default=None,
+                   help="--time-to-5: the recipe's budget of SGLD steps per chain (default: the accuracy battery's)")
     p.add_argument("--mlp-batch", type=int, default=512)
     p.add_argument("--device", default="cpu", help="torch device for devinterp (cpu or cuda)")
     p.add_argument("--mlp-steps", type=int, default=50)

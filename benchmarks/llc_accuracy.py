@@ -112,6 +112,17 @@ def dln_case(widths, rank, n, seed=0):
     return loss, tuple(ws), (jnp.asarray(x), jnp.asarray(x @ u @ v.T)), float(dln_learning_coefficient(widths, rank))
 
 
+def generic_factors(widths, rank, rng):
+    """The factors of `dln_generic_case`'s teacher, drawn from ``rng`` (float64 NumPy): random Gaussian ``W_l`` of
+    scale ``1/sqrt(fan-in)``, the middle one truncated to rank r."""
+    ws = [rng.normal(size=(a, b)) / np.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
+    mid = len(ws) // 2
+    u, sv, vt = np.linalg.svd(ws[mid], full_matrices=False)
+    sv[rank:] = 0.0
+    ws[mid] = (u * sv) @ vt
+    return ws
+
+
 def dln_generic_case(widths, rank, n, seed=0):
     """Noise-free teacher at a generic point of the zero set (as in Lau et al. 2023, arXiv 2308.12108, and the
     devinterp DLN): random Gaussian factors ``W_l`` of scale ``1/sqrt(fan-in)``, the middle one truncated to rank r;
@@ -130,11 +141,7 @@ def dln_generic_case(widths, rank, n, seed=0):
     from degenjax.theory import dln_learning_coefficient
 
     rng = np.random.default_rng(seed)
-    ws = [rng.normal(size=(a, b)) / np.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
-    mid = len(ws) // 2
-    u, sv, vt = np.linalg.svd(ws[mid], full_matrices=False)
-    sv[rank:] = 0.0
-    ws[mid] = (u * sv) @ vt
+    ws = generic_factors(widths, rank, rng)
     x = rng.normal(size=(n, widths[0]))
     prod = ws[0]
     for w in ws[1:]:
@@ -543,11 +550,9 @@ def _line(r, ideal_path=GROUND_TRUTH):
     vs_target = "" if target is None else f"{100 * (r['llc_mean'] / target - 1):+.1f}%"
     # an escalated row is compared with the exact sampler at the localization it measured (same n beta only)
     esc = r.get("escalation") or {}
-    gamma = r.get("localization") or 1.0
-    ideal = None
-    if not esc or esc.get("stage") == "localization":
-        gamma = esc.get("localization", gamma)
-        ideal = ideal_value(r["case"], r["n"], gamma, ideal_path)
+    gamma = esc.get("localization", r.get("localization") or 1.0)
+    ideal = (ideal_value(r["case"], r["n"], gamma, ideal_path) if esc.get("stage", "localization") == "localization"
+             else None)
     ideal_cell = "" if ideal is None else (f"{ideal[0]:.4g} +- {ideal[1]:.2g}"
                                            + (f" (at localization {gamma:g})" if gamma != 1 else ""))
     vs_ideal = "" if ideal is None else f"{100 * (r['llc_mean'] / ideal[0] - 1):+.1f}%"

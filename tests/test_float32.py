@@ -103,7 +103,8 @@ def _offset_regression(offset, n=2000, d=3):
 def test_float32_llc_of_a_model_with_a_large_training_loss():
     """lambda^ = nbeta (mean L_t - L_n(w*)) in float32 when L_n(w*) is 400x that difference's scale: the per-chain
     means (eager: NumPy on the host; under jit: jax.numpy) and the running lambda^ of ``metrics_fn`` agree with a
-    float64 NumPy mean of the same recorded trace (a float32 running sum of 40 000 losses near 100 would round the ~2e-3 excess away)."""
+    float64 NumPy mean of the same recorded trace (a float32 running sum of 40 000 losses near 100 would round the
+    ~2e-3 excess away)."""
     with jax.enable_x64(False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss, w, data = _offset_regression(100.0)

@@ -42,12 +42,7 @@ def test_generic_point_networks_have_the_exact_value_they_claim():
     assert len(generic) >= 4 and len({len(battery.MODELS[n][1]) for n in generic}) >= 3
     for name in generic:
         _, widths, rank, _ = battery.MODELS[name]
-        rng = np.random.default_rng(0)  # the case's construction, without building its data
-        ws = [rng.normal(size=(a, b)) / np.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
-        mid = len(ws) // 2
-        u, sv, vt = np.linalg.svd(ws[mid], full_matrices=False)
-        sv[rank:] = 0.0
-        ws[mid] = (u * sv) @ vt
+        ws = battery.generic_factors(widths, rank, np.random.default_rng(0))  # the case's w*, without its data
         # d(W_1 ... W_L) = sum_l (W_1 .. W_{l-1}) dW_l (W_{l+1} .. W_L): one block of columns per layer
         blocks = []
         for l in range(len(ws)):

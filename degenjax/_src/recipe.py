@@ -97,16 +97,16 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    standard errors, over ``sqrt(loc_factor) - 1``, must be within ``loc_tol`` (a stronger localization is where a
    soft direction's share of lambda^ is lost, and a noisy change would pass step 6), for which its reruns run
    ``1 / sqrt(loc_factor)`` of the rungs' steps instead of ``1 / loc_factor``; that bound joins the reported bias.
-   On the generic-point 10-20-20-10 network
-   (exact 50, n = 2 x 10^4, float32), untrustworthy at gamma = 1 (71.7, +43%), the escalation to gamma = 10 gives
-   49.69 +- 1.0 (-0.6%; exact sampler 49.84), its check against 100 (48.51) bounding the localization bias at 0.81
-   (1.6%): trusted, in 430 s with the first attempt (2 CPU cores); likewise the generic-point 5-10-10-10-5 and
-   20-30-30-20 networks (12.33 +- 0.56 and 192.7 +- 6.0 at gamma = 10, exact sampler there 12.34 and 193.1; exact
-   12.5 and 199.5). The check is conservative: on the generic-point 8-16-16-16-16-8 network gamma = 10 gives 31.59
-   and 100 gives 29.1 (exact sampler 31.21 and 29.04, exact 32), a bound of 1.67 (5.3%) for a true bias of 2.5%,
-   so that result is refused. On the
-   zero-padded 5-10-10-10-5 network gamma = 10 gives 11.88 (-5%; exact sampler 11.72), and the check against 100 (8.21) says
-   it depends on the localization: untrustworthy, rightly.
+   On the generic-point 10-20-20-10 network (exact 50, n = 2 x 10^4, float32), untrustworthy at gamma = 1 (71.7,
+   +43%), the escalation to gamma = 10 gives 49.69 +- 1.0 (-0.6%; exact sampler 49.84), its check against 100
+   (48.51) bounding the localization bias at 0.81 (1.6%): trusted, in 430 s with the first attempt (2 CPU cores);
+   likewise the generic-point 5-10-10-10-5 and 20-30-30-20 networks (12.33 +- 0.56 and 192.7 +- 6.0 at gamma = 10,
+   exact sampler there 12.34 and 193.1; exact 12.5 and 199.5). The sqrt model can err either way: the exact sampler's
+   change from 10 to 100 is 1.4x (20-30-30-20, where the true bias at 10 is 3.2%, above the bound) to 8x
+   (10-20-20-10) the bias at 10; on the generic-point 8-16-16-16-16-8 network gamma = 10 gives 31.59 and 100 gives
+   29.1 (exact sampler 31.21 and 29.04, exact 32), a bound of 1.67 (5.3%) for a true bias of 2.5%, so that result is
+   refused. On the zero-padded 5-10-10-10-5 network gamma = 10 gives 11.88 (-5%; exact sampler 11.72), and the check
+   against 100 (8.21) says it depends on the localization: untrustworthy, rightly.
    ``escalate="same_x"`` then also runs at ``loc_factor`` gamma and ``loc_factor^2`` times ``n beta``, with
    ``loc_factor^2`` times the budget (the same budget of diffusion time: its steps are that much smaller). That
    setting has the user's ``x = 1 / log(n beta / gamma^2)``, the variable along which the exact sampler's finite-n
