@@ -9,8 +9,8 @@ Cases (``--cases``, comma-separated names; default ``cpu``: all but the networks
   depths, widths and ranks, 300 to 120 000 parameters (Aoyagi 2024), noise-free and realizable, at the
   minimal-rank factorisation of the teacher (each factor of rank r, zero-padded), where the local learning
   coefficient is the global one, and ``gdln-*`` at a generic point of the same zero set (random factors, as in
-  Lau et al. 2023, arXiv 2308.12108; depths 3 to 5, ranks 2 to 8, 300 to 4096 parameters, hidden layers twice as
-  wide as the ends, where the generic point's local value ``d_in d_out / 2`` equals Aoyagi's global one);
+  Lau et al. 2023, arXiv 2308.12108; depths 3 to 5, ranks 2 to 20, 300 to 120 000 parameters, hidden layers twice
+  as wide as the ends, where the generic point's local value ``d_in d_out / 2`` equals Aoyagi's global one);
 * ``dln-devinterp``: the devinterp benchmark's network (10-20-20-10, rank 5, random factors, label noise 1, n = 10^5,
   float32, ``w*`` the noisy teacher), where devinterp's usual settings give 57.4.
 
@@ -31,7 +31,7 @@ Run (from the repository root; the package need not be installed, nothing is wri
     python benchmarks/llc_accuracy.py                               # CPU cases, rows -> benchmarks/llc_accuracy.jsonl
     python benchmarks/llc_accuracy.py --cases linreg5,rrr444 --no-results
     PYTHONPATH=. python3 benchmarks/llc_accuracy.py --cases gpu --jobs 8 --max-steps 400000 --case-timeout 230 \
-        --out $OUT/llc_gpu.jsonl --no-results    # 8 networks of 800 to 120 000 parameters on one GPU, float32
+        --out $OUT/llc_gpu.jsonl --no-results    # the networks of 800 to 120 000 parameters on one GPU, float32
     python benchmarks/llc_accuracy.py --ingest llc_gpu.jsonl --no-results   # add those rows to the table
 
 Each case runs in a fresh process (its own x64 setting; compile time counted as a user pays it), ``--jobs K`` of
@@ -121,6 +121,21 @@ def generic_factors(widths, rank, rng):
     sv[rank:] = 0.0
     ws[mid] = (u * sv) @ vt
     return ws
+
+
+def end_to_end_gram(ws):
+    """``J J^T`` of the end-to-end map ``w -> P = W_1 ... W_L`` at the factors ``ws`` (row-major vec; float64 NumPy):
+    ``dP = sum_l A_l dW_l B_l`` with ``A_l = W_1 .. W_{l-1}``, ``B_l = W_{l+1} .. W_L``, and ``vec(A dW B) =
+    kron(A, B^T) vec(dW)``, so ``J J^T = sum_l kron(A_l A_l^T, B_l^T B_l)``: a ``d_in d_out`` square matrix for any
+    number of parameters. Full rank = the map is a submersion at ``ws`` (a generic point)."""
+    ws = [np.asarray(w, np.float64) for w in ws]
+    d_in, d_out = ws[0].shape[0], ws[-1].shape[1]
+    gram = np.zeros((d_in * d_out, d_in * d_out))
+    for l in range(len(ws)):
+        a = np.linalg.multi_dot([np.eye(d_in)] + ws[:l] + [np.eye(ws[l].shape[0])])
+        b = np.linalg.multi_dot([np.eye(ws[l].shape[1])] + ws[l + 1:] + [np.eye(d_out)])
+        gram += np.kron(a @ a.T, b.T @ b)
+    return gram
 
 
 def dln_generic_case(widths, rank, n, seed=0):
@@ -214,13 +229,17 @@ def _gdln(name, widths, rank, n, batch=100, x64=False, gpu=True):
     _add(name, lambda: dln_generic_case(widths, rank, n), batch, x64, "dln", tuple(widths), rank, gpu)
 
 
-# generic points: depths 3 to 5, ranks 2 to 8, 300 to 4096 parameters (hidden layers twice the ends, where the
-# generic local value d_in d_out / 2 equals Aoyagi's global one; 20-30-30-20 at rank 8: 200 vs 199.5)
+# generic points: depths 3 to 5, ranks 2 to 20, 300 to 1.2 x 10^5 parameters (hidden layers twice the ends, where
+# the generic local value d_in d_out / 2 equals Aoyagi's global one; 20-30-30-20 at rank 8: 200 vs 199.5)
 _gdln("gdln-5-10-10-10-5", [5, 10, 10, 10, 5], 2, 20_000, x64=True, gpu=False)
 _gdln("gdln-10-20-20-10", [10, 20, 20, 10], 5, 20_000)
 _gdln("gdln-8-16x4-8", [8, 16, 16, 16, 16, 8], 3, 20_000)
 _gdln("gdln-20-30-30-20", [20, 30, 30, 20], 8, 20_000)
 _gdln("gdln-16x6", [16, 32, 32, 32, 32, 16], 4, 20_000)
+_gdln("gdln-50-100-100-50", [50, 100, 100, 50], 10, 20_000)
+_gdln("gdln-50-100x4-50", [50, 100, 100, 100, 100, 50], 10, 20_000)
+_gdln("gdln-100-200-200-100", [100, 200, 200, 100], 20, 20_000)
+_gdln("gdln-100-200x3-100", [100, 200, 200, 200, 100], 20, 20_000)
 _add("dln-devinterp", devinterp_dln_case, 500, False, "devinterp", (10, 20, 20, 10), 5)
 
 
