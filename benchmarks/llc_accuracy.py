@@ -214,7 +214,7 @@ _dln("rrr444", [4, 4, 4], 2, 10_000)
 _dln("rrr534", [5, 3, 4], 1, 10_000)
 _dln("dln3333", [3, 3, 3, 3], 1, 10_000)
 _dln("dln-5-10-10-10-5", [5, 10, 10, 10, 5], 2, 20_000)
-# GPU-sized (float32; ~20-60 min each on one CPU core at the default budget): 800 to 1.2 x 10^5 parameters, depths 3
+# GPU-sized (float32; ~20-70 min each on one CPU core at the default budget): 800 to 1.2 x 10^5 parameters, depths 3
 # to 5, ranks 4 to 20
 _dln("dln-10-20-20-10", [10, 20, 20, 10], 5, 20_000, x64=False, gpu=True)
 _dln("dln-20-30-30-20", [20, 30, 30, 20], 8, 20_000, x64=False, gpu=True)

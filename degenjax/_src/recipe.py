@@ -117,7 +117,10 @@ The recipe therefore measures lambda^ on a ladder of step sizes and extrapolates
    3.73 at localization 1 for any n up to 10^6). On the generic-point 8-16-16-16-16-8 network gamma = 10 gives 31.59
    and 100 gives 29.1 (exact sampler 31.21 and 29.04, exact 32), a bound of 1.67 (5.3%) for a true bias of 2.5%, so
    that result is refused. On the zero-padded 5-10-10-10-5 network gamma = 10 gives 11.88 (-5%; exact sampler
-   11.72), and the check against 100 (8.21) says it depends on the localization: untrustworthy, rightly.
+   11.72), and the check against 100 (8.21) says it depends on the localization: untrustworthy, rightly. On the
+   generic-point 50-100-100-50 network (2 x 10^4 parameters, exact 1250; 17 500 flat directions) gamma = 10 gives
+   1245 +- 37 but its chains have not equilibrated, and it is refused: the exact sampler (1246.3 there) puts them
+   where the curvature is 41x that at ``w*``, which needs ~7e7 SGLD steps per chain (the default budget is 2M).
    ``escalate="same_x"`` then also runs at ``loc_factor`` gamma and ``loc_factor^2`` times ``n beta``, with
    ``loc_factor^2`` times the budget (the same budget of diffusion time: its steps are that much smaller). That
    setting has the user's ``x = 1 / log(n beta / gamma^2)``, the variable along which the exact sampler's finite-n
