@@ -3,6 +3,7 @@ and the history-aware equilibration test must not turn a short run into a truste
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,34 @@ def test_recipe_escalates_when_the_chains_cannot_be_sampled_within_the_budget():
     assert "Or escalate='localization'" in first.recipe.message
     with pytest.raises(ValueError, match=r"escalate must be one of \('none', 'localization', 'same_x'\); got True"):
         run(1.0, max_steps=2000, escalate=True)
+
+
+def test_the_stiffness_estimate_says_it_is_a_lower_bound_while_the_chains_still_move():
+    # the stiffening model of the test above under localization 0.01 and a 40 000-step budget: after the first rung
+    # the chains are stiffer than at w* but still moving out along the flat b_k, so the steps the recipe says it would
+    # need are a lower bound, and the message says so
+    k = 10
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1000,)))
+    m2 = float(np.mean(np.asarray(x) ** 2))
+    nbeta, gamma = 1000 / np.log(1000), 0.01
+
+    def loss(w, batch):
+        return jnp.mean(batch ** 2) * jnp.sum(w[:k] ** 2 * (1 + w[k:] ** 2))
+
+    res = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2 * k), x, num_chains=16, num_draws=1,
+                          step_size="auto", batch_size=100, warn=False, localization=gamma,
+                          recipe_kwargs={"initial_steps": 400, "max_steps": 40_000, "escalate": "none"})
+    rec = res.recipe
+    assert not rec.trustworthy and "unsettled" in rec.problems, rec.message
+    found = re.search(r"the chains reach regions ([0-9.]+)x stiffer than w\* .*? steps per chain or more \(the chains "
+                      r"were still moving into stiffer regions\)", rec.message)
+    assert found, rec.message
+    # at equilibrium (quadrature of b's marginal, ~ (2 nbeta m2 (1 + b^2) + gamma)^(-1/2) exp(-gamma b^2 / 2)) the top
+    # curvature of a chain, over its 10 pairs, is (1 + b^2) at the 0.5^(1/10) quantile times that at w*: ~130x
+    b = np.linspace(0.0, 400.0, 800_001)
+    p = (2 * nbeta * m2 * (1 + b ** 2) + gamma) ** -0.5 * np.exp(-gamma * b ** 2 / 2)
+    q = b[np.searchsorted(np.cumsum(p) / p.sum(), 0.5 ** (1 / k))]
+    assert 1 + q ** 2 > 5 * float(found.group(1)), (1 + q ** 2, found.group(1))
 
 
 def test_an_escalated_result_needs_a_localization_check_with_power():

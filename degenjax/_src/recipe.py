@@ -596,7 +596,8 @@ def llc_recipe(rng_key, loss_fn: Callable, params: ArrayTree, data: ArrayTree, *
         else:
             stiff_note = (f"the chains reach regions {h_run / h_max:.1f}x stiffer than w* (curvature {h_run:.3g}), so "
                           f"the ladder should start near {scale / h_run:.3g}, which needs ~{steps_new * cost_factor:.3g} "
-                          "steps per chain")
+                          "steps per chain" + ("" if first_rung_settled else
+                                               " or more (the chains were still moving into stiffer regions)"))
             say(stiff_note + "; over the budget")
     steps0 = rung.steps
     rungs = [rung]
