@@ -180,7 +180,7 @@ def sample_exact(ws, s, t, nbeta, gamma, *, num_warmup=500, num_samples=1000, nu
     se = float(np.std(per_chain, ddof=1) / math.sqrt(num_chains))
     # the stiffness the sampler meets at equilibrium: the top eigenvalue of the Hessian of U at the chains' last draws
     # (exact, dense Hessian) against the one at w*
-    top = lambda x: _top_curvature(potential, x)
+    top = lambda x: _top_curvature(potential, loss, nbeta, gamma, x)
     curv = [top(v[c, -1]) for c in range(num_chains)]
     curv_star = top(w0_j)
     sgld = [_sgld_from(v[:, -1], potential, loss, w0_j, nbeta, eps, sgld_time, seed) for eps in sgld_steps]
@@ -215,22 +215,18 @@ def gaussian_value(ws, s, nbeta, gamma):
     return float(0.5 * np.sum(nbeta * h / (nbeta * h + gamma))), int(h.size)
 
 
-def _top_curvature(potential, x, dense_limit=3000, iters=200):
-    """The top eigenvalue of the Hessian of ``potential`` at ``x``: exact (dense ``eigvalsh``) up to ``dense_limit``
-    parameters, above that power iteration on Hessian-vector products (the largest-magnitude eigenvalue, positive
-    here: U is a sum of squares plus a ridge)."""
+def _top_curvature(potential, loss, nbeta, gamma, x, dense_limit=3000, iters=200):
+    """The top eigenvalue of the Hessian of ``potential = nbeta loss + gamma / 2 ||w - w*||^2`` at ``x``: exact (dense
+    ``eigvalsh``) up to ``dense_limit`` parameters, above that the recipe's power iteration on Hessian-vector
+    products (`degenjax._src.recipe.top_curvature`, ``nbeta h_max(L) + gamma``)."""
     import jax
     import jax.numpy as jnp
 
+    from degenjax._src.recipe import top_curvature
+
     if x.size <= dense_limit:
         return float(jnp.linalg.eigvalsh(jax.hessian(potential)(x))[-1])
-    hvp = jax.jit(lambda v: jax.jvp(jax.grad(potential), (x,), (v,))[1])
-    v = jax.random.normal(jax.random.key(0), x.shape, x.dtype)
-    v = v / jnp.linalg.norm(v)
-    for _ in range(iters):
-        hv = hvp(v)
-        v = hv / jnp.linalg.norm(hv)
-    return float(jnp.vdot(v, hvp(v)))
+    return top_curvature(lambda v, _: loss(v), x, jnp.zeros((1,)), nbeta=nbeta, localization=gamma, num_iters=iters)
 
 
 def _sgld_from(start, potential, loss, w0, nbeta, eps, diffusion_time, seed):

@@ -110,14 +110,30 @@ def test_localization_extrapolation_weight_recovers_lambda_from_closed_forms():
     assert weight(t, 1.0, 50.0) is None and weight(t, 10.0, 1.0) is None
 
 
+def _stiffening_problem(k=10):
+    """L = m2 sum_k a_k^2 (1 + b_k^2), k pairs, on 1000 standard-normal points: ``(loss, x, m2, nbeta)``."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1000,)))
+
+    def loss(w, batch):
+        return jnp.mean(batch ** 2) * jnp.sum(w[:k] ** 2 * (1 + w[k:] ** 2))
+
+    return loss, x, float(np.mean(np.asarray(x) ** 2)), 1000 / np.log(1000)
+
+
+def _stiffening_marginal(nbeta, gamma, m2):
+    """``(prec, dens)`` of one pair of `_stiffening_problem` under exp(-nbeta L - gamma/2 (a^2 + b^2)): a | b is
+    Gaussian with precision ``prec(b) = 2 nbeta m2 (1 + b^2) + gamma``, and b has the unnormalised density
+    ``dens(b) = exp(-gamma b^2 / 2) / sqrt(prec(b))``."""
+    prec = lambda b: 2 * nbeta * m2 * (1 + b * b) + gamma
+    return prec, lambda b: np.exp(-gamma * b * b / 2) / np.sqrt(prec(b))
+
+
 def _stiffening_llc(nbeta, gamma, m2):
     """E[nbeta L] for L(a, b) = m2 a^2 (1 + b^2) under exp(-nbeta L - gamma/2 (a^2 + b^2)) by quadrature (SciPy):
-    a | b is Gaussian with precision 2 nbeta m2 (1 + b^2) + gamma, so E[nbeta L | b] = nbeta m2 (1 + b^2) / (2 nbeta
-    m2 (1 + b^2) + gamma), and b has density ~ exp(-gamma b^2 / 2) / sqrt(2 nbeta m2 (1 + b^2) + gamma)."""
+    E[nbeta L | b] = nbeta m2 (1 + b^2) / prec(b), over b's marginal (`_stiffening_marginal`)."""
     from scipy import integrate
 
-    prec = lambda b: 2 * nbeta * m2 * (1 + b * b) + gamma
-    dens = lambda b: np.exp(-gamma * b * b / 2) / np.sqrt(prec(b))
+    prec, dens = _stiffening_marginal(nbeta, gamma, m2)
     top = 40 / np.sqrt(gamma)
     num = integrate.quad(lambda b: dens(b) * nbeta * m2 * (1 + b * b) / prec(b), 0, top, limit=400)[0]
     return num / integrate.quad(dens, 0, top, limit=400)[0]
@@ -129,13 +145,7 @@ def test_recipe_escalates_when_the_chains_cannot_be_sampled_within_the_budget():
     # to equilibrate them makes the first attempt untrustworthy; the recipe then measures at a stronger localization
     # (and, with "same_x", a larger n beta too) and is right there (quadrature reference at the setting it measured)
     k = 10
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(1000,)))
-    m2 = float(np.mean(np.asarray(x) ** 2))
-    nbeta = 1000 / np.log(1000)
-
-    def loss(w, batch):
-        return jnp.mean(batch ** 2) * jnp.sum(w[:k] ** 2 * (1 + w[k:] ** 2))
+    loss, x, m2, nbeta = _stiffening_problem(k)
 
     def run(gamma, **budget):
         return dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2 * k), x, num_chains=16, num_draws=1,
@@ -188,14 +198,8 @@ def test_the_stiffness_estimate_says_it_is_a_lower_bound_while_the_chains_still_
     # the stiffening model of the test above under localization 0.01 and a 40 000-step budget: after the first rung
     # the chains are stiffer than at w* but still moving out along the flat b_k, so the steps the recipe says it would
     # need are a lower bound, and the message says so
-    k = 10
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(1000,)))
-    m2 = float(np.mean(np.asarray(x) ** 2))
-    nbeta, gamma = 1000 / np.log(1000), 0.01
-
-    def loss(w, batch):
-        return jnp.mean(batch ** 2) * jnp.sum(w[:k] ** 2 * (1 + w[k:] ** 2))
-
+    k, gamma = 10, 0.01
+    loss, x, m2, nbeta = _stiffening_problem(k)
     res = dj.estimate_llc(jax.random.key(0), loss, jnp.zeros(2 * k), x, num_chains=16, num_draws=1,
                           step_size="auto", batch_size=100, warn=False, localization=gamma,
                           recipe_kwargs={"initial_steps": 400, "max_steps": 40_000, "escalate": "none"})
@@ -204,10 +208,10 @@ def test_the_stiffness_estimate_says_it_is_a_lower_bound_while_the_chains_still_
     found = re.search(r"the chains reach regions ([0-9.]+)x stiffer than w\* .*? steps per chain or more \(the chains "
                       r"were still moving into stiffer regions\)", rec.message)
     assert found, rec.message
-    # at equilibrium (quadrature of b's marginal, ~ (2 nbeta m2 (1 + b^2) + gamma)^(-1/2) exp(-gamma b^2 / 2)) the top
-    # curvature of a chain, over its 10 pairs, is (1 + b^2) at the 0.5^(1/10) quantile times that at w*: ~130x
+    # at equilibrium (quadrature of b's marginal, `_stiffening_marginal`) the top curvature of a chain, over its 10
+    # pairs, is (1 + b^2) at the 0.5^(1/10) quantile times that at w*: ~130x
     b = np.linspace(0.0, 400.0, 800_001)
-    p = (2 * nbeta * m2 * (1 + b ** 2) + gamma) ** -0.5 * np.exp(-gamma * b ** 2 / 2)
+    p = _stiffening_marginal(nbeta, gamma, m2)[1](b)
     q = b[np.searchsorted(np.cumsum(p) / p.sum(), 0.5 ** (1 / k))]
     assert 1 + q ** 2 > 5 * float(found.group(1)), (1 + q ** 2, found.group(1))
 
